@@ -1,0 +1,141 @@
+"""The input pipeline: deterministic shuffling, explicit partial batches, augmentation, splits, sharding.
+
+Everything is a pure function of ``(seed, epoch)``, so an interrupted run that resumes at epoch ``e``
+sees exactly the batches the uninterrupted run saw.
+
+The last partial batch is *padded* to the full batch size and marked with ``mask`` (1 for real
+examples, 0 for padding): the jitted step keeps one shape (no recompilation) and metrics weighted by
+``mask`` stay exact. Pass ``drop_remainder=True`` to drop it instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pae.data.sources import Example, Source
+
+Augment = Callable[[Example, np.random.Generator], Example]
+
+
+def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
+    """An independent NumPy generator for ``(seed, epoch, stream)``."""
+    return np.random.default_rng([seed, epoch, stream])
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits the examples: a seeded permutation, or ``arange``."""
+    if not shuffle:
+        return np.arange(num_examples)
+    return epoch_rng(seed, epoch).permutation(num_examples)
+
+
+def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
+    """Batches per epoch: ``floor(n / B)`` when dropping the remainder, else ``ceil(n / B)``."""
+    return num_examples // batch_size if drop_remainder else math.ceil(num_examples / batch_size)
+
+
+def iterate_batches(
+    source: Source,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    drop_remainder: bool = False,
+    augment: Augment | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Example]:
+    """Yield this process's share of each global batch of one epoch.
+
+    ``batch_size`` is the *global* batch size; process ``p`` of ``P`` gets rows ``[p*B/P, (p+1)*B/P)``
+    of every global batch (so ``B`` must divide by ``P``). Each batch has ``inputs``, ``targets`` and a
+    float32 ``mask``. Augmentation draws from a generator seeded by ``(seed, epoch, batch index)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} must be divisible by the number of processes ({process_count})")
+    n = len(source)
+    if n == 0:
+        raise ValueError("source is empty")
+    order = epoch_order(n, seed, epoch, shuffle)
+    local = batch_size // process_count
+    for b in range(num_batches(n, batch_size, drop_remainder)):
+        rows = order[b * batch_size:(b + 1) * batch_size]
+        mask = np.zeros(batch_size, np.float32)
+        mask[:len(rows)] = 1.0
+        rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+        mine = slice(process_index * local, (process_index + 1) * local)
+        batch = source.take(rows[mine], epoch_rng(seed, epoch, 1 + b))
+        if augment is not None:
+            batch = augment(batch, epoch_rng(seed, epoch, 1 + b))
+        batch["mask"] = mask[mine]
+        yield batch
+
+
+def split_indices(labels: np.ndarray | int, val_size: int, seed: int,
+                  stratify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into (train, validation) index arrays, class-balanced when ``stratify``.
+
+    With stratification, each class contributes ``round(val_size * n_c / n)`` examples (largest
+    remainders fill up to exactly ``val_size``), as in the 45k/5k CIFAR protocol.
+    """
+    n = labels if isinstance(labels, int) else len(labels)
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
+    rng = np.random.default_rng(seed)
+    if isinstance(labels, int) or not stratify:
+        perm = rng.permutation(n)
+        return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = val_size * counts / n
+    take = np.floor(quota).astype(int)
+    extra = val_size - take.sum()
+    take[np.argsort(-(quota - take), kind="stable")[:extra]] += 1
+    val = np.concatenate([
+        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)])
+    train_mask = np.ones(n, bool)
+    train_mask[val] = False
+    return np.flatnonzero(train_mask), np.sort(val)
+
+
+# ----------------------------------------------------------------------------- image augmentation
+
+def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(x / 255 - mean) / std`` per channel, as float32 (uint8 NHWC in)."""
+    x = images.astype(np.float32) / 255.0
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4,
+                     flip: bool = True) -> np.ndarray:
+    """Standard CIFAR augmentation: zero-pad by ``pad``, random crop back to size, random h-flip."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy = rng.integers(0, 2 * pad + 1, n)
+    dx = rng.integers(0, 2 * pad + 1, n)
+    rows = dy[:, None] + np.arange(h)[None, :]
+    cols = dx[:, None] + np.arange(w)[None, :]
+    if flip:
+        flipped = rng.random(n) < 0.5
+        cols = np.where(flipped[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def image_transform(mean, std, augment: bool, pad: int = 4, flip: bool = True) -> Augment:
+    """Batch transform for uint8 images: optional crop+flip, then per-channel normalization."""
+
+    def transform(batch: Example, rng: np.random.Generator) -> Example:
+        images = batch["inputs"]
+        if augment:
+            images = random_crop_flip(images, rng, pad=pad, flip=flip)
+        return {**batch, "inputs": normalize(images, mean, std)}
+
+    return transform

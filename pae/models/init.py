@@ -1,0 +1,40 @@
+"""Initializers that match PyTorch's, so models reproduce the official code of each paper.
+
+JAX's ``glorot_normal``/``he_normal`` are *truncated* normals; PyTorch's ``xavier_normal_`` and
+``kaiming_normal_`` are not. Flax kernels are HWIO / (in, out), PyTorch's OIHW / (out, in); the fans
+computed by ``variance_scaling`` (receptive field x channels) are the same for both layouts.
+"""
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+#: ``nn.init.xavier_normal_``: N(0, 2 / (fan_in + fan_out)), untruncated (Continuous Sparsification code).
+xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+#: ``nn.init.kaiming_normal_(mode="fan_in", nonlinearity="relu")``: N(0, 2 / fan_in), untruncated.
+kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+#: ``kaiming_normal_(mode="fan_out")`` as torchvision's ResNets use it.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+#: PyTorch's default ``nn.Linear``/``nn.Conv2d`` weight: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+torch_default = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int):
+    """PyTorch's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); needs the layer's fan-in."""
+    bound = 1.0 / jnp.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
+    """``nn.Linear`` with PyTorch's default initialization."""
+    return nn.Dense(features, kernel_init=torch_default, bias_init=torch_default_bias(fan_in),
+                    name=name)
+
+
+def batch_norm(train: bool, name: str | None = None, scale_init=nn.initializers.ones) -> nn.BatchNorm:
+    """PyTorch-equivalent BatchNorm: momentum 0.1 there is 0.9 here; eps 1e-5; gamma=1, beta=0."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        scale_init=scale_init, name=name)

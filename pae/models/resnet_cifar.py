@@ -1,0 +1,48 @@
+"""CIFAR ResNet-20/32/56 exactly as in the Continuous Sparsification code (lolemacs/continuous-sparsification).
+
+3->16 stem conv, three stages of n = (depth - 2) / 6 basic blocks (16/32/64 channels), global average
+pool, FC. Where the shape changes the shortcut is a 1x1 stride-2 conv *without* BN. Convs have no
+bias. Xavier-normal (untruncated) conv and FC weights, FC bias 0, BN gamma=1, beta=0.
+ResNet-20: 272,282 parameters (267,696 in 3x3 convs, 2,560 shortcut, 650 FC, 1,376 BN).
+"""
+from flax import linen as nn
+
+from pae.models import init
+
+
+def _conv(features, kernel, stride=1, name=None):
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
+                   use_bias=False, kernel_init=init.xavier_normal, name=name)
+
+
+class BasicBlock(nn.Module):
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = nn.relu(init.batch_norm(train)(_conv(self.features, 3, self.stride)(x)))
+        y = init.batch_norm(train)(_conv(self.features, 3)(y))
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = _conv(self.features, 1, self.stride, name="shortcut")(x)
+        return nn.relu(x + y)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet of depth ``6n + 2`` (20, 32, 44, 56, 110)."""
+
+    depth: int = 20
+    num_classes: int = 10
+    widths: tuple[int, int, int] = (16, 32, 64)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if (self.depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 (20, 32, 56, ...), got {self.depth}")
+        blocks = (self.depth - 2) // 6
+        x = nn.relu(init.batch_norm(train)(_conv(self.widths[0], 3)(x)))
+        for stage, features in enumerate(self.widths):
+            for b in range(blocks):
+                x = BasicBlock(features, 2 if stage > 0 and b == 0 else 1)(x, train)
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=init.xavier_normal)(x)

@@ -1,0 +1,68 @@
+"""The lottery-ticket papers' small networks: LeNet-300-100, LeNet-5 and Conv-2/4/6.
+
+Frankle & Carbin (arXiv 1803.03635), Table 1: LeNet-300-100 has 266,610 weights on MNIST; Conv-2/4/6
+have 4.3M / 2.4M / 1.7M on CIFAR-10. Initialization is PyTorch's default (as in the open_lth-style
+PyTorch code these experiments follow); pass other initializers through the fields.
+"""
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from pae.models import init
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network; ``MLP((300, 100))`` is LeNet-300-100. Inputs are flattened."""
+
+    hidden: Sequence[int] = (300, 100)
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = x.reshape((x.shape[0], -1))
+        for width in self.hidden:
+            x = nn.relu(init.torch_dense(width, x.shape[-1])(x))
+        return init.torch_dense(self.num_classes, x.shape[-1])(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5: conv6 5x5 (pad 2) - pool - conv16 5x5 - pool - 120 - 84 - classes (61,706 on MNIST)."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        for features, padding in ((6, 2), (16, 0)):
+            fan_in = x.shape[-1] * 25
+            x = nn.Conv(features, (5, 5), padding=padding, kernel_init=init.torch_default,
+                        bias_init=init.torch_default_bias(fan_in))(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+        x = x.reshape((x.shape[0], -1))
+        for width in (120, 84):
+            x = nn.relu(init.torch_dense(width, x.shape[-1])(x))
+        return init.torch_dense(self.num_classes, x.shape[-1])(x)
+
+
+class ConvNet(nn.Module):
+    """Conv-2/4/6: pairs of 3x3 convs (64, 128, 256) each followed by 2x2 max-pool, then FC 256-256."""
+
+    stages: Sequence[int] = (64,)
+    fc: Sequence[int] = (256, 256)
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        for features in self.stages:
+            for _ in range(2):
+                fan_in = x.shape[-1] * 9
+                x = nn.relu(nn.Conv(features, (3, 3), kernel_init=init.torch_default,
+                                    bias_init=init.torch_default_bias(fan_in))(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        x = x.reshape((x.shape[0], -1))
+        for width in self.fc:
+            x = nn.relu(init.torch_dense(width, x.shape[-1])(x))
+        return init.torch_dense(self.num_classes, x.shape[-1])(x)

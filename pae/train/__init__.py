@@ -1,0 +1,15 @@
+"""Training: state, jitted steps, the epoch loop, orbax checkpoints, records and data parallelism."""
+from pae.train.checkpoint import Checkpointer, CheckpointError, tree_signature
+from pae.train.distributed import (data_mesh, maybe_initialize_distributed, replicate,
+                                   shard_batch)
+from pae.train.loop import RunResult, TrainConfig, count_params, evaluate, run
+from pae.train.optimizers import make_optimizer, make_schedule
+from pae.train.state import TrainState, create_train_state, init_variables
+from pae.train.step import make_eval_step, make_train_step, masked_cross_entropy
+
+__all__ = [
+    "CheckpointError", "Checkpointer", "RunResult", "TrainConfig", "TrainState", "count_params",
+    "create_train_state", "data_mesh", "evaluate", "init_variables", "make_eval_step",
+    "make_optimizer", "make_schedule", "make_train_step", "masked_cross_entropy",
+    "maybe_initialize_distributed", "replicate", "run", "shard_batch", "tree_signature",
+]

@@ -1,0 +1,105 @@
+"""orbax checkpoints of the whole train state: periodic, atomic, keep-last-N, exactly resumable.
+
+Each checkpoint is a step directory holding two items: ``state`` (the :class:`TrainState` arrays) and
+``meta`` (JSON: run identity, a signature of every array's path/shape/dtype, and the metric history).
+orbax writes a step into a temporary directory and renames it when complete, so an interrupted save
+leaves no step behind that looks finished. Restoring first checks ``meta`` against the run asking for
+it, so a checkpoint of a different model is refused with a message naming the difference, and a
+damaged checkpoint raises :class:`CheckpointError` instead of loading.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not belong to this run, or that cannot be read back whole."""
+
+
+def tree_signature(tree: Any) -> dict[str, str]:
+    """``{path: "dtype[shape]"}`` for every array leaf: what a compatible checkpoint must match."""
+    return {jax.tree_util.keystr(path): f"{leaf.dtype}{list(leaf.shape)}"
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _describe_mismatch(saved: dict, wanted: dict) -> str:
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    changed = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    if extra:
+        parts.append(f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    for k in changed[:3]:
+        parts.append(f"{k}: saved {saved[k]}, expected {wanted[k]}")
+    return "; ".join(parts)
+
+
+class Checkpointer:
+    """Saves and restores :class:`TrainState` under ``directory`` with orbax, keeping the last N.
+
+    ``identity`` (e.g. ``{"model": "resnet20", "dataset": "cifar10"}``) is stored with every step and
+    must match on restore.
+    """
+
+    def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], max_to_keep: int = 3):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.identity = dict(identity)
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, history: list[dict] | None = None) -> None:
+        """Write ``state`` (and the metric ``history``) as checkpoint ``step``; blocks until on disk."""
+        meta = {"identity": self.identity, "signature": tree_signature(state),
+                "history": history or []}
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, target: Any) -> tuple[Any, list[dict]]:
+        """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target``.
+
+        Returns ``(state, history)``. Raises :class:`CheckpointError` when the checkpoint belongs to a
+        different run (identity or array signature differ) or cannot be read whole.
+        """
+        where = os.path.join(self.directory, str(step))
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = meta["meta"]
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {where} has no readable metadata: {err}") from err
+        if meta.get("identity") != self.identity:
+            raise CheckpointError(
+                f"checkpoint {where} belongs to a different run: saved {meta.get('identity')}, "
+                f"this run is {self.identity}. Use another run directory.")
+        mismatch = _describe_mismatch(meta.get("signature", {}), tree_signature(target))
+        if mismatch:
+            raise CheckpointError(f"checkpoint {where} does not fit this model/state: {mismatch}")
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {where} is damaged or incomplete and was not loaded ({err}). Other "
+                f"steps here: {[s for s in self.all_steps() if s != step]}") from err
+        return restored["state"], meta.get("history", [])
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,64 @@
+"""Run records: per-epoch metrics as JSON lines and CSV, and a PNG of the curves."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+def summarize(prefix: str, sums: Mapping[str, float], text: bool = False) -> dict[str, float]:
+    """Turn metric sums (``loss_sum``, ``correct``, ``count``) into means; text adds bits/char."""
+    count = max(float(sums["count"]), 1.0)
+    out = {f"{prefix}_loss": float(sums["loss_sum"]) / count,
+           f"{prefix}_acc": float(sums["correct"]) / count}
+    if text:
+        out[f"{prefix}_bpc"] = out[f"{prefix}_loss"] / math.log(2)
+    return out
+
+
+def write_history(workdir: str, history: list[dict]) -> None:
+    """(Re)write ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic replace)."""
+    os.makedirs(workdir, exist_ok=True)
+    _atomic_write(os.path.join(workdir, "metrics.jsonl"),
+                  "".join(json.dumps(row) + "\n" for row in history))
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    tmp = os.path.join(workdir, "metrics.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, os.path.join(workdir, "metrics.csv"))
+
+
+def _atomic_write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def plot_history(history: list[dict], path: str, title: str = "") -> None:
+    """Loss and accuracy per epoch for every split present, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.array([row["epoch"] for row in history])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split in ("train", "val", "test"):
+            key = f"{split}_{metric}"
+            if any(key in row for row in history):
+                ax.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
