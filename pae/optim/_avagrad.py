@@ -1,0 +1,301 @@
+r"""AvaGrad and AvaGradW as optax gradient transformations.
+
+Savarese, McAllester, Babu, Maire, "Domain-independent Dominance of Adaptive Methods",
+arXiv 1912.01823 (CVPR 2021). Official PyTorch code: github.com/lolemacs/avagrad, ``optimizers.py``.
+
+AvaGrad is Adam with two changes: the per-coordinate rate uses the second moment of the *previous*
+step (so it does not depend on the current gradient), and the vector of per-coordinate rates is
+rescaled to unit RMS, which decouples the learning rate (overall step size) from ``eps`` (how
+non-uniform the per-coordinate rates may be).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pae.optim import _checks
+from pae.optim._common import add_decayed_weights, scalar_f32
+
+__all__ = ["ScaleByAvaGradState", "AVAGRAD_FORMS", "scale_by_avagrad", "avagrad", "avagradw"]
+
+AVAGRAD_FORMS = ("official", "paper")
+
+
+class ScaleByAvaGradState(NamedTuple):
+    """State of :func:`scale_by_avagrad`.
+
+    Attributes:
+      count: number of updates made so far (int32, shape ``()``).
+      mu: first moment ``m_t``, one leaf per parameter.
+      nu: raw (not debiased) second moment ``v_t``, one leaf per parameter.
+      gamma: the global normalization scalar (shape ``()``; float32, or float64 when a parameter
+        is float64). With ``form="official"``
+        it is the value the *next* update will use (computed one step early, as the official
+        code stores ``group['gamma']``); with ``form="paper"`` it is the value the last update
+        used. Its initial value 1.0 is never read: the first update is zero.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    gamma: jax.Array
+
+
+def _validate_avagrad(fn: str, b1: Any, b2: Any, eps: Any, form: str) -> None:
+    _checks.check_unit_interval(fn, "b1", b1)
+    _checks.check_unit_interval(fn, "b2", b2)
+    # eps = 0 is rejected, not just eps < 0: with v_0 = 0 the official normalization at step 2 is
+    # exactly eps, so eps = 0 gives 0 * inf = NaN on the second update.
+    _checks.check_positive(fn, "eps", eps)
+    _checks.check_choice(fn, "form", form, AVAGRAD_FORMS)
+
+
+def _inverse_rms(rhos: list[jax.Array], dtype: Any) -> jax.Array:
+    r"""``1 / RMS(1/rho)`` over every element of every leaf: ``sqrt(d / sum_i rho_i^{-2})``.
+
+    Accumulated in ``dtype`` (float32 or wider). With no elements at all the result is 1.
+    """
+    size = sum(int(r.size) for r in rhos)
+    if size == 0:
+        return jnp.ones([], dtype)
+    total = sum(jnp.sum(jnp.reciprocal(jnp.square(r.astype(dtype)))) for r in rhos)
+    return jax.lax.rsqrt(total / size).astype(dtype)
+
+
+def _gamma_dtype(params: Any) -> jnp.dtype:
+    """float32, or float64 when some parameter is float64 (fixed at init, so stable)."""
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in jax.tree.leaves(params):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            dtype = jnp.promote_types(dtype, leaf.dtype)
+    return dtype
+
+
+def scale_by_avagrad(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 0.1,
+    *,
+    form: str = "official",
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Rescale updates by AvaGrad's delayed, globally normalized adaptive rates.
+
+    With ``t`` the 1-based update index, ``g_t`` the incoming updates (gradients), and all
+    operations elementwise except the sum over coordinates ``i`` of *every leaf* the transformation
+    sees (``d`` coordinates in total):
+
+    .. math::
+
+      m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+      \eta_t &= 1 / \big(\sqrt{v_{t-1} / (1 - \beta_2^{t-1})} + \epsilon\big)
+              \quad\text{(delayed second moment)} \\
+      u_t &= \gamma_t \, \eta_t \, m_t / (1 - \beta_1^{t}) \quad (t \ge 2), \qquad u_1 = 0 \\
+      v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2
+
+    and the normalization ``gamma_t = 1 / RMS(rho)`` = ``sqrt(d / sum_i rho_i^{-2})`` with
+
+    * ``form="official"`` (default, the released code): ``rho = sqrt(v_{t-2} / (1 - b2^{t-1})) +
+      eps``, i.e. the scalar is computed at the end of step ``t-1`` from the second moment *before*
+      that step's update, debiased with that step's factor. It is one step stale: at ``t = 2``,
+      ``v_0 = 0`` gives ``gamma_2 = eps`` exactly.
+    * ``form="paper"`` (Algorithm 2 of the paper): ``rho = 1/eta_t``, the same ``v_{t-1}`` as the
+      step. Everything else (bias corrections, zero first step, eps placement) is kept identical
+      to the official code, so the two forms differ only in which second moment ``gamma`` sees.
+      (The printed algorithm as transcribed in our notes has no bias correction at all; that
+      detail is unverified against the PDF, and with ``v_0 = 0`` its bias-corrected version needs
+      the zero first step anyway.)
+
+    Choices, each following the official code (``optimizers.py``, class ``AvaGrad``):
+
+    * The first update is exactly zero (the code updates only ``if step > 1``); ``m`` and ``v``
+      are still updated. The guard replaces ``1 - b2^0 = 0`` by 1 *before* dividing, so neither
+      branch of the selection can produce a NaN or inf (gradients through the update stay finite).
+    * ``eps`` is added *outside* the square root, after debiasing ``v``.
+    * The normalization is one scalar over all leaves the transformation sees, like one PyTorch
+      param group (the script passes the whole model as one group). Use ``optax.multi_transform``
+      or ``optax.partition`` to get several groups; leaves removed by ``optax.masked`` drop out of
+      ``d`` and of the sum. The sum is accumulated in float32 (float64 for float64 parameters).
+    * ``gamma`` does not depend on the learning rate, which the aliases apply afterwards.
+
+    Args:
+      b1: decay rate of the first moment, in [0, 1).
+      b2: decay rate of the second moment, in [0, 1).
+      eps: adaptability, > 0. It is meant to be large: the class default is 0.1, the CIFAR script
+        uses 1e-3. Large eps makes AvaGrad SGD-with-momentum-like with step ``lr``.
+      form: ``"official"`` (stale normalization, default) or ``"paper"`` (see above).
+      mu_dtype: optional dtype of the first moment (default: the parameters' dtype).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose updates are the *unsigned* direction
+      ``u_t`` (chain ``optax.scale_by_learning_rate`` to descend); extra keyword arguments to
+      ``update`` are accepted and ignored. Updates keep the gradients' dtype and state dtypes
+      never change. Real-valued parameters only.
+
+    References:
+      Savarese et al., arXiv 1912.01823; github.com/lolemacs/avagrad.
+    """
+    _validate_avagrad("scale_by_avagrad", b1, b2, eps, form)
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def init_fn(params):
+        return ScaleByAvaGradState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=optax.tree.zeros_like(params),
+            gamma=jnp.ones([], _gamma_dtype(params)),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        grads, treedef = jax.tree.flatten(updates)
+        mus = treedef.flatten_up_to(state.mu)
+        nus = treedef.flatten_up_to(state.nu)
+
+        count = optax.safe_increment(state.count)
+        first = count <= 1
+        b1_, b2_, eps_ = scalar_f32(b1), scalar_f32(b2), scalar_f32(eps)
+        bc1 = 1 - b1_**count
+        bc2 = 1 - b2_**count
+        # 1 - b2^(t-1) is 0 at t = 1: substitute 1 before the sqrt/division, not after.
+        sqrt_bc2_prev = jnp.sqrt(jnp.where(first, jnp.ones_like(bc2), 1 - b2_ ** (count - 1)))
+        sqrt_bc2 = jnp.sqrt(bc2)
+
+        new_mus = [((1 - b1) * g + b1 * m).astype(m.dtype) for g, m in zip(grads, mus)]
+        sqrt_nus = [jnp.sqrt(v) for v in nus]  # sqrt(v_{t-1})
+        denoms = [s / sqrt_bc2_prev.astype(s.dtype) + jnp.asarray(eps, s.dtype) for s in sqrt_nus]
+
+        if form == "paper":
+            gamma = _inverse_rms(denoms, state.gamma.dtype)
+        else:
+            gamma = state.gamma
+        scale = jnp.where(first, jnp.zeros_like(bc1), gamma / bc1)
+
+        out = []
+        for g, m, d in zip(grads, new_mus, denoms):
+            dtype = jnp.promote_types(m.dtype, d.dtype)
+            out.append((scale.astype(dtype) * (m.astype(dtype) / d.astype(dtype))).astype(g.dtype))
+
+        new_nus = [((1 - b2) * jnp.square(g) + b2 * v).astype(v.dtype) for g, v in zip(grads, nus)]
+        if form == "paper":
+            new_gamma = gamma
+        else:
+            acc = state.gamma.dtype
+            # Official: the scalar for the NEXT step, from sqrt(v_{t-1}) debiased with 1 - b2^t.
+            rhos = [s.astype(acc) / sqrt_bc2.astype(acc) + eps_.astype(acc) for s in sqrt_nus]
+            new_gamma = _inverse_rms(rhos, acc)
+
+        return treedef.unflatten(out), ScaleByAvaGradState(
+            count=count,
+            mu=treedef.unflatten(new_mus),
+            nu=treedef.unflatten(new_nus),
+            gamma=new_gamma.astype(state.gamma.dtype),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _validate_alias(fn: str, learning_rate: Any, weight_decay: Any) -> None:
+    _checks.check_nonnegative(fn, "learning_rate", learning_rate)
+    _checks.check_nonnegative(fn, "weight_decay", weight_decay)
+
+
+def avagrad(
+    learning_rate: optax.ScalarOrSchedule = 0.1,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 0.1,
+    weight_decay: Any = 0.0,
+    *,
+    form: str = "official",
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AvaGrad with L2 weight decay, as in the official ``AvaGrad`` class.
+
+    .. math::
+
+      g_t \leftarrow g_t + \lambda x_{t-1}, \qquad
+      x_t = x_{t-1} - \alpha_t \, u_t
+
+    where ``u_t`` is :func:`scale_by_avagrad` (delayed second moment, zero first step, one
+    global normalization scalar) and ``alpha_t`` the learning rate (a schedule is evaluated at the
+    0-based update index, like ``optax.scale_by_learning_rate``). The decay is added to the
+    gradient *before* both moments (L2 regularization, as the official code does in place on
+    ``p.grad``), so it is adapted like the gradient. Defaults are the official class defaults
+    (``lr=0.1, betas=(0.9, 0.999), eps=0.1, weight_decay=0``).
+
+    Args:
+      learning_rate: ``alpha``, a number >= 0 or a schedule.
+      b1, b2, eps, form, mu_dtype: see :func:`scale_by_avagrad`.
+      weight_decay: L2 coefficient ``lambda`` >= 0. ``params`` must be passed to ``update`` unless
+        it is the number 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (``optax.chain`` of decay, scaling, lr).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from pae.optim import avagrad
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = avagrad(learning_rate=0.1, eps=0.1)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+      >>> bool((updates["w"] == 0).all())  # the first AvaGrad update is zero
+      True
+      >>> round(float(state[1].gamma), 6)  # official form: the normalization for step 2 is eps
+      0.1
+
+    References:
+      Savarese et al., arXiv 1912.01823; github.com/lolemacs/avagrad ``optimizers.py``.
+    """
+    _validate_alias("avagrad", learning_rate, weight_decay)
+    return optax.chain(
+        add_decayed_weights(weight_decay),
+        scale_by_avagrad(b1, b2, eps, form=form, mu_dtype=mu_dtype),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def avagradw(
+    learning_rate: optax.ScalarOrSchedule = 0.1,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 0.1,
+    weight_decay: Any = 0.0,
+    *,
+    form: str = "official",
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AvaGrad with decoupled weight decay, as in the official ``AvaGradW`` class.
+
+    .. math::
+
+      x_t = x_{t-1} - \alpha_t \big(u_t + \lambda x_{t-1}\big) \quad (t \ge 2), \qquad x_1 = x_0
+
+    The decay is multiplied by the raw (scheduled) learning rate ``alpha_t`` only, not by the
+    normalization ``gamma`` nor by ``1/(1 - b1^t)``, it does not enter the moments, and it is
+    skipped on the first update (the official code decays inside its ``step > 1`` branch), so the
+    first update is exactly zero. Same defaults as :func:`avagrad`.
+
+    Args:
+      learning_rate: ``alpha``, a number >= 0 or a schedule.
+      b1, b2, eps, form, mu_dtype: see :func:`scale_by_avagrad`.
+      weight_decay: decoupled coefficient ``lambda`` >= 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    References:
+      Savarese et al., arXiv 1912.01823; github.com/lolemacs/avagrad ``optimizers.py``
+      (class ``AvaGradW``); decoupled decay after Loshchilov & Hutter, arXiv 1711.05101.
+    """
+    _validate_alias("avagradw", learning_rate, weight_decay)
+    return optax.chain(
+        scale_by_avagrad(b1, b2, eps, form=form, mu_dtype=mu_dtype),
+        add_decayed_weights(weight_decay, skip_first_step=True),
+        optax.scale_by_learning_rate(learning_rate),
+    )

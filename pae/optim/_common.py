@@ -1,0 +1,93 @@
+"""Small building blocks shared by the optimizers: weight-decay transforms and scalar helpers."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "add_decayed_weights",
+    "DecayAfterFirstStepState",
+    "scalar_f32",
+    "lr_at",
+]
+
+
+def scalar_f32(x: Any) -> jax.Array:
+    """A hyperparameter as a 0-d array of at least float32 precision.
+
+    Scalar factors (bias corrections, bounds, the AvaGrad normalization) are computed in this
+    precision and cast to each leaf's dtype only when applied, so ``0.999 ** t`` is not rounded
+    in bfloat16.
+    """
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def lr_at(learning_rate: Any, count: jax.Array) -> Any:
+    """The learning rate at 0-based step ``count``: ``learning_rate(count)`` for a schedule."""
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _is_static_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def _decay_leaves(updates, params, factor):
+    return jax.tree.map(
+        lambda g, p: None if g is None else (g + factor * p).astype(g.dtype),
+        updates,
+        params,
+        is_leaf=lambda x: x is None,
+    )
+
+
+class DecayAfterFirstStepState(NamedTuple):
+    """State of ``add_decayed_weights(..., skip_first_step=True)``: the number of updates so far."""
+
+    count: jax.Array  # int32, shape ()
+
+
+def add_decayed_weights(
+    weight_decay: Any, *, skip_first_step: bool = False
+) -> optax.GradientTransformationExtraArgs:
+    """Add ``weight_decay * params`` to the updates: ``u <- u + wd * p``.
+
+    Placed before the moment estimates this is an L2 penalty; placed after the adaptive scaling
+    it is decoupled decay. Unlike ``optax.add_decayed_weights`` it does not require ``params``
+    when ``weight_decay`` is the Python number 0 (so ``avagrad()`` works with ``update(g, s)``),
+    and the output keeps the updates' dtype.
+
+    Args:
+      weight_decay: decay coefficient (a number or a traced 0-d array, never branched on).
+      skip_first_step: if True the decay is multiplied by 0 on the first update and by 1 after
+        (AvaGradW's official code decays only inside its ``step > 1`` branch).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+
+    def init_fn(params):
+        del params
+        if skip_first_step:
+            return DecayAfterFirstStepState(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if skip_first_step:
+            new_state = DecayAfterFirstStepState(count=optax.safe_increment(state.count))
+        else:
+            new_state = state
+        if _is_static_zero(weight_decay):
+            return updates, new_state
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        factor = weight_decay
+        if skip_first_step:
+            factor = jnp.where(state.count > 0, weight_decay, jnp.zeros_like(weight_decay))
+        return _decay_leaves(updates, params, factor), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
