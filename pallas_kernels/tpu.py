@@ -1,0 +1,189 @@
+"""Mosaic TPU kernel for the packed matmul.
+
+Grid ``(N / bn, M / bm, sum_s steps_s)``: output blocks are "parallel", the last axis walks the
+K-steps of segment 0, then of segment 1, ... and is "arbitrary" (sequential reduction).  Each
+segment has its own float32/int32 accumulator in VMEM scratch; a segment's BlockSpecs clamp
+their K index outside its own steps, so Pallas does not re-fetch them while another segment runs.
+
+Per step and segment: word blocks (kb * sb / 32, bn) int32 — packed along K, i.e. along
+sublanes — are unpacked with shifts and masks into pieces (contiguous K-slices), dequantized in
+float32 (grouped scales are applied here), concatenated along sublanes to a (kb, bn) tile, cast to
+the activation dtype and fed to one MXU dot with the (bm, kb) activation block.  Per-channel scales,
+the int8 path's row corrections and x scales are applied once, in the epilogue.
+Block rules honoured: last two block dims multiples of (8, 128) or full (bm is a multiple of the
+dtype's sublane count, bn of 128, kb of 512).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+from pallas_kernels import _kernel_common as KC
+from pallas_kernels import _layout as L
+from pallas_kernels import _prep
+from pallas_kernels.format import PackedWeight
+
+VMEM_BUDGET = 12 * 2 ** 20   # bytes of double-buffered blocks + temporaries we allow per step
+MAX_KB = 2048                 # K rows per step (the unpack is fully unrolled)
+MAX_PIECES = 128              # pieces per step, bounds the unrolled code size
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuBlocks:
+    """bm, bn: output block; kb[s]: K rows per grid step of segment s."""
+
+    bm: int
+    bn: int
+    kb: tuple[int, ...]
+
+
+def _choose_kb(kp: int, bits: int, k_tile: int, group_size: int | None, bm: int, bn: int,
+               x_bytes: int) -> int:
+    """Largest multiple of k_tile dividing kp that fits VMEM, the unroll caps and the (8,128) rule."""
+    tiles = kp // k_tile
+    n_pieces = len(L.tile_pieces(bits, k_tile, group_size))
+    best = None
+    for t in range(1, tiles + 1):
+        if tiles % t:
+            continue
+        kb = t * k_tile
+        if group_size is not None and (kb // group_size) % 8 and kb != kp:
+            continue
+        vmem = 2 * (bm * kb * x_bytes + kb * bits * bn // 8) + kb * bn * 4 * 2
+        if best is not None and (kb > MAX_KB or t * n_pieces > MAX_PIECES or vmem > VMEM_BUDGET):
+            break
+        best = kb
+    return best
+
+
+def choose_blocks(m: int, packed: PackedWeight, x_dtype: Any) -> TpuBlocks:
+    """Blocks by shape: small M -> one M block (weights streamed once), large M -> bm = 256."""
+    sub = _prep.sublane(x_dtype)
+    bm = L.round_up(m, sub) if m <= 256 else 256
+    n_pad = packed.n_padded
+    bn = next(b for b in (512, 256, 128) if n_pad % b == 0)
+    x_bytes = jnp.dtype(x_dtype).itemsize
+    kb = tuple(_choose_kb(packed.k_padded(i), s.bits, packed.k_tile, packed.group_size, bm, bn,
+                          x_bytes) for i, s in enumerate(packed.segments))
+    return TpuBlocks(bm=bm, bn=bn, kb=kb)
+
+
+def _clamp(k, start: int, steps: int):
+    return jnp.minimum(jnp.maximum(k - start, 0), steps - 1)
+
+
+def tpu_packed_matmul(x: jax.Array, packed: PackedWeight, *, x_scale: Any = None, out_dtype: Any = None,
+                      blocks: TpuBlocks | None = None, interpret: bool = False) -> jax.Array:
+    """Packed matmul with the Mosaic TPU kernel (``interpret=True`` runs it on CPU)."""
+    call = _prep.check_call(x, packed, x_scale, out_dtype)
+    x = jnp.asarray(x)
+    mode = call.mode
+    w_dtype, acc_dtype = _prep.kernel_dtypes(mode, x.dtype)
+    blocks = blocks or choose_blocks(call.m, packed, x.dtype)
+    bm, bn = blocks.bm, blocks.bn
+    m_pad = L.round_up(call.m, bm)
+    n_pad = packed.n_padded
+    segs = packed.segments
+    n_seg = len(segs)
+    gs = packed.group_size
+    kt = packed.k_tile
+
+    x_segs = _prep.split_segments(x, packed)
+    corrs = _prep.row_corrections(x_segs, packed) if mode == "int" else []
+    x_in = [_prep.pad_to(xs, m_pad, packed.k_padded(i)) for i, xs in enumerate(x_segs)]
+
+    steps = [packed.k_padded(i) // blocks.kb[i] for i in range(n_seg)]
+    starts = [sum(steps[:i]) for i in range(n_seg)]
+    total = sum(steps)
+
+    args, specs = [], []
+    for i in range(n_seg):
+        specs.append(pl.BlockSpec((bm, blocks.kb[i]),
+                                  lambda n, m, k, i=i: (m, _clamp(k, starts[i], steps[i]))))
+        args.append(x_in[i])
+    for i, seg in enumerate(segs):
+        for w, sb in zip(seg.words, L.shards(seg.bits)):
+            specs.append(pl.BlockSpec((L.word_rows(blocks.kb[i], sb), bn),
+                                      lambda n, m, k, i=i: (_clamp(k, starts[i], steps[i]), n)))
+            args.append(w)
+    for i, seg in enumerate(segs):
+        if gs is None:
+            specs.append(pl.BlockSpec((1, bn), lambda n, m, k: (0, n)))
+        else:
+            specs.append(pl.BlockSpec((blocks.kb[i] // gs, bn),
+                                      lambda n, m, k, i=i: (_clamp(k, starts[i], steps[i]), n)))
+        args.append(seg.scales)
+    if mode == "int":
+        xs_col = jnp.reshape(x_scale, (call.m, 1)).astype(jnp.float32)
+        corr = jnp.concatenate(corrs, axis=1)
+        for a in (xs_col, corr):
+            specs.append(pl.BlockSpec((bm, a.shape[1]), lambda n, m, k: (m, 0)))
+            args.append(_prep.pad_to(a, m_pad, a.shape[1]))
+
+    pieces = [L.tile_pieces(s.bits, kt, gs) for s in segs]
+    n_words = [len(s.words) for s in segs]
+    precision = _prep.dot_precision(x.dtype)
+
+    def kernel(*refs):
+        it = iter(refs)
+        x_refs = [next(it) for _ in range(n_seg)]
+        w_refs = [[next(it) for _ in range(n_words[i])] for i in range(n_seg)]
+        s_refs = [next(it) for _ in range(n_seg)]
+        xs_ref = corr_ref = None
+        if mode == "int":
+            xs_ref, corr_ref = next(it), next(it)
+        o_ref = next(it)
+        acc_refs = [next(it) for _ in range(n_seg)]
+        k = pl.program_id(2)
+
+        @pl.when(k == 0)
+        def _init():
+            for a in acc_refs:
+                a[...] = jnp.zeros(a.shape, a.dtype)
+
+        for i in range(n_seg):
+            seg = segs[i]
+
+            @pl.when((k >= starts[i]) & (k < starts[i] + steps[i]))
+            def _step(i=i, seg=seg):
+                parts = []
+                for t in range(blocks.kb[i] // kt):
+                    def load(sh, row0, rows, t=t):
+                        sb = L.shards(seg.bits)[sh]
+                        return w_refs[i][sh][pl.ds(t * L.word_rows(kt, sb) + row0, rows), :]
+                    for pc in pieces[i]:
+                        q = KC.piece_codes(load, seg.bits, pc)
+                        srow = None
+                        if gs is not None:
+                            srow = s_refs[i][pl.ds(t * (kt // gs) + pc.group, 1), :]
+                        parts.append(KC.piece_operand(q, seg.bits, seg.offset, mode, srow))
+                w = jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+                acc_refs[i][...] += jnp.dot(x_refs[i][...], w.astype(w_dtype),
+                                            preferred_element_type=acc_dtype, precision=precision)
+
+        @pl.when(k == total - 1)
+        def _fin():
+            accs = [a[...] for a in acc_refs]
+            rows = [None if gs is not None else s_refs[i][...] for i in range(n_seg)]
+            cs = [corr_ref[:, i:i + 1] for i in range(n_seg)] if mode == "int" else None
+            y = KC.epilogue(accs, rows, mode, cs, xs_ref[...] if mode == "int" else None)
+            o_ref[...] = y.astype(o_ref.dtype)
+
+    out = pl.pallas_call(
+        kernel,
+        grid=(n_pad // bn, m_pad // bm, total),
+        in_specs=specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda n, m, k: (m, n)),
+        out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), call.out_dtype),
+        scratch_shapes=[_compat.tpu_vmem((bm, bn), acc_dtype) for _ in range(n_seg)],
+        compiler_params=_compat.tpu_compiler_params(("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name="packed_matmul_tpu",
+    )(*args)
+    return out[: call.m, : packed.n]
