@@ -132,7 +132,7 @@ def run(config: TrainConfig, *, tx: optax.GradientTransformation | None = None,
         ``init_latent(params, key)``; the model sees ``reparam(latent, ctx)`` in training and
         ``eval_reparam(latent, ctx)`` (default ``reparam``) in evaluation; ``penalty`` is added to the loss.
       context_fn: ``(epoch, step) -> ctx`` pytree of arrays passed to every step (traced, no recompiles).
-      callbacks: called as ``fn(epoch, state, row)`` after each epoch's evaluation.
+      callbacks: called as ``fn(epoch, state, row)`` after each epoch (and its checkpoint).
     """
     distributed.maybe_initialize_distributed()
     dataset = pdata.load_dataset(config.dataset, data_dir=config.data_dir, val_size=config.val_size,
@@ -217,10 +217,10 @@ def run(config: TrainConfig, *, tx: optax.GradientTransformation | None = None,
         if progress:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items()))
-        for callback in callbacks:
-            callback(epoch, state, row)
         if ckpt and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs):
             ckpt.save(epoch + 1, state, history)
+        for callback in callbacks:
+            callback(epoch, state, row)
 
     if jax.process_index() == 0 and history:
         pmetrics.write_history(workdir, history)

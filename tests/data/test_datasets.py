@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from pae.data import DatasetNotFoundError, load_dataset
+
+
+def test_digits_are_sklearns_digits_rescaled():
+    from sklearn.datasets import load_digits
+
+    ds = load_digits()
+    data = load_dataset("digits")
+    assert (len(data["train"]), len(data["test"])) == (1437, 360)
+    assert data.input_shape == (8, 8, 1) and data.num_classes == 10 and data.kind == "image"
+    train = data["train"].arrays
+    assert train["inputs"].dtype == np.uint8 and train["inputs"].max() == 255
+    # every embedded image is one of sklearn's, rescaled 0..16 -> 0..255, with its own label
+    raw = {tuple(np.round(img * 255 / 16).astype(np.uint8).ravel()): t
+           for img, t in zip(ds.images, ds.target)}
+    for img, t in zip(train["inputs"][:50], train["targets"][:50]):
+        assert raw[tuple(img.ravel())] == t
+    # the test split does not move with the run's seed
+    np.testing.assert_array_equal(load_dataset("digits", seed=7)["test"].arrays["targets"],
+                                  data["test"].arrays["targets"])
+
+
+def test_mnist_subset_is_real_mnist_with_validation_split():
+    data = load_dataset("mnist_subset", val_size=500, seed=1)
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    assert sizes == {"train": 3500, "validation": 500, "test": 1000}
+    assert data.input_shape == (28, 28, 1)
+    val_counts = np.bincount(data["validation"].arrays["targets"], minlength=10)
+    assert val_counts.min() >= 40 and val_counts.max() <= 60  # ~class-balanced
+    assert 0.1 < data.mean[0] < 0.15  # MNIST's mean intensity is ~0.13
+
+
+def test_pydoc_topics_round_trip():
+    data = load_dataset("pydoc_topics", seq_len=64)
+    assert data.kind == "text" and data.num_classes == len(data.vocab)
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    window = data["train"].take(np.array([3]))
+    decoded = "".join(data.vocab[i] for i in window["inputs"][0])
+    assert decoded == text[3 * 64:4 * 64]
+    assert sum(len(s) for s in data.splits.values()) * 64 > 0.99 * len(text) - 3 * 64
+
+
+def test_local_text_file(tmp_path):
+    path = tmp_path / "ptb.char.train.txt"
+    path.write_text("a b c _ d e f\n" * 50)
+    data = load_dataset(f"text:{path}", seq_len=8)
+    assert data.vocab == "\n _abcdef"
+    assert len(data["train"]) > 0
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset(f"text:{tmp_path / 'missing.txt'}")
+
+
+@pytest.mark.parametrize("name,shape,classes", [("mnist", (28, 28, 1), 10),
+                                                ("cifar10", (32, 32, 3), 10),
+                                                ("cifar100", (32, 32, 3), 100)])
+def test_tfds_image_sets_through_mock_data(name, shape, classes):
+    with tfds.testing.mock_data(num_examples=24):
+        data = load_dataset(name, val_size=4)
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 20, "validation": 4, "test": 24}
+    assert data.input_shape == shape and data.num_classes == classes
+    assert data["train"].arrays["targets"].max() < classes
+    assert data.augment == name.startswith("cifar")
+
+
+def test_imagenet_decodes_fixed_size_crops():
+    with tfds.testing.mock_data(num_examples=6):
+        data = load_dataset("imagenet2012")
+        train = data["train"].take(np.array([0, 3]), np.random.default_rng(0))
+        test = data["test"].take(np.array([1, 2]))
+    assert train["inputs"].shape == (2, 224, 224, 3) and train["inputs"].dtype == np.uint8
+    assert test["inputs"].shape == (2, 224, 224, 3) and data.num_classes == 1000
+
+
+def test_tiny_shakespeare_uses_its_own_splits():
+    with tfds.testing.mock_data(num_examples=1):
+        data = load_dataset("tiny_shakespeare", seq_len=4)
+    assert set(data.splits) == {"train", "validation", "test"} and data.kind == "text"
+
+
+def test_missing_and_unknown_datasets_fail_clearly(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="tfds build cifar10"):
+        load_dataset("cifar10", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dataset 'cifar11'.*digits"):
+        load_dataset("cifar11")
+    with pytest.raises(ValueError, match="val_size"):
+        load_dataset("digits", val_size=-1)

@@ -1,0 +1,127 @@
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from pae.train import CheckpointError, Checkpointer, TrainConfig, data_mesh, make_schedule, run
+from pae.train.cli import build_parser
+
+
+def _config(**kw):
+    base = dict(model="lenet300_100", dataset="digits", epochs=4, batch_size=64,
+                learning_rate=0.05, val_size=200)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_short_run_learns_and_writes_records(tmp_path):
+    result = run(_config(), workdir=str(tmp_path), progress=False)
+    hist = result.history
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4]
+    assert hist[-1]["train_loss"] < 0.5 * hist[0]["train_loss"]
+    assert hist[-1]["test_acc"] > 0.85 and hist[-1]["val_acc"] > 0.85  # chance is 0.10
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows == hist
+    assert open(tmp_path / "metrics.csv").readline().startswith("epoch,step,lr,train_loss")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    final = json.load(open(tmp_path / "final.json"))
+    assert final["num_params"] == 64 * 300 + 300 + 300 * 100 + 100 + 1010
+    assert json.load(open(tmp_path / "config.json"))["model"] == "lenet300_100"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(epochs):
+    def callback(epoch, state, row):
+        if epoch + 1 == epochs:
+            raise _Interrupt
+    return callback
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    # BN statistics, dropout keys, augmentation and shuffling all have to resume exactly.
+    config = _config(model="wrn10_1", model_kwargs={"dropout": 0.3}, augment=True, epochs=3,
+                     keep_checkpoints=5)
+    mesh = data_mesh(jax.devices()[:1])  # (the 8-device path has its own test)
+    whole = run(config, workdir=str(tmp_path / "whole"), progress=False, mesh=mesh)
+    with pytest.raises(_Interrupt):
+        run(config, workdir=str(tmp_path / "cut"), progress=False, mesh=mesh,
+            callbacks=[_interrupt_after(2)])
+    assert Checkpointer(tmp_path / "cut" / "checkpoints", {}).all_steps() == [1, 2]
+    resumed = run(config, workdir=str(tmp_path / "cut"), progress=False, mesh=mesh)
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["test_loss"] for r in resumed.history] == [r["test_loss"] for r in whole.history]
+    assert len(open(tmp_path / "cut" / "metrics.jsonl").readlines()) == 3
+
+
+def test_checkpoints_keep_last_n_and_refuse_other_models(tmp_path):
+    run(_config(epochs=3, keep_checkpoints=2), workdir=str(tmp_path), progress=False)
+    ckpt_dir = tmp_path / "checkpoints"
+    assert sorted(int(os.path.basename(p)) for p in glob.glob(str(ckpt_dir / "[0-9]*"))) == [2, 3]
+    with pytest.raises(CheckpointError, match="different run.*lenet300_100"):
+        run(_config(model="lenet5", dataset="mnist_subset", epochs=3), workdir=str(tmp_path),
+            progress=False)
+    ckpt = Checkpointer(ckpt_dir, {"model": "m"})
+    ckpt.save(1, {"w": np.zeros((3, 4), np.float32)})
+    with pytest.raises(CheckpointError, match="w'\\]: saved float32\\[3, 4\\], expected float32\\[4, 4\\]"):
+        ckpt.restore(1, {"w": jax.numpy.zeros((4, 4))})
+
+
+def test_damaged_or_partial_checkpoints_are_never_loaded(tmp_path):
+    run(_config(epochs=2), workdir=str(tmp_path), progress=False)
+    ckpt_dir = tmp_path / "checkpoints"
+    # an unfinished save (orbax's temporary directory) is not a checkpoint
+    os.makedirs(ckpt_dir / "7.orbax-checkpoint-tmp-123")
+    assert Checkpointer(ckpt_dir, {}).latest_step() == 2
+    # damage every array file of the newest step
+    for path in glob.glob(str(ckpt_dir / "2" / "state" / "**" / "*"), recursive=True):
+        if os.path.isfile(path) and "_METADATA" not in path and "manifest" not in path:
+            with open(path, "r+b") as f:
+                f.truncate(max(os.path.getsize(path) // 3, 1))
+    with pytest.raises(CheckpointError, match="damaged or incomplete"):
+        run(_config(epochs=3), workdir=str(tmp_path), progress=False)
+
+
+def test_schedules_per_epoch():
+    step = make_schedule("step", 0.1, steps_per_epoch=10, epochs=8, milestones=(3, 6), decay=0.2)
+    np.testing.assert_allclose([step(s) for s in (0, 29, 30, 59, 60, 79)],
+                               [0.1, 0.1, 0.02, 0.02, 0.004, 0.004], rtol=1e-6)
+    cosine = make_schedule("cosine", 1.0, 10, 4)
+    np.testing.assert_allclose([cosine(0), cosine(20), cosine(40)], [1.0, 0.5, 0.0], atol=1e-6)
+    warm = make_schedule("constant", 0.5, 10, 4, warmup_epochs=1)
+    np.testing.assert_allclose([warm(0), warm(5), warm(10), warm(30)], [0, 0.25, 0.5, 0.5], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule("linear", 0.1, 10, 4)
+    with pytest.raises(ValueError, match="milestones"):
+        make_schedule("step", 0.1, 10, 4, milestones=(3, 2))
+
+
+def test_bad_configs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        TrainConfig(model="resnet19")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        TrainConfig(optimizer="adagrad2")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="divisible by the number of devices"):
+        run(_config(batch_size=60), workdir=str(tmp_path / "a"), progress=False)
+    with pytest.raises(ValueError, match="takes text data"):
+        run(_config(model="char_lstm"), workdir=str(tmp_path / "b"), progress=False)
+    with pytest.raises(ValueError, match="cannot take inputs of shape \\(1, 8, 8, 1\\)"):
+        run(_config(model="lenet5"), workdir=str(tmp_path / "c"), progress=False)
+
+
+def test_cli_maps_flags_to_config():
+    args = vars(build_parser().parse_args(
+        ["--model", "resnet20", "--epochs", "7", "--milestones", "3", "5", "--augment", "false",
+         "--model-kwargs", '{"widths": [8, 16, 32]}']))
+    assert args["model"] == "resnet20" and args["epochs"] == 7 and args["milestones"] == [3, 5]
+    assert args["augment"] is False and args["model_kwargs"] == {"widths": [8, 16, 32]}
+    assert args["dataset"] == TrainConfig().dataset
