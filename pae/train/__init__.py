@@ -2,7 +2,7 @@
 from pae.train.checkpoint import Checkpointer, CheckpointError, tree_signature
 from pae.train.distributed import (data_mesh, maybe_initialize_distributed, replicate,
                                    shard_batch)
-from pae.train.loop import RunResult, TrainConfig, count_params, evaluate, run
+from pae.train.loop import RunResult, TrainConfig, count_params, evaluate, run, train_epoch
 from pae.train.optimizers import make_optimizer, make_schedule
 from pae.train.state import TrainState, create_train_state, init_variables
 from pae.train.step import make_eval_step, make_train_step, masked_cross_entropy
@@ -11,5 +11,5 @@ __all__ = [
     "CheckpointError", "Checkpointer", "RunResult", "TrainConfig", "TrainState", "count_params",
     "create_train_state", "data_mesh", "evaluate", "init_variables", "make_eval_step",
     "make_optimizer", "make_schedule", "make_train_step", "masked_cross_entropy",
-    "maybe_initialize_distributed", "replicate", "run", "shard_batch", "tree_signature",
+    "maybe_initialize_distributed", "replicate", "run", "shard_batch", "train_epoch", "tree_signature",
 ]

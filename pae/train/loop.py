@@ -112,6 +112,29 @@ def evaluate(eval_step: Callable, state: TrainState, source, batch_size: int, me
     return {k: float(v) for k, v in total.items()}
 
 
+def train_epoch(train_step: Callable, state: TrainState, source, batch_size: int, mesh, *,
+                seed: int, epoch: int, drop_remainder: bool = False, transform=None,
+                context_fn: Callable[[int], Any] | None = None, progress: bool = False,
+                desc: str = "") -> tuple[TrainState, dict]:
+    """One pass over ``source`` in the order of ``(seed, epoch)``; returns the state and metric sums.
+
+    ``context_fn(global_step) -> ctx`` gives each step its context (default ``{}``).
+    """
+    sums = None
+    batches = pdata.iterate_batches(
+        source, batch_size, seed=seed, epoch=epoch, drop_remainder=drop_remainder,
+        augment=transform, process_index=jax.process_index(), process_count=jax.process_count())
+    total = pdata.num_batches(len(source), batch_size, drop_remainder)
+    bar = tqdm(batches, total=total, disable=not progress, leave=False, desc=desc)
+    for batch in bar:
+        ctx = {} if context_fn is None else context_fn(int(state.step))
+        state, step_metrics = train_step(state, distributed.shard_batch(batch, mesh), ctx)
+        sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
+        if progress and bar.n % 25 == 0:
+            bar.set_postfix(loss=f"{float(step_metrics['loss_sum'] / step_metrics['count']):.3f}")
+    return state, sums
+
+
 def count_params(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
@@ -131,7 +154,8 @@ def run(config: TrainConfig, *, tx: optax.GradientTransformation | None = None,
       init_latent, reparam, penalty, eval_reparam: a compression transform's hooks: what is trained is
         ``init_latent(params, key)``; the model sees ``reparam(latent, ctx)`` in training and
         ``eval_reparam(latent, ctx)`` (default ``reparam``) in evaluation; ``penalty`` is added to the loss.
-      context_fn: ``(epoch, step) -> ctx`` pytree of arrays passed to every step (traced, no recompiles).
+      context_fn: ``(epoch, global_step) -> ctx`` pytree of arrays passed to every train and eval step
+        (traced: a new value never recompiles).
       callbacks: called as ``fn(epoch, state, row)`` after each epoch (and its checkpoint).
     """
     distributed.maybe_initialize_distributed()
@@ -188,19 +212,11 @@ def run(config: TrainConfig, *, tx: optax.GradientTransformation | None = None,
     text = dataset.kind == "text"
     for epoch in range(start, config.epochs):
         began = time.perf_counter()
-        sums = None
-        batches = pdata.iterate_batches(
-            train_src, config.batch_size, seed=config.seed, epoch=epoch,
-            drop_remainder=config.drop_remainder, augment=train_tf,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        bar = tqdm(batches, total=steps_per_epoch, disable=not progress, leave=False,
-                   desc=f"epoch {epoch + 1}/{config.epochs}")
-        for i, batch in enumerate(bar):
-            ctx = context_fn(epoch, epoch * steps_per_epoch + i)
-            state, step_metrics = train_step(state, distributed.shard_batch(batch, mesh), ctx)
-            sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-            if progress and i % 25 == 0:
-                bar.set_postfix(loss=f"{float(step_metrics['loss_sum'] / step_metrics['count']):.3f}")
+        state, sums = train_epoch(
+            train_step, state, train_src, config.batch_size, mesh, seed=config.seed, epoch=epoch,
+            drop_remainder=config.drop_remainder, transform=train_tf,
+            context_fn=lambda step: context_fn(epoch, step), progress=progress,
+            desc=f"epoch {epoch + 1}/{config.epochs}")
         row = {"epoch": epoch + 1, "step": int(state.step),
                "lr": float(schedule(int(state.step) - 1)),
                **pmetrics.summarize("train", sums, text),
