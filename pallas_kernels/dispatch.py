@@ -52,16 +52,18 @@ def resolve_backend(backend: str = "auto", interpret: bool = False, platform: st
 
 
 def packed_matmul(x: Any, packed: PackedWeight, *, x_scale: Any = None, out_dtype: Any = None,
-                  backend: str = "auto", interpret: bool = False, blocks: Any = None) -> Any:
+                  backend: str = "auto", interpret: bool = False, blocks: Any = None,
+                  _platform: str | None = None) -> Any:
     """y = x @ W for a packed low-bit W (weight-only, or int8 activations with ``x_scale``).
 
     x: (M, K) bfloat16 / float16 / float32, or int8 with x_scale (M,) (``quantize_activations``);
     packed: a ``PackedWeight``; returns (M, N) in ``out_dtype`` (default x.dtype; float32 for int8).
     y = sum_s (x[:, perm]_s @ ((q_s - o_s) * s_s))   — see ``reference_packed_matmul`` for the exact math.
     ``blocks`` overrides the kernel's block sizes (``TpuBlocks`` / ``TritonBlocks`` / ``MosaicBlocks``).
+    (``_platform`` is for ``lowering.export_kernel``: lower for a platform this machine lacks.)
     """
     _prep.check_call(x, packed, x_scale, out_dtype)
-    path = resolve_backend(backend, interpret)
+    path = resolve_backend(backend, interpret, _platform)
     if path == "reference":
         return reference_packed_matmul(x, packed, x_scale=x_scale, out_dtype=out_dtype)
     if path == "tpu":
