@@ -1,7 +1,9 @@
 """The lottery-ticket papers' small networks: LeNet-300-100, LeNet-5 and Conv-2/4/6.
 
-Frankle & Carbin (arXiv 1803.03635), Table 1: LeNet-300-100 has 266,610 weights on MNIST; Conv-2/4/6
-have 4.3M / 2.4M / 1.7M on CIFAR-10. Initialization is PyTorch's default (as in the open_lth-style
+Frankle & Carbin (arXiv 1803.03635), Table 1: LeNet-300-100 has 266,610 weights on MNIST; Conv-2/4
+have 4.3M / 2.4M on CIFAR-10, which these layouts reproduce (4,301,642 / 2,425,930). Table 1's 1.7M
+for Conv-6 cannot come from its stated layers (its first FC layer alone has 4*4*256*256 weights);
+the layout here gives 2,262,602. Initialization is PyTorch's default (as in the open_lth-style
 PyTorch code these experiments follow); pass other initializers through the fields.
 """
 from typing import Callable, Sequence
