@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from pae.optim import _checks
-from pae.optim._common import add_decayed_weights, lr_at, scalar_f32
+from pae.optim._common import add_decayed_weights, lr_at, one_minus_pow, scalar_f32
 
 __all__ = [
     "ScaleByAdaBoundState",
@@ -53,9 +53,9 @@ def adabound_bounds(final_lr: Any, gamma: Any, step: Any) -> tuple[jax.Array, ja
       \eta_l(t) = \alpha^* \Big(1 - \frac{1}{\gamma t + 1}\Big), \qquad
       \eta_u(t) = \alpha^* \Big(1 + \frac{1}{\gamma t}\Big)
 
-    ``gamma = 0`` gives ``[0, inf)`` (no clipping: Adam with AdaBound's eps placement). The upper
-    bound is computed with a safe denominator, so ``gamma * t = 0`` gives ``inf`` and never
-    ``0 * inf = NaN`` (not even when ``final_lr = 0``). The lower bound is evaluated as
+    ``gamma = 0`` disables the clipping (Adam with AdaBound's eps placement): the lower bound is 0
+    and the upper bound is the largest finite float, not ``inf``, so no inf or NaN is ever formed
+    (``1/(gamma t)`` uses a safe denominator; the official code raises ZeroDivisionError there). The lower bound is evaluated as
     ``alpha* gamma t / (gamma t + 1)``, the same number without float32 cancellation (the official
     code computes the bounds in Python doubles).
 
@@ -73,7 +73,8 @@ def adabound_bounds(final_lr: Any, gamma: Any, step: Any) -> tuple[jax.Array, ja
     lower = final_lr * (gt / (gt + 1))
     positive = gt > 0
     safe_gt = jnp.where(positive, gt, jnp.ones_like(gt))
-    upper = jnp.where(positive, final_lr * (1 + 1 / safe_gt), jnp.full_like(gt, jnp.inf))
+    no_bound = jnp.finfo(final_lr.dtype).max
+    upper = jnp.where(positive, final_lr * (1 + 1 / safe_gt), no_bound)
     return lower, upper.astype(lower.dtype)
 
 
@@ -160,7 +161,8 @@ def scale_by_adabound(
       final_lr: ``alpha*`` >= 0, the SGD learning rate both bounds converge to.
       b1: first-moment decay in [0, 1).
       b2: second-moment decay in [0, 1).
-      gamma: convergence speed of the bounds, in [0, 1); 0 disables the clipping.
+      gamma: convergence speed of the bounds, in [0, 1); 0 disables the clipping (see
+        :func:`adabound_bounds`).
       eps: >= 0, added to ``sqrt(v)``.
       amsbound: use AMSBound (running max of the raw second moment).
       reference_lr: optional reference learning rate (> 0) for the bounds, see above.
@@ -197,8 +199,7 @@ def scale_by_adabound(
         ref = scalar_f32(reference)
         ratio = jnp.where(ref > 0, lr / jnp.where(ref > 0, ref, 1), jnp.zeros_like(lr))
         lower, upper = adabound_bounds(scalar_f32(final_lr) * ratio, gamma, count)
-        b1_, b2_ = scalar_f32(b1), scalar_f32(b2)
-        step_size = lr * jnp.sqrt(1 - b2_**count) / (1 - b1_**count)
+        step_size = lr * jnp.sqrt(one_minus_pow(b2, count)) / one_minus_pow(b1, count)
 
         new_mus = [((1 - b1) * g + b1 * m).astype(m.dtype) for g, m in zip(grads, mus)]
         new_nus = [((1 - b2) * jnp.square(g) + b2 * v).astype(v.dtype) for g, v in zip(grads, nus)]
@@ -213,7 +214,8 @@ def scale_by_adabound(
         for g, m, v in zip(grads, new_mus, second):
             dtype = jnp.promote_types(m.dtype, v.dtype)
             denom = jnp.sqrt(v.astype(dtype)) + jnp.asarray(eps, dtype)
-            rate = jnp.clip(step_size.astype(dtype) / denom, lower.astype(dtype), upper.astype(dtype))
+            hi = jnp.minimum(upper, jnp.finfo(dtype).max).astype(dtype)  # no overflow in bf16/f16
+            rate = jnp.clip(step_size.astype(dtype) / denom, lower.astype(dtype), hi)
             out.append((rate * m.astype(dtype)).astype(g.dtype))
 
         return treedef.unflatten(out), ScaleByAdaBoundState(
@@ -226,8 +228,10 @@ def scale_by_adabound(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_weight_decay(fn: str, weight_decay: Any) -> None:
+def _validate_alias(fn, learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, reference_lr):
+    _validate_adabound(fn, learning_rate, final_lr, b1, b2, gamma, eps)
     _checks.check_nonnegative(fn, "weight_decay", weight_decay)
+    _resolve_reference_lr(fn, learning_rate, reference_lr)
 
 
 def adabound(
@@ -271,7 +275,9 @@ def adabound(
     References:
       Luo et al., arXiv 1902.09843; github.com/Luolc/AdaBound ``adabound/adabound.py``.
     """
-    _check_weight_decay("adabound", weight_decay)
+    _validate_alias(
+        "adabound", learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, reference_lr
+    )
     return optax.chain(
         add_decayed_weights(weight_decay),
         scale_by_adabound(
@@ -305,7 +311,9 @@ def amsbound(
     References:
       Luo et al., arXiv 1902.09843 (AMSBound); github.com/Luolc/AdaBound.
     """
-    _check_weight_decay("amsbound", weight_decay)
+    _validate_alias(
+        "amsbound", learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, reference_lr
+    )
     return adabound(
         learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, True,
         reference_lr=reference_lr, mu_dtype=mu_dtype,
@@ -347,7 +355,9 @@ def adaboundw(
       Luo et al., arXiv 1902.09843; github.com/Luolc/AdaBound ``adabound/adabound.py``
       (class ``AdaBoundW``).
     """
-    _check_weight_decay("adaboundw", weight_decay)
+    _validate_alias(
+        "adaboundw", learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, reference_lr
+    )
     return optax.chain(
         scale_by_adabound(
             learning_rate, final_lr, b1, b2, gamma, eps,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from pae.optim import _checks
-from pae.optim._common import add_decayed_weights, scalar_f32
+from pae.optim._common import add_decayed_weights, one_minus_pow, scalar_f32
 
 __all__ = ["ScaleByAvaGradState", "AVAGRAD_FORMS", "scale_by_avagrad", "avagrad", "avagradw"]
 
@@ -157,11 +157,11 @@ def scale_by_avagrad(
 
         count = optax.safe_increment(state.count)
         first = count <= 1
-        b1_, b2_, eps_ = scalar_f32(b1), scalar_f32(b2), scalar_f32(eps)
-        bc1 = 1 - b1_**count
-        bc2 = 1 - b2_**count
+        eps_ = scalar_f32(eps)
+        bc1 = one_minus_pow(b1, count)
+        bc2 = one_minus_pow(b2, count)
         # 1 - b2^(t-1) is 0 at t = 1: substitute 1 before the sqrt/division, not after.
-        sqrt_bc2_prev = jnp.sqrt(jnp.where(first, jnp.ones_like(bc2), 1 - b2_ ** (count - 1)))
+        sqrt_bc2_prev = jnp.sqrt(jnp.where(first, jnp.ones_like(bc2), one_minus_pow(b2, count - 1)))
         sqrt_bc2 = jnp.sqrt(bc2)
 
         new_mus = [((1 - b1) * g + b1 * m).astype(m.dtype) for g, m in zip(grads, mus)]
@@ -198,8 +198,9 @@ def scale_by_avagrad(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _validate_alias(fn: str, learning_rate: Any, weight_decay: Any) -> None:
+def _validate_alias(fn: str, learning_rate, b1, b2, eps, weight_decay, form) -> None:
     _checks.check_nonnegative(fn, "learning_rate", learning_rate)
+    _validate_avagrad(fn, b1, b2, eps, form)
     _checks.check_nonnegative(fn, "weight_decay", weight_decay)
 
 
@@ -252,7 +253,7 @@ def avagrad(
     References:
       Savarese et al., arXiv 1912.01823; github.com/lolemacs/avagrad ``optimizers.py``.
     """
-    _validate_alias("avagrad", learning_rate, weight_decay)
+    _validate_alias("avagrad", learning_rate, b1, b2, eps, weight_decay, form)
     return optax.chain(
         add_decayed_weights(weight_decay),
         scale_by_avagrad(b1, b2, eps, form=form, mu_dtype=mu_dtype),
@@ -293,7 +294,7 @@ def avagradw(
       Savarese et al., arXiv 1912.01823; github.com/lolemacs/avagrad ``optimizers.py``
       (class ``AvaGradW``); decoupled decay after Loshchilov & Hutter, arXiv 1711.05101.
     """
-    _validate_alias("avagradw", learning_rate, weight_decay)
+    _validate_alias("avagradw", learning_rate, b1, b2, eps, weight_decay, form)
     return optax.chain(
         scale_by_avagrad(b1, b2, eps, form=form, mu_dtype=mu_dtype),
         add_decayed_weights(weight_decay, skip_first_step=True),

@@ -1,6 +1,7 @@
 """Small building blocks shared by the optimizers: weight-decay transforms and scalar helpers."""
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -11,6 +12,7 @@ __all__ = [
     "add_decayed_weights",
     "DecayAfterFirstStepState",
     "scalar_f32",
+    "one_minus_pow",
     "lr_at",
 ]
 
@@ -24,6 +26,29 @@ def scalar_f32(x: Any) -> jax.Array:
     """
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def one_minus_pow(decay: Any, count: jax.Array) -> jax.Array:
+    """``1 - decay**count`` for an integer ``count >= 0``, accurate when ``decay`` is near 1.
+
+    Evaluated as ``-expm1(count * log(decay))``. The direct float32 form loses about 5 digits to
+    cancellation at ``decay = 0.999`` and small ``count``; PyTorch evaluates it in float64. For a
+    Python-number ``decay`` the logarithm is taken in float64 before rounding, so the result
+    matches the float64 value to float32 precision. ``decay = 0`` is handled without ``log(0)``:
+    the result is 1 for ``count > 0`` and 0 at ``count = 0``.
+    """
+    if isinstance(decay, (int, float)) and not isinstance(decay, bool):
+        dtype = jnp.promote_types(jnp.result_type(float), jnp.float32)
+        positive = jnp.asarray(decay > 0)
+        log_decay = jnp.asarray(math.log(decay) if decay > 0 else 0.0, dtype)
+    else:
+        decay = scalar_f32(decay)
+        dtype = decay.dtype
+        positive = decay > 0
+        log_decay = jnp.log(jnp.where(positive, decay, jnp.ones_like(decay)))
+    count = jnp.asarray(count).astype(dtype)
+    value = -jnp.expm1(count * log_decay)
+    return jnp.where(positive, value, (count > 0).astype(dtype))
 
 
 def lr_at(learning_rate: Any, count: jax.Array) -> Any:
