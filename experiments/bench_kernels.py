@@ -1,0 +1,257 @@
+"""Benchmark: packed low-bit matmul (pallas_kernels.packed_matmul) vs jnp.dot on bf16 weights.
+
+On a GPU/TPU, for M in {1, 16, 128, 4096}, K = N in {4096, 8192} and every bit width (plus a
+two-level 2+8-bit layer), it times both paths side by side in one process (interleaved repeats,
+median), and prints the ratio, achieved GB/s, the fraction of the measured copy bandwidth, and
+the ideal weight-only ratio (bf16 bytes / packed bytes, ~16/bits).  On CPU there is no kernel to
+time: it prints the memory-footprint ratios and reference-path timings and says so.
+Results go to experiments/results/kernels_<platform>_<device>.json.
+
+    python experiments/bench_kernels.py                  # full grid on an accelerator
+    python experiments/bench_kernels.py --m 1 16 --kn 4096 --bits 4 2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform as _platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import pallas_kernels as pk  # noqa: E402
+from pallas_kernels.lowering import abstract_packed  # noqa: E402
+
+BITS = ["1", "2", "3", "4", "8", "2+8"]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 4096])
+    ap.add_argument("--kn", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--bits", nargs="+", default=BITS, help="1 2 3 4 8 and/or 2+8 (two-level layer)")
+    ap.add_argument("--backend", default="auto", choices=pk.BACKENDS)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats (median)")
+    ap.add_argument("--min-time", type=float, default=0.05, help="seconds per timed sample")
+    ap.add_argument("--cpu-m", type=int, nargs="+", default=[1, 16, 128],
+                    help="M values timed on CPU (reference path)")
+    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_*.json)")
+    return ap.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------
+# Timing helpers
+# ------------------------------------------------------------------------------------------
+def repeated(f, n: int):
+    """jit of n dependent calls of f(x, w) in one launch (no per-call host dispatch in the timing).
+
+    Call i+1 reads x + 0 * sum(y_i), a true data dependence XLA cannot fold (0 * float is not
+    simplified), so the call is never hoisted out of the loop; both timed paths pay the same
+    small extra (one elementwise pass over x and one reduction over y per call)."""
+    def run(x, w):
+        def body(_, c):
+            y = f(x + c.astype(x.dtype), w)
+            return jnp.sum(y, dtype=jnp.float32) * 0.0
+
+        return jax.lax.fori_loop(0, n, body, jnp.float32(0.0))
+
+    return jax.jit(run)
+
+
+def calibrate(f, x, w, min_time: float) -> int:
+    """Inner repeat count so one sample takes about min_time seconds."""
+    n = 1
+    while True:
+        g = repeated(f, n)
+        jax.block_until_ready(g(x, w))
+        t0 = time.perf_counter()
+        jax.block_until_ready(g(x, w))
+        dt = time.perf_counter() - t0
+        if dt >= min_time or n >= 4096:
+            return n
+        n = min(4096, max(n * 2, int(n * min_time / max(dt, 1e-6)) + 1))
+
+
+def time_side_by_side(fns: dict, args: dict, repeats: int, min_time: float) -> dict:
+    """Median seconds per call of each function, sampled in interleaved order."""
+    compiled = {}
+    for name, f in fns.items():
+        n = calibrate(f, *args[name], min_time)
+        g = repeated(f, n)
+        jax.block_until_ready(g(*args[name]))
+        compiled[name] = (g, n)
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (g, n) in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(g(*args[name]))
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def copy_bandwidth(repeats: int, min_time: float, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in GB/s: y = x + 1 on a 1 GiB bf16 array (reads + writes)."""
+    x = jnp.ones((nbytes // 2 // 4096, 4096), jnp.bfloat16)
+    t = time_side_by_side({"copy": lambda a, _: a * 2}, {"copy": (x, None)}, repeats, min_time)["copy"]
+    return 2 * x.size * 2 / t / 1e9  # one read and one write of the array per call
+
+
+# ------------------------------------------------------------------------------------------
+# Problem construction
+# ------------------------------------------------------------------------------------------
+def make_layer(rng, label: str, k: int, n: int):
+    """Random packed layer: '4' -> one 4-bit segment; '2+8' -> 3/4 of K at 2 bits, 1/4 at 8 bits."""
+    bits = [int(b) for b in label.split("+")]
+    ks = [k] if len(bits) == 1 else [k * 3 // 4, k - k * 3 // 4]
+    codes = [rng.integers(0, 2 ** b, size=(kk, n), dtype=np.int32) for b, kk in zip(bits, ks)]
+    scales = [rng.uniform(0.5, 1.5, size=n).astype(np.float32) / 2 ** b for b in bits]
+    return pk.pack_mixed(codes, bits, scales)
+
+
+def platform_name() -> str:
+    d = jax.devices()[0]
+    return d.platform
+
+
+def device_slug() -> str:
+    d = jax.devices()[0]
+    kind = getattr(d, "device_kind", d.platform)
+    return re.sub(r"[^a-z0-9]+", "-", str(kind).lower()).strip("-")
+
+
+def header() -> dict:
+    d = jax.devices()[0]
+    import jaxlib
+
+    return {
+        "device": str(getattr(d, "device_kind", d.platform)),
+        "platform": d.platform,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "python": _platform.python_version(),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def gpu_backend_note(path: str) -> str:
+    return {"tpu": "Mosaic TPU (pallas_call)", "triton": "Pallas Triton (pallas_call + Triton compiler params)",
+            "mosaic_gpu": "Pallas Mosaic GPU (plgpu.kernel, wgmma)",
+            "reference": "jnp reference (XLA)"}[path]
+
+
+# ------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------
+def run_accelerator(args, info: dict) -> list[dict]:
+    path = pk.resolve_backend(args.backend)
+    info["backend"] = path
+    info["backend_detail"] = gpu_backend_note(path)
+    bw = copy_bandwidth(args.repeats, args.min_time)
+    info["copy_bandwidth_GBps"] = round(bw, 1)
+    print(f"device: {info['device']}  jax {info['jax']}  backend: {info['backend_detail']}")
+    print(f"measured copy bandwidth: {bw:.0f} GB/s\n")
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"{'K=N':>5} {'M':>5} {'bits':>4} | {'bf16 dot us':>11} {'packed us':>10} {'ratio':>6} "
+          f"{'ideal':>6} | {'GB/s':>6} {'%copyBW':>7} | {'TFLOP/s':>7} {'relerr':>8}")
+    for kn in args.kn:
+        w_dense = jnp.asarray(rng.standard_normal((kn, kn)) * 0.02, jnp.bfloat16)
+        for label in args.bits:
+            packed = make_layer(rng, label, kn, kn)
+            packed = jax.device_put(packed)
+            for m in args.m:
+                x = jnp.asarray(rng.standard_normal((m, kn)), jnp.bfloat16)
+                fns = {"dense": lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
+                       "packed": lambda x, p: pk.packed_matmul(x, p, backend=path)}
+                t = time_side_by_side(fns, {"dense": (x, w_dense), "packed": (x, packed)},
+                                      args.repeats, args.min_time)
+                y = jax.jit(lambda x, p: pk.packed_matmul(x, p, backend=path, out_dtype=jnp.float32))(x, packed)
+                y_ref = jax.jit(lambda x, p: pk.reference_packed_matmul(x, p, out_dtype=jnp.float32))(x, packed)
+                err = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
+                moved = packed.nbytes + 2 * m * kn + 2 * m * kn
+                dense_bytes = 2 * kn * kn
+                row = dict(kn=kn, m=m, bits=label, dense_s=t["dense"], packed_s=t["packed"],
+                           ratio=t["dense"] / t["packed"], ideal_ratio=dense_bytes / packed.nbytes,
+                           packed_GBps=moved / t["packed"] / 1e9,
+                           frac_copy_bw=moved / t["packed"] / 1e9 / bw,
+                           packed_TFLOPs=2 * m * kn * kn / t["packed"] / 1e12, rel_err=err,
+                           packed_bytes=packed.nbytes)
+                rows.append(row)
+                print(f"{kn:>5} {m:>5} {label:>4} | {t['dense'] * 1e6:>11.1f} {t['packed'] * 1e6:>10.1f} "
+                      f"{row['ratio']:>5.2f}x {row['ideal_ratio']:>5.2f}x | {row['packed_GBps']:>6.0f} "
+                      f"{100 * row['frac_copy_bw']:>6.0f}% | {row['packed_TFLOPs']:>7.1f} {err:>8.1e}")
+    return rows
+
+
+def run_cpu(args, info: dict) -> list[dict]:
+    info["backend"] = "reference"
+    info["backend_detail"] = gpu_backend_note("reference")
+    print(f"device: {info['device']} (CPU)  jax {info['jax']}")
+    print("No GPU/TPU: the Pallas kernels cannot be timed here (speed needs an accelerator).")
+    print("Printing the memory footprint ratio and the timings of the jnp reference path.\n")
+    rows = []
+    print("memory footprint: bf16 weight bytes / packed bytes (incl. scales and padding)")
+    print(f"{'K=N':>5} " + " ".join(f"{b:>6}" for b in args.bits))
+    for kn in args.kn:
+        ratios = []
+        for label in args.bits:
+            bits = [int(b) for b in label.split("+")]
+            ks = [kn] if len(bits) == 1 else [kn * 3 // 4, kn - kn * 3 // 4]
+            p = abstract_packed(bits, ks, kn)
+            r = 2 * kn * kn / p.nbytes
+            ratios.append(r)
+            rows.append(dict(kind="footprint", kn=kn, bits=label, packed_bytes=p.nbytes,
+                             bf16_bytes=2 * kn * kn, ratio=r))
+        print(f"{kn:>5} " + " ".join(f"{r:>5.2f}x" for r in ratios))
+    print("\nreference path (CPU, XLA): jnp.dot on bf16 weights vs reference_packed_matmul")
+    print(f"{'K=N':>5} {'M':>5} {'bits':>4} | {'bf16 dot ms':>11} {'reference ms':>12} {'ratio':>6}")
+    rng = np.random.default_rng(0)
+    for kn in args.kn[:1]:
+        w_dense = jnp.asarray(rng.standard_normal((kn, kn)) * 0.02, jnp.bfloat16)
+        for label in args.bits:
+            packed = make_layer(rng, label, kn, kn)
+            for m in args.cpu_m:
+                x = jnp.asarray(rng.standard_normal((m, kn)), jnp.bfloat16)
+                fns = {"dense": lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
+                       "reference": lambda x, p: pk.reference_packed_matmul(x, p)}
+                t = time_side_by_side(fns, {"dense": (x, w_dense), "reference": (x, packed)},
+                                      max(3, args.repeats // 2), args.min_time)
+                rows.append(dict(kind="reference_timing", kn=kn, m=m, bits=label, dense_s=t["dense"],
+                                 reference_s=t["reference"], ratio=t["dense"] / t["reference"]))
+                print(f"{kn:>5} {m:>5} {label:>4} | {t['dense'] * 1e3:>11.2f} {t['reference'] * 1e3:>12.2f} "
+                      f"{t['dense'] / t['reference']:>5.2f}x")
+    print("\nThe reference unpacks the whole weight in XLA every call: these CPU figures say nothing "
+          "about kernel speed. Run this script on an H100 / TPU for the kernel figures.")
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    for b in args.bits:
+        if not all(p in ("1", "2", "3", "4", "8") for p in b.split("+")):
+            raise SystemExit(f"--bits {b!r}: use 1 2 3 4 8 or a two-level 'a+b'")
+    info = header()
+    plat = platform_name()
+    rows = run_cpu(args, info) if plat == "cpu" else run_accelerator(args, info)
+    result = {**info, "rows": rows}
+    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / f"kernels_{plat}_{device_slug()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
