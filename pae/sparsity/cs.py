@@ -1,0 +1,164 @@
+"""Continuous Sparsification (Savarese, Silva & Maire, arXiv 1912.04427, NeurIPS 2020).
+
+Each selected weight ``w`` gets a mask logit ``s`` (initialized to ``s_init``); during search the
+model sees ``w * m`` with the soft mask and the loss gets ``lambda * sum(m)``::
+
+    soft  m = sigmoid(beta * s) / sigmoid(s_init)        (scaled, the official code's default)
+    hard  m = 1[s > 0] / sigmoid(s_init)                  (strict >: s == 0 is pruned)
+
+``scaled=False`` drops the ``1/sigmoid(s_init)`` factor (``m = sigmoid(beta*s)``, ``1[s>0]``), the
+paper's unscaled form. ``beta`` (inverse temperature) comes from ``ctx.beta`` as traced data and
+follows :func:`temperature_schedule`; between rounds :func:`reset_logits` applies the paper's
+``s <- min(beta_T * s, s_init)`` or the official code's ``s <- min(s, s_init)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pae.core import Transform, check_finite, map_nodes, nodes, select as pselect
+from pae.sparsity.masks import FixedMask, SoftMask, _check_shape
+
+RESET_RULES = ("paper", "code")
+
+
+def _scale(s_init, scaled: bool):
+    return 1.0 / jax.nn.sigmoid(jnp.asarray(s_init, jnp.float32)) if scaled else 1.0
+
+
+def soft_mask(logits: jax.Array, beta, s_init=0.0, scaled: bool = True) -> jax.Array:
+    """``sigmoid(beta * s) / sigmoid(s_init)`` (or without the scale), in float32."""
+    logits = jnp.asarray(logits, jnp.float32)
+    return jax.nn.sigmoid(jnp.asarray(beta, jnp.float32) * logits) * _scale(s_init, scaled)
+
+
+def hard_mask(logits: jax.Array, s_init=0.0, scaled: bool = True) -> jax.Array:
+    """``1[s > 0] / sigmoid(s_init)`` (or ``1[s > 0]``), in float32; strict ``>``."""
+    return (jnp.asarray(logits) > 0).astype(jnp.float32) * _scale(s_init, scaled)
+
+
+def continuous_sparsification(select: pselect.Selector | None = None, s_init: Any = 0.0,
+                              lmbda: float = 1e-8, scaled: bool = True) -> Transform:
+    """The CS transform: soft masks on the selected leaves, hard masks at ``finalize``.
+
+    Args:
+      select: which leaves get masks (default ``pae.select.kernels()``: every dense/conv kernel; the
+        official ResNet-20 setting is ``pae.select.conv_kernels((3, 3))``).
+      s_init: initial mask logit, the main sparsity knob (negative: sparser). A float, or a traced
+        scalar (parallel search vmaps over it).
+      lmbda: weight of ``sum(m)`` over all masked entries (official default 1e-8, on the *sum*).
+      scaled: keep the official ``1/sigmoid(s_init)`` scale on soft and hard masks.
+
+    ``ctx`` must have a ``beta`` attribute (``pae.Context``); ``beta`` > 0.
+    """
+    select = pselect.kernels() if select is None else select
+    check_finite("s_init", s_init)
+    check_finite("lmbda", lmbda)
+    if not isinstance(lmbda, jax.core.Tracer) and float(lmbda) < 0:
+        raise ValueError(f"lmbda must be >= 0, got {lmbda}")
+
+    def init(params, key):
+        del key
+
+        def wrap(p, w):
+            w = jnp.asarray(w)
+            return SoftMask(w, jnp.full(w.shape, s_init, jnp.float32))
+
+        return pselect.map_selected(params, select, wrap, what="select")
+
+    def apply(latent, ctx):
+        def one(n):
+            _check_shape("SoftMask", n.weight, n.logits)
+            return n.weight * soft_mask(n.logits, ctx.beta, s_init, scaled).astype(n.weight.dtype)
+
+        return map_nodes(one, latent, SoftMask)
+
+    def penalty(latent, ctx):
+        total = jnp.zeros((), jnp.float32)
+        for n in nodes(latent, SoftMask):
+            total = total + jnp.sum(soft_mask(n.logits, ctx.beta, s_init, scaled))
+        return lmbda * total
+
+    def finalize(latent, ctx):
+        del ctx
+        return map_nodes(lambda n: n.weight * hard_mask(n.logits, s_init, scaled).astype(
+            n.weight.dtype), latent, SoftMask)
+
+    return Transform(init, apply, penalty, finalize)
+
+
+def temperature_schedule(epoch: int, epochs: int, beta_final: float = 200.0) -> float:
+    """``beta_e = beta_final ** (e / (E - 1))``: 1 at the first epoch of a round, ``beta_final`` at the last.
+
+    Stepped per epoch (constant within one) and restarted every round, as the official code does.
+    With ``epochs == 1`` the only epoch uses beta = 1 (the official code would divide by zero).
+    """
+    check_finite("beta_final", beta_final)
+    if beta_final <= 0:
+        raise ValueError(f"beta_final must be > 0, got {beta_final}")
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not 0 <= int(epoch) < int(epochs):
+        raise ValueError(f"epoch must be in [0, {epochs}), got {epoch}")
+    if epochs == 1:
+        return 1.0
+    return float(beta_final) ** (int(epoch) / (int(epochs) - 1))
+
+
+def reset_logits(latent: Any, s_init: Any, rule: str = "paper", beta_final: float = 200.0) -> Any:
+    """Between-round reset of the mask logits.
+
+    ``rule="paper"``: ``s <- min(beta_final * s, s_init)`` (the paper; kept entries return to s_init,
+    removed ones are pushed far negative and stay removed). ``rule="code"``: ``s <- min(s, s_init)``
+    (what the official script effectively does, since it resets beta to 1 first).
+    """
+    if rule not in RESET_RULES:
+        raise ValueError(f"rule must be one of {RESET_RULES}, got {rule!r}")
+    check_finite("s_init", s_init)
+    factor = float(beta_final) if rule == "paper" else 1.0
+    if rule == "paper" and factor <= 0:
+        raise ValueError(f"beta_final must be > 0, got {beta_final}")
+    return map_nodes(lambda n: n.replace(logits=jnp.minimum(
+        factor * n.logits, jnp.asarray(s_init, jnp.float32))), latent, SoftMask)
+
+
+def to_ticket(latent: Any, rewound: Any, s_init: Any = 0.0, scaled: bool = True) -> Any:
+    """The ticket's latent: every :class:`SoftMask` of ``latent`` becomes a :class:`FixedMask` with the
+    hard mask of its logits and the weight of ``rewound`` (same tree; its SoftMask weights are used).
+    """
+    flat_now, tree = jax.tree.flatten(latent, is_leaf=lambda x: isinstance(x, SoftMask))
+    flat_old, tree_old = jax.tree.flatten(rewound, is_leaf=lambda x: isinstance(x, SoftMask))
+    if tree != tree_old:
+        raise ValueError("rewound must have the same tree structure as latent")
+    out = []
+    for now, old in zip(flat_now, flat_old):
+        if isinstance(now, SoftMask):
+            _check_shape("ticket", old.weight, now.logits)
+            out.append(FixedMask(old.weight, hard_mask(now.logits, s_init, scaled).astype(
+                old.weight.dtype)))
+        else:
+            out.append(old)
+    return jax.tree.unflatten(tree, out)
+
+
+def rewind(latent: Any, checkpoint: Any) -> Any:
+    """Everything from ``checkpoint`` except the mask logits/masks, which stay as in ``latent``."""
+    is_mask = lambda x: isinstance(x, (SoftMask, FixedMask))  # noqa: E731
+    flat_now, tree = jax.tree.flatten(latent, is_leaf=is_mask)
+    flat_old, tree_old = jax.tree.flatten(checkpoint, is_leaf=is_mask)
+    if tree != tree_old:
+        raise ValueError("checkpoint must have the same tree structure as latent")
+    out = []
+    for now, old in zip(flat_now, flat_old):
+        if isinstance(now, SoftMask):
+            out.append(now.replace(weight=old.weight))
+        elif isinstance(now, FixedMask):
+            out.append(now.replace(weight=old.weight))
+        else:
+            if np.shape(now) != np.shape(old):
+                raise ValueError(f"checkpoint leaf shape {np.shape(old)} != {np.shape(now)}")
+            out.append(old)
+    return jax.tree.unflatten(tree, out)

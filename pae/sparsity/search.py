@@ -1,0 +1,371 @@
+"""Ticket search drivers built from the pure pieces: CS (sequential or vmapped over ``s_init``), IMP,
+ticket training from the rewind point, random re-initialization and the dense baseline.
+
+Protocol (official CS code, ``main.py``): R rounds of E epochs; beta restarts at 1 every round and
+follows :func:`~pae.sparsity.cs.temperature_schedule`; the lr schedule is indexed by the epoch *within*
+the round and applies to both optimizers; momentum persists across rounds; weights are not rewound
+between rounds; between rounds the logits are reset (:func:`~pae.sparsity.cs.reset_logits`). The
+rewind point is the state (weights, BN params, BN batch statistics) at the start of epoch
+``rewind_epoch`` of round 0. The ticket is the hard mask applied to the rewound weights, trained for E
+epochs with a fresh weight optimizer; the mask is frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pae import data as pdata
+from pae.core import Context, role_optimizer, select as pselect
+from pae.train import distributed
+from pae.train.state import TrainState, create_train_state, init_variables
+from pae.train.step import make_eval_step, make_train_step
+from pae.sparsity import cs as pcs
+from pae.sparsity import imp as pimp
+from pae.sparsity.masks import density, fixed_masks, mask_tree, masked_count
+
+#: The official CIFAR-10 ResNet-20 protocol.
+PAPER_CIFAR = dict(rounds=3, epochs=85, rewind_epoch=2, batch_size=128, lr=0.1, momentum=0.9,
+                   weight_decay=1e-4, milestones=(56, 71), beta_final=200.0, lmbda=1e-8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Ticket-search hyperparameters (defaults: the official CS code, see :data:`PAPER_CIFAR`)."""
+
+    rounds: int = 3
+    epochs: int = 85                    # per search round, per IMP round and for every ticket
+    rewind_epoch: int = 2               # rewind to the start of this epoch of round 0
+    batch_size: int = 128
+    lr: float = 0.1
+    mask_lr: float | None = None        # None: same as lr
+    momentum: float = 0.9
+    weight_decay: float = 1e-4          # coupled L2 on weights only (never on mask logits)
+    milestones: tuple[int, ...] = (56, 71)
+    lr_decay: float = 0.1
+    beta_final: float = 200.0
+    lmbda: float = 1e-8
+    reset: str = "paper"                # between rounds: "paper" min(beta_T*s, s_init) | "code" min(s, s_init)
+    scaled: bool = True                 # keep the official 1/sigmoid(s_init) mask scale
+    prune_rate: float = 0.2             # IMP
+    prune_scope: str = "global"         # IMP: "global" | "layer"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("rounds", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.rewind_epoch < self.epochs:
+            raise ValueError(f"rewind_epoch must be in [0, epochs={self.epochs}), got {self.rewind_epoch}")
+        for name in ("lr", "momentum", "weight_decay", "lmbda", "beta_final"):
+            v = getattr(self, name)
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {v}")
+        if self.beta_final <= 0:
+            raise ValueError(f"beta_final must be > 0, got {self.beta_final}")
+        if self.mask_lr is not None and (not np.isfinite(self.mask_lr) or self.mask_lr < 0):
+            raise ValueError(f"mask_lr must be finite and >= 0 or None, got {self.mask_lr}")
+        if self.reset not in pcs.RESET_RULES:
+            raise ValueError(f"reset must be one of {pcs.RESET_RULES}, got {self.reset!r}")
+        if self.prune_scope not in pimp.SCOPES:
+            raise ValueError(f"prune_scope must be one of {pimp.SCOPES}, got {self.prune_scope!r}")
+        if not 0 <= self.prune_rate < 1:
+            raise ValueError(f"prune_rate must be in [0, 1), got {self.prune_rate}")
+
+
+class Task(NamedTuple):
+    """A model and its data: what every driver trains."""
+
+    model: Any
+    train: Any
+    test: Any
+    train_transform: Any
+    eval_transform: Any
+    example: jax.Array
+    mesh: Any
+
+
+def make_task(model, dataset, mesh=None, eval_split: str = "test") -> Task:
+    """Bundle a model with a loaded :class:`pae.data.Dataset` (default mesh: all devices)."""
+    mesh = distributed.data_mesh() if mesh is None else mesh
+    eval_tf = dataset.transform(False)
+    example = dataset["train"].take(np.array([0]))
+    example = eval_tf(example, np.random.default_rng(0)) if eval_tf else example
+    return Task(model, dataset["train"], dataset[eval_split], dataset.transform(True), eval_tf,
+                jnp.asarray(example["inputs"]), mesh)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def round_schedule(lr: float, steps_per_epoch: int, epochs: int, milestones=(), decay=0.1):
+    """Step-decay lr indexed by the step *within the round* (``count mod epochs*steps_per_epoch``)."""
+    bounds = {int(m) * steps_per_epoch: decay for m in milestones if 0 < m < epochs}
+    base = optax.piecewise_constant_schedule(lr, bounds)
+    period = steps_per_epoch * epochs
+    return lambda count: base(jnp.mod(count, period))
+
+
+def _weights_tx(cfg: SearchConfig, spe: int):
+    sched = round_schedule(cfg.lr, spe, cfg.epochs, cfg.milestones, cfg.lr_decay)
+    sgd = optax.sgd(sched, momentum=cfg.momentum or None, nesterov=cfg.momentum > 0)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), sgd) if cfg.weight_decay else sgd
+
+
+def cs_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Weights: coupled L2 then Nesterov SGD; mask logits: the same SGD without decay (own lr)."""
+    mask_lr = cfg.lr if cfg.mask_lr is None else cfg.mask_lr
+    sched = round_schedule(mask_lr, steps_per_epoch, cfg.epochs, cfg.milestones, cfg.lr_decay)
+    mask_tx = optax.sgd(sched, momentum=cfg.momentum or None, nesterov=cfg.momentum > 0)
+    return role_optimizer({"weights": _weights_tx(cfg, steps_per_epoch), "mask": mask_tx})
+
+
+def ticket_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Weights as in :func:`cs_optimizer`; fixed masks are frozen."""
+    return role_optimizer({"weights": _weights_tx(cfg, steps_per_epoch)})
+
+
+# ----------------------------------------------------------------------------- loops
+
+def _spe(task: Task, cfg: SearchConfig) -> int:
+    return pdata.num_batches(len(task.train), cfg.batch_size)
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _epoch(step, state, task, cfg, epoch, ctx):
+    sums = None
+    for batch in pdata.iterate_batches(task.train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                       augment=task.train_transform):
+        state, m = step(state, distributed.shard_batch(batch, task.mesh), ctx)
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+    return state, sums
+
+
+def _evaluate(eval_step, state, task, cfg, ctx):
+    total = None
+    for batch in pdata.iterate_batches(task.test, cfg.batch_size, shuffle=False,
+                                       augment=task.eval_transform):
+        sums = eval_step(state, distributed.shard_batch(batch, task.mesh), ctx)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    return np.asarray(total["correct"]) / np.maximum(np.asarray(total["count"]), 1.0)
+
+
+def _acc(sums):
+    return np.asarray(sums["correct"]) / np.maximum(np.asarray(sums["count"]), 1.0)
+
+
+def _state(params, batch_stats, tx, seed) -> TrainState:
+    # host copies: the jitted steps donate their state, and the caller keeps its arrays
+    params, batch_stats = _host(params), _host(batch_stats)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), key=jax.random.PRNGKey(seed))
+
+
+def _stack(tree, n):
+    return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + jnp.shape(x)), tree)
+
+
+class SearchResult(NamedTuple):
+    """``latent``: final search latent (SoftMask nodes); ``rewind_params``/``rewind_batch_stats``: the
+    rewind point; ``history``: one row per round; ``densities``: hard density per run; ``epochs``:
+    search epochs spent (per run); ``seconds``: wall time of the search."""
+
+    latent: Any
+    rewind_params: Any
+    rewind_batch_stats: Any
+    history: list
+    densities: np.ndarray
+    epochs: int
+    seconds: float
+
+
+def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
+              select: pselect.Selector | None = None, log: Callable[[str], None] | None = None
+              ) -> SearchResult:
+    """Continuous-Sparsification ticket search.
+
+    ``s_init`` a float: one run. A sequence: *parallel* ticket search, one run per value (one
+    sparsity level each) in one compiled program, ``jax.vmap``-ed over the runs (same data order and
+    initial weights as the corresponding single runs). Results then have a leading run axis.
+    """
+    batched = isinstance(s_init, (list, tuple, np.ndarray))
+    s_inits = [float(v) for v in (s_init if batched else [s_init])]
+    for v in s_inits:
+        pcs.check_finite("s_init", v)
+    if batched and not s_inits:
+        raise ValueError("s_init must be a float or a non-empty sequence of floats, got []")
+    began = time.perf_counter()
+    spe = _spe(task, cfg)
+    tx = cs_optimizer(cfg, spe)
+    make_t = lambda s0: pcs.continuous_sparsification(select, s0, cfg.lmbda, cfg.scaled)  # noqa
+    state = create_train_state(task.model, tx, task.example, cfg.seed, make_t(s_inits[0]).init)
+    if batched:
+        n = len(s_inits)
+        s_arr = jnp.asarray(s_inits, jnp.float32)
+        state = _stack(state, n)
+        state = state.replace(params=jax.vmap(lambda lat, s0: pcs.map_nodes(
+            lambda m: m.replace(logits=jnp.full_like(m.logits, s0)), lat, pcs.SoftMask))(
+                state.params, s_arr))
+
+        def pstep(states, batch, ctx):
+            def one(st, s0):
+                t = make_t(s0)
+                return make_train_step(task.model, tx, reparam=t.apply, penalty=t.penalty,
+                                       donate=False)(st, batch, ctx)
+            return jax.vmap(one)(states, s_arr)
+
+        def peval(states, batch, ctx):
+            return jax.vmap(lambda st, s0: make_eval_step(task.model, reparam=make_t(s0).apply)(
+                st, batch, ctx))(states, s_arr)
+
+        step, eval_step = jax.jit(pstep, donate_argnums=0), jax.jit(peval)
+        reset = jax.jit(jax.vmap(lambda lat, s0: pcs.reset_logits(lat, s0, cfg.reset, cfg.beta_final)))
+        dens = jax.jit(jax.vmap(density))
+        reset_fn = lambda lat: reset(lat, s_arr)  # noqa: E731
+    else:
+        t = make_t(s_inits[0])
+        step = make_train_step(task.model, tx, reparam=t.apply, penalty=t.penalty)
+        eval_step = make_eval_step(task.model, reparam=t.apply)
+        reset_fn = lambda lat: pcs.reset_logits(lat, s_inits[0], cfg.reset, cfg.beta_final)  # noqa
+        dens = density
+    state = distributed.replicate(state, task.mesh)
+    rewind = None
+    history = []
+    for r in range(cfg.rounds):
+        for e in range(cfg.epochs):
+            if r == 0 and e == cfg.rewind_epoch:
+                rewind = _host((state.params, state.batch_stats))
+            ctx = Context.make(beta=pcs.temperature_schedule(e, cfg.epochs, cfg.beta_final))
+            state, sums = _epoch(step, state, task, cfg, r * cfg.epochs + e, ctx)
+        d = np.asarray(dens(state.params))
+        soft_acc = _evaluate(eval_step, state, task, cfg, ctx)
+        history.append({"round": r, "density": d.tolist(), "train_acc": _acc(sums).tolist(),
+                        "soft_test_acc": soft_acc.tolist(), "beta": float(ctx.beta)})
+        if log:
+            log(f"cs round {r}: density {np.round(d, 4).tolist()} soft test acc "
+                f"{np.round(soft_acc, 4).tolist()}")
+        if r < cfg.rounds - 1:
+            state = state.replace(params=reset_fn(state.params))
+    final = _host(state.params)
+    return SearchResult(final, rewind[0], rewind[1], history, np.asarray(dens(state.params)),
+                        cfg.rounds * cfg.epochs, time.perf_counter() - began)
+
+
+def train_masked(task: Task, cfg: SearchConfig, latent: Any, batch_stats: Any, *, seed_offset: int = 0,
+                 batched: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Train a FixedMask latent for ``cfg.epochs`` with a fresh weight optimizer; masks frozen.
+
+    Returns ``{"test_acc", "train_acc", "density", "epochs"}`` (arrays over runs when ``batched``).
+    """
+    spe = _spe(task, cfg)
+    tx = ticket_optimizer(cfg, spe)
+    t = fixed_masks()
+    step = make_train_step(task.model, tx, reparam=t.apply, donate=True)
+    eval_step = make_eval_step(task.model, reparam=t.apply)
+    if batched:
+        inner_step = make_train_step(task.model, tx, reparam=t.apply, donate=False)
+        step = jax.jit(jax.vmap(inner_step, in_axes=(0, None, None)), donate_argnums=0)
+        eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None, None)))
+        state = jax.vmap(lambda p, b: TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, batch_stats=b, opt_state=tx.init(p),
+            key=jax.random.PRNGKey(cfg.seed + seed_offset)))(_host(latent), _host(batch_stats))
+    else:
+        state = _state(latent, batch_stats, tx, cfg.seed + seed_offset)
+    state = distributed.replicate(state, task.mesh)
+    ctx = Context.make()
+    for e in range(cfg.epochs):
+        state, sums = _epoch(step, state, task, cfg, e, ctx)
+    acc = _evaluate(eval_step, state, task, cfg, ctx)
+    d = np.asarray(jax.vmap(density)(state.params) if batched else density(state.params))
+    out = {"test_acc": acc.tolist(), "train_acc": _acc(sums).tolist(), "density": d.tolist(),
+           "epochs": cfg.epochs}
+    if log:
+        log(f"ticket: density {np.round(d, 4).tolist()} test acc {np.round(acc, 4).tolist()}")
+    return out
+
+
+def cs_ticket(result: SearchResult, cfg: SearchConfig, s_init: float | Sequence[float]) -> Any:
+    """Ticket latent(s): hard masks of the search's logits on the rewound weights."""
+    if isinstance(s_init, (list, tuple, np.ndarray)):
+        return jax.vmap(lambda lat, old, s0: pcs.to_ticket(lat, old, s0, cfg.scaled))(
+            result.latent, result.rewind_params, jnp.asarray(s_init, jnp.float32))
+    return pcs.to_ticket(result.latent, result.rewind_params, s_init, cfg.scaled)
+
+
+def random_reinit(task: Task, ticket: Any, seed: int) -> tuple[Any, Any]:
+    """The ticket's masks on freshly initialized weights (and fresh BN statistics): the control."""
+    variables = init_variables(task.model, task.example, jax.random.PRNGKey(seed))
+    fresh = pimp.with_unit_masks(variables["params"], pselect.Selector(
+        lambda p, x: p in mask_tree(ticket), "ticket masks"))
+    is_fm = lambda x: isinstance(x, pcs.FixedMask)  # noqa: E731
+    flat_t, tree = jax.tree.flatten(ticket, is_leaf=is_fm)
+    flat_f, tree_f = jax.tree.flatten(fresh, is_leaf=is_fm)
+    if tree != tree_f:
+        raise ValueError("ticket does not match the model's parameter tree")
+    out = [f.replace(mask=t.mask) if is_fm(t) else f for t, f in zip(flat_t, flat_f)]
+    return jax.tree.unflatten(tree, out), variables.get("batch_stats", {})
+
+
+def imp_search(task: Task, cfg: SearchConfig, levels: int, select: pselect.Selector | None = None,
+               log: Callable[[str], None] | None = None) -> list[dict]:
+    """Iterative magnitude pruning with rewinding: round 0 trains dense (saving the rewind point at
+    ``rewind_epoch``); each later round prunes ``prune_rate`` of the remaining weights, rewinds
+    weights/BN params/batch stats and trains E epochs with a fresh optimizer.
+
+    Returns one row per level k = 0..levels: ``density``, ``test_acc`` (the ticket at that level,
+    trained from the rewind point for k >= 1) and ``epochs`` (total epochs spent to have it trained).
+    """
+    if int(levels) < 0:
+        raise ValueError(f"levels must be >= 0, got {levels}")
+    spe = _spe(task, cfg)
+    tx = ticket_optimizer(cfg, spe)
+    t = fixed_masks()
+    step = make_train_step(task.model, tx, reparam=t.apply)
+    eval_step = make_eval_step(task.model, reparam=t.apply)
+    variables = init_variables(task.model, task.example, jax.random.PRNGKey(cfg.seed))
+    latent = pimp.with_unit_masks(variables["params"], select)
+    state = distributed.replicate(_state(latent, variables.get("batch_stats", {}), tx, cfg.seed),
+                                  task.mesh)
+    ctx = Context.make()
+    rows, rewind = [], None
+    for k in range(levels + 1):
+        for e in range(cfg.epochs):
+            if k == 0 and e == cfg.rewind_epoch:
+                rewind = _host((state.params, state.batch_stats))
+            state, _ = _epoch(step, state, task, cfg, e, ctx)
+        acc = float(_evaluate(eval_step, state, task, cfg, ctx))
+        d = float(density(state.params))
+        rows.append({"level": k, "density": d, "test_acc": acc, "epochs": (k + 1) * cfg.epochs})
+        if log:
+            log(f"imp level {k}: density {d:.4f} test acc {acc:.4f}")
+        if k < levels:
+            pruned = pimp.magnitude_prune(_host(state.params), cfg.prune_rate, cfg.prune_scope)
+            params = pcs.rewind(pruned, rewind[0])
+            state = distributed.replicate(_state(params, rewind[1], tx, cfg.seed), task.mesh)
+    return rows
+
+
+def train_dense(task: Task, cfg: SearchConfig, log: Callable[[str], None] | None = None) -> dict:
+    """The dense baseline: the unmasked model trained for E epochs from initialization."""
+    spe = _spe(task, cfg)
+    tx = _weights_tx(cfg, spe)
+    state = distributed.replicate(create_train_state(task.model, tx, task.example, cfg.seed), task.mesh)
+    step, eval_step = make_train_step(task.model, tx), make_eval_step(task.model)
+    for e in range(cfg.epochs):
+        state, sums = _epoch(step, state, task, cfg, e, {})
+    acc = float(_evaluate(eval_step, state, task, cfg, {}))
+    if log:
+        log(f"dense: test acc {acc:.4f}")
+    return {"density": 1.0, "test_acc": acc, "train_acc": float(_acc(sums)), "epochs": cfg.epochs}
+
+
+__all__ = ["PAPER_CIFAR", "SearchConfig", "SearchResult", "Task", "cs_optimizer", "cs_search",
+           "cs_ticket", "imp_search", "make_task", "masked_count", "random_reinit", "round_schedule",
+           "ticket_optimizer", "train_dense", "train_masked"]
