@@ -1,0 +1,213 @@
+"""Continuous Sparsification algebra, schedule, between-round rules, tickets and IMP vs NumPy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pae import sparsity as sp
+from pae.core import Context, label_roles, select as S
+
+SHAPES = [(3, 5, 2, 7), (13, 1), (1, 17), (6,)]
+
+
+def np_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _tree(rng, shapes=SHAPES):
+    return {f"layer{i}": {"kernel": rng.normal(size=s).astype(np.float32),
+                          "bias": rng.normal(size=s[-1:]).astype(np.float32)}
+            for i, s in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+@pytest.mark.parametrize("s_init", [0.0, -0.1, 0.37])
+def test_soft_hard_masks_penalty_and_finalize_match_numpy(scaled, s_init):
+    rng = np.random.default_rng(0)
+    params = _tree(rng)
+    t = sp.continuous_sparsification(S.everything() & S.path("kernel"), s_init=s_init, lmbda=1e-3,
+                                     scaled=scaled)
+    latent = t.init(params, jax.random.PRNGKey(0))
+    for node in jax.tree.leaves(latent, is_leaf=lambda x: isinstance(x, sp.SoftMask)):
+        if isinstance(node, sp.SoftMask):
+            assert node.logits.dtype == jnp.float32
+            np.testing.assert_array_equal(node.logits, np.float32(s_init))
+    # random logits, with exact zeros to check the strict >
+    logits = {k: rng.normal(size=v["kernel"].shape).astype(np.float32) for k, v in params.items()}
+    logits["layer0"].flat[::3] = 0.0
+    latent = {k: {"kernel": sp.SoftMask(jnp.asarray(params[k]["kernel"]), jnp.asarray(logits[k])),
+                  "bias": params[k]["bias"]} for k in params}
+    beta = 3.7
+    ctx = Context.make(beta=beta)
+    scale = 1.0 / np_sigmoid(s_init) if scaled else 1.0
+    soft = jax.jit(t.apply)(latent, ctx)
+    hard = jax.jit(t.finalize)(latent, ctx)
+    pen = jax.jit(t.penalty)(latent, ctx)
+    ref_pen = 0.0
+    for k in params:
+        m = np_sigmoid(beta * logits[k].astype(np.float64)) * scale
+        np.testing.assert_allclose(soft[k]["kernel"], params[k]["kernel"] * m, rtol=1e-5, atol=1e-7)
+        h = (logits[k] > 0) * scale
+        np.testing.assert_allclose(hard[k]["kernel"], params[k]["kernel"] * h, rtol=1e-6)
+        np.testing.assert_array_equal(soft[k]["bias"], params[k]["bias"])
+        ref_pen += m.sum()
+    np.testing.assert_allclose(pen, 1e-3 * ref_pen, rtol=1e-5)
+    assert np.all(np.asarray(hard["layer0"]["kernel"]).flat[::3] == 0)  # s == 0 is pruned
+    ref_density = np.mean(np.concatenate([logits[k].ravel() for k in params]) > 0)
+    np.testing.assert_allclose(jax.jit(sp.density)(latent), ref_density, rtol=1e-6)
+
+
+def test_density_counts_s_positive_not_float_zeros():
+    # sigmoid(beta*s) never underflows to 0 here, yet half the entries are pruned
+    latent = {"k": sp.SoftMask(jnp.ones((4, 4)), jnp.array([[-1e-3, 1e-3] * 2] * 4))}
+    assert float(sp.density(latent)) == 0.5
+    # and a huge negative s underflows sigmoid to exactly 0: still counted once, as pruned
+    latent = {"k": sp.SoftMask(jnp.ones((2,)), jnp.array([-1e4, 2.0]))}
+    assert float(sp.density(latent)) == 0.5
+    with pytest.raises(ValueError, match="nothing is masked"):
+        sp.density({"k": jnp.ones(3)})
+
+
+def test_temperature_schedule():
+    E, bT = 85, 200.0
+    got = np.array([sp.temperature_schedule(e, E, bT) for e in range(E)])
+    np.testing.assert_allclose(got, bT ** (np.arange(E) / (E - 1)), rtol=1e-12)
+    assert got[0] == 1.0 and got[-1] == pytest.approx(200.0)
+    np.testing.assert_allclose(got[[2, 42]], [1.13, 14.1], rtol=5e-3)  # the notes' sample values
+    # the official code's recurrence beta <- beta * bT**(1/(E-1)) gives the same values
+    beta, rec = 1.0, []
+    for e in range(E):
+        beta = beta * bT ** (1 / (E - 1)) if e > 0 else beta
+        rec.append(beta)
+    np.testing.assert_allclose(got, rec, rtol=1e-10)
+    assert sp.temperature_schedule(0, 1, bT) == 1.0
+    for kw, match in ((dict(epoch=0, epochs=3, beta_final=0.0), "beta_final must be > 0"),
+                      (dict(epoch=0, epochs=3, beta_final=-2.0), "beta_final must be > 0"),
+                      (dict(epoch=3, epochs=3), r"epoch must be in \[0, 3\)"),
+                      (dict(epoch=0, epochs=0), "epochs must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            sp.temperature_schedule(**kw)
+
+
+@pytest.mark.parametrize("rule", ["paper", "code"])
+def test_between_round_reset(rule):
+    rng = np.random.default_rng(1)
+    s = rng.normal(scale=0.3, size=(5, 3, 2)).astype(np.float32)
+    w = rng.normal(size=s.shape).astype(np.float32)
+    latent = {"a": sp.SoftMask(jnp.asarray(w), jnp.asarray(s)), "b": jnp.ones(2)}
+    out = jax.jit(lambda lat: sp.reset_logits(lat, -0.05, rule, 200.0))(latent)
+    ref = np.minimum((200.0 if rule == "paper" else 1.0) * s, -0.05)
+    np.testing.assert_allclose(out["a"].logits, ref, rtol=1e-6)
+    np.testing.assert_array_equal(out["a"].weight, w)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        sp.reset_logits(latent, 0.0, "both")
+
+
+def test_ticket_and_rewind_keep_masks_and_take_checkpoint_weights():
+    rng = np.random.default_rng(2)
+    s = rng.normal(size=(4, 3)).astype(np.float32)
+    now = {"k": sp.SoftMask(jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.asarray(s)),
+           "b": jnp.full(3, 7.0)}
+    old = {"k": sp.SoftMask(jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.zeros((4, 3))),
+           "b": jnp.full(3, 1.0)}
+    back = sp.rewind(now, old)
+    np.testing.assert_array_equal(back["k"].weight, old["k"].weight)
+    np.testing.assert_array_equal(back["k"].logits, s)  # s is never rewound
+    np.testing.assert_array_equal(back["b"], 1.0)
+    ticket = sp.to_ticket(now, old, s_init=-0.2)
+    assert isinstance(ticket["k"], sp.FixedMask)
+    np.testing.assert_allclose(ticket["k"].mask, (s > 0) / np_sigmoid(-0.2), rtol=1e-6)
+    np.testing.assert_array_equal(ticket["k"].weight, old["k"].weight)
+    assert label_roles(ticket)["k"].mask == "frozen"
+    np.testing.assert_allclose(sp.masked_params(ticket)["k"], old["k"].weight * ticket["k"].mask)
+    assert float(sp.density(ticket)) == pytest.approx(np.mean(s > 0))
+    with pytest.raises(ValueError, match="same tree structure"):
+        sp.rewind(now, {"k": old["k"]})
+
+
+def _np_imp(weights, masks, rate, scope):
+    """Independent reference: threshold at the k-th smallest surviving magnitude."""
+    def prune(ws, ms):
+        alive = np.concatenate([np.abs(w[m]) for w, m in zip(ws, ms)])
+        k = int(round(rate * alive.size))
+        if k == 0:
+            return [m.copy() for m in ms]
+        thr = np.sort(alive)[k - 1]
+        return [m & (np.abs(w) > thr) for w, m in zip(ws, ms)]
+    if scope == "global":
+        return prune(weights, masks)
+    return [prune([w], [m])[0] for w, m in zip(weights, masks)]
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_pruning_matches_numpy(scope):
+    rng = np.random.default_rng(3)
+    params = _tree(rng, [(7, 11), (3, 3, 2, 5), (29, 3)])
+    latent = sp.with_unit_masks(params, S.kernels())
+    names = ["layer0", "layer1", "layer2"]
+    ws = [params[n]["kernel"] for n in names]
+    ms = [np.ones(w.shape, bool) for w in ws]
+    for _ in range(4):
+        latent = sp.magnitude_prune(latent, 0.2, scope)
+        ms = _np_imp(ws, ms, 0.2, scope)
+        for n, m in zip(names, ms):
+            np.testing.assert_array_equal(np.asarray(latent[n]["kernel"].mask) != 0, m)
+    total = sum(w.size for w in ws)
+    if scope == "global":
+        expected = total
+        for _ in range(4):
+            expected -= int(round(0.2 * expected))
+        assert float(sp.density(latent)) * total == pytest.approx(expected)
+    assert sp.rounds_for_density(0.1) == 11 and sp.rounds_for_density(0.8) == 1
+    with pytest.raises(ValueError, match="scope must be one of"):
+        sp.magnitude_prune(latent, 0.2, "row")
+    with pytest.raises(ValueError, match=r"rate must be a number in \[0, 1\)"):
+        sp.magnitude_prune(latent, 1.5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}
+    for bad in (float("nan"), float("inf"), "x"):
+        with pytest.raises(ValueError, match="s_init must be a finite number"):
+            sp.continuous_sparsification(s_init=bad)
+    with pytest.raises(ValueError, match="lmbda must be >= 0"):
+        sp.continuous_sparsification(lmbda=-1.0)
+    with pytest.raises(ValueError, match=r"select=path\('conv'\) matches no leaf.*Dense_0/kernel"):
+        sp.continuous_sparsification(S.path("conv")).init(params, None)
+    with pytest.raises(ValueError, match="beta must be finite and > 0, got 0"):
+        Context.make(beta=0)
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        sp.SearchConfig(rounds=0)
+    with pytest.raises(ValueError, match="reset must be one of"):
+        sp.SearchConfig(reset="pap")
+    with pytest.raises(ValueError, match="beta_final must be > 0"):
+        sp.SearchConfig(beta_final=0.0)
+    with pytest.raises(ValueError, match=r"rewind_epoch must be in \[0, epochs=3\), got 3"):
+        sp.SearchConfig(epochs=3, rewind_epoch=3)
+    with pytest.raises(ValueError, match=r"mask for 'Dense_0/kernel' has shape \(4, 3\) but the "
+                                         r"parameter has shape \(3, 4\)"):
+        sp.attach_masks(params, {"Dense_0/kernel": np.ones((4, 3))})
+    with pytest.raises(ValueError, match="not in params"):
+        sp.attach_masks(params, {"Dense_1/kernel": np.ones((3, 4))})
+    with pytest.raises(ValueError, match="s_init must be a finite number"):
+        sp.cs_search(None, sp.SearchConfig(), [0.0, float("nan")])
+
+
+def test_round_schedule_restarts_every_round_and_masks_skip_weight_decay():
+    sched = sp.round_schedule(0.1, steps_per_epoch=3, epochs=5, milestones=(2, 4))
+    per_step = [float(sched(c)) for c in range(30)]
+    one_round = [0.1] * 6 + [0.01] * 6 + [0.001] * 3
+    np.testing.assert_allclose(per_step, one_round * 2, rtol=1e-6)
+    cfg = sp.SearchConfig(epochs=5, milestones=(2, 4), weight_decay=0.5, momentum=0.0, lr=1.0,
+                          mask_lr=2.0)
+    tx = sp.cs_optimizer(cfg, 3)
+    latent = {"k": sp.SoftMask(jnp.full((2, 2), 3.0), jnp.full((2, 2), 0.1)), "b": jnp.ones(2)}
+    grads = {"k": sp.SoftMask(jnp.zeros((2, 2)), jnp.ones((2, 2))), "b": jnp.zeros(2)}
+    upd, _ = tx.update(grads, tx.init(latent), latent)
+    np.testing.assert_allclose(upd["k"].weight, -1.0 * 0.5 * 3.0)   # coupled L2 on weights
+    np.testing.assert_allclose(upd["b"], -0.5)                        # ... and on every other param
+    np.testing.assert_allclose(upd["k"].logits, -2.0)                 # masks: own lr, no decay
+    ticket = {"k": sp.FixedMask(jnp.full((2, 2), 3.0), jnp.ones((2, 2)))}
+    ttx = sp.ticket_optimizer(cfg, 3)
+    upd, _ = ttx.update({"k": sp.FixedMask(jnp.ones((2, 2)), jnp.ones((2, 2)))}, ttx.init(ticket), ticket)
+    np.testing.assert_array_equal(upd["k"].mask, 0.0)                 # frozen

@@ -1,0 +1,103 @@
+"""Ticket-search drivers: rewind point (incl. batch statistics), vmapped == sequential, IMP, tickets."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from pae import sparsity as sp
+from pae.core import Context, select as S
+from pae.data import load_dataset
+from pae.train import create_train_state, data_mesh, make_train_step
+
+
+class TinyBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(6, (3, 3), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+@pytest.fixture(scope="module")
+def task():
+    ds = load_dataset("digits")
+    tf = ds.transform(False)
+    train, test = ds["train"].subset(np.arange(320)), ds["test"].subset(np.arange(160))
+    example = jnp.asarray(tf(train.take(np.array([0])), None)["inputs"])
+    return sp.Task(TinyBN(), train, test, ds.transform(True), tf, example, data_mesh())
+
+
+CFG = sp.SearchConfig(rounds=2, epochs=3, rewind_epoch=2, batch_size=64, lr=0.1, milestones=(2,),
+                      beta_final=20.0, lmbda=1e-4, seed=3)
+
+
+def test_rewind_point_includes_batch_stats_and_ticket_uses_it(task):
+    res = sp.cs_search(task, CFG, -0.02)
+    # independent replay of the first `rewind_epoch` epochs of round 0
+    tx = sp.cs_optimizer(CFG, 5)
+    t = sp.continuous_sparsification(None, -0.02, CFG.lmbda, True)
+    state = create_train_state(task.model, tx, task.example, CFG.seed, t.init)
+    step = make_train_step(task.model, tx, reparam=t.apply, penalty=t.penalty)
+    from pae.data import iterate_batches
+    for e in range(CFG.rewind_epoch):
+        ctx = Context.make(beta=CFG.beta_final ** (e / (CFG.epochs - 1)))
+        for b in iterate_batches(task.train, 64, seed=CFG.seed, epoch=e, augment=task.train_transform):
+            state, _ = step(state, b, ctx)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 res.rewind_params, jax.device_get(state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 res.rewind_batch_stats, jax.device_get(state.batch_stats))
+    stats = res.rewind_batch_stats["BatchNorm_0"]
+    assert np.abs(stats["mean"]).max() > 1e-3 and np.abs(stats["var"] - 1).max() > 1e-3  # moved
+    # weights continue across rounds (not rewound between rounds); logits moved
+    assert not np.allclose(res.latent["Conv_0"]["kernel"].weight,
+                           res.rewind_params["Conv_0"]["kernel"].weight)
+    ticket = sp.cs_ticket(res, CFG, -0.02)
+    np.testing.assert_array_equal(ticket["Conv_0"]["kernel"].weight,
+                                  res.rewind_params["Conv_0"]["kernel"].weight)
+    np.testing.assert_allclose(ticket["Dense_0"]["kernel"].mask,
+                               (res.latent["Dense_0"]["kernel"].logits > 0) / (1 / (1 + np.exp(0.02))),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(ticket["Dense_0"]["bias"], res.rewind_params["Dense_0"]["bias"])
+    assert 0 < float(res.densities) < 1 and len(res.history) == 2 and res.epochs == 6
+
+
+def test_vmapped_search_equals_sequential_per_s_init(task):
+    s_inits = [-0.03, 0.05]
+    par = sp.cs_search(task, CFG, s_inits)
+    par_tickets = sp.cs_ticket(par, CFG, s_inits)
+    par_acc = sp.train_masked(task, CFG, par_tickets, par.rewind_batch_stats, batched=True)
+    for i, s0 in enumerate(s_inits):
+        seq = sp.cs_search(task, CFG, s0)
+        take = lambda tree: jax.tree.map(lambda x: np.asarray(x)[i], tree)  # noqa: E731
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4),
+                     take(par.latent), seq.latent)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4),
+                     take(par.rewind_batch_stats), seq.rewind_batch_stats)
+        n = sp.masked_count(seq.latent)
+        assert abs(float(par.densities[i]) - float(seq.densities)) * n <= 2
+        for r in range(CFG.rounds):
+            assert par.history[r]["density"][i] == pytest.approx(seq.history[r]["density"], abs=2 / n)
+        seq_acc = sp.train_masked(task, CFG, sp.cs_ticket(seq, CFG, s0), seq.rewind_batch_stats)
+        assert abs(par_acc["test_acc"][i] - seq_acc["test_acc"]) <= 2 / 160
+    assert par.densities[0] < par.densities[1]  # lower s_init -> sparser
+
+
+def test_imp_random_reinit_and_dense_drivers(task):
+    cfg = sp.SearchConfig(rounds=1, epochs=2, rewind_epoch=1, batch_size=64, lr=0.1, milestones=(),
+                          seed=1)
+    rows = sp.imp_search(task, cfg, levels=2, select=S.kernels())
+    np.testing.assert_allclose([r["density"] for r in rows], [1.0, 0.8, 0.64], atol=1e-4)
+    assert [r["epochs"] for r in rows] == [2, 4, 6]
+    assert all(r["test_acc"] > 0.3 for r in rows)  # chance is 0.1
+    dense = sp.train_dense(task, cfg)
+    assert dense["test_acc"] > 0.3 and dense["epochs"] == 2
+    res = sp.cs_search(task, cfg, 0.0)
+    ticket = sp.cs_ticket(res, cfg, 0.0)
+    fresh, stats = sp.random_reinit(task, ticket, seed=99)
+    for a, b in zip(sp.mask_tree(ticket).values(), sp.mask_tree(fresh).values()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(fresh["Conv_0"]["kernel"].weight, ticket["Conv_0"]["kernel"].weight)
+    out = sp.train_masked(task, cfg, fresh, stats)
+    assert out["density"] == pytest.approx(float(res.densities), abs=1e-6)
