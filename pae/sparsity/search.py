@@ -34,6 +34,9 @@ PAPER_CIFAR = dict(rounds=3, epochs=85, rewind_epoch=2, batch_size=128, lr=0.1, 
                    weight_decay=1e-4, milestones=(56, 71), beta_final=200.0, lmbda=1e-8)
 
 
+TICKET_MASKS = ("finalize", "binary")
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """Ticket-search hyperparameters (defaults: the official CS code, see :data:`PAPER_CIFAR`)."""
@@ -52,6 +55,8 @@ class SearchConfig:
     lmbda: float = 1e-8
     reset: str = "paper"                # between rounds: "paper" min(beta_T*s, s_init) | "code" min(s, s_init)
     scaled: bool = True                 # keep the official 1/sigmoid(s_init) mask scale
+    ticket_mask: str = "finalize"       # "finalize": the transform's hard mask (scaled if scaled);
+                                        # "binary": 1[s > 0] (for nets without BN, see cs_ticket)
     prune_rate: float = 0.2             # IMP
     prune_scope: str = "global"         # IMP: "global" | "layer"
     seed: int = 0
@@ -72,6 +77,8 @@ class SearchConfig:
             raise ValueError(f"mask_lr must be finite and >= 0 or None, got {self.mask_lr}")
         if self.reset not in pcs.RESET_RULES:
             raise ValueError(f"reset must be one of {pcs.RESET_RULES}, got {self.reset!r}")
+        if self.ticket_mask not in TICKET_MASKS:
+            raise ValueError(f"ticket_mask must be one of {TICKET_MASKS}, got {self.ticket_mask!r}")
         if self.prune_scope not in pimp.SCOPES:
             raise ValueError(f"prune_scope must be one of {pimp.SCOPES}, got {self.prune_scope!r}")
         if not 0 <= self.prune_rate < 1:
@@ -292,11 +299,19 @@ def train_masked(task: Task, cfg: SearchConfig, latent: Any, batch_stats: Any, *
 
 
 def cs_ticket(result: SearchResult, cfg: SearchConfig, s_init: float | Sequence[float]) -> Any:
-    """Ticket latent(s): hard masks of the search's logits on the rewound weights."""
+    """Ticket latent(s): hard masks of the search's logits on the rewound weights.
+
+    ``cfg.ticket_mask="finalize"`` (default, official) uses ``1[s>0]/sigmoid(s_init)`` (or ``1[s>0]``
+    when ``cfg.scaled`` is False). ``"binary"`` always uses ``1[s>0]``: with scaled soft masks
+    (``m ~ 1`` at the rewind point) the ticket then computes what the search network computed at the
+    rewind point on the kept weights. Without BN to absorb it, the official ``1/sigmoid(s_init)``
+    (about 2 per layer) multiplies a deep MLP's logits by ~2**depth and can wreck ticket training.
+    """
+    scaled = cfg.scaled and cfg.ticket_mask == "finalize"
     if isinstance(s_init, (list, tuple, np.ndarray)):
-        return jax.vmap(lambda lat, old, s0: pcs.to_ticket(lat, old, s0, cfg.scaled))(
+        return jax.vmap(lambda lat, old, s0: pcs.to_ticket(lat, old, s0, scaled))(
             result.latent, result.rewind_params, jnp.asarray(s_init, jnp.float32))
-    return pcs.to_ticket(result.latent, result.rewind_params, s_init, cfg.scaled)
+    return pcs.to_ticket(result.latent, result.rewind_params, s_init, scaled)
 
 
 def random_reinit(task: Task, ticket: Any, seed: int) -> tuple[Any, Any]:
@@ -366,6 +381,6 @@ def train_dense(task: Task, cfg: SearchConfig, log: Callable[[str], None] | None
     return {"density": 1.0, "test_acc": acc, "train_acc": float(_acc(sums)), "epochs": cfg.epochs}
 
 
-__all__ = ["PAPER_CIFAR", "SearchConfig", "SearchResult", "Task", "cs_optimizer", "cs_search",
+__all__ = ["PAPER_CIFAR", "TICKET_MASKS", "SearchConfig", "SearchResult", "Task", "cs_optimizer", "cs_search",
            "cs_ticket", "imp_search", "make_task", "masked_count", "random_reinit", "round_schedule",
            "ticket_optimizer", "train_dense", "train_masked"]
