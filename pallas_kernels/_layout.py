@@ -72,16 +72,17 @@ class Piece:
     group: int | None
 
 
-def tile_pieces(bits: int, k_tile: int, group_size: int | None) -> tuple[Piece, ...]:
+def tile_pieces(bits: int, k_tile: int, group_size: int | None,
+                max_rows: int | None = None) -> tuple[Piece, ...]:
     """Cut one tile into pieces, in increasing K order, each readable from every shard's words.
 
-    A piece is ``P = min(R_min, group_size)`` rows long, ``R_min`` being the word rows per tile of
-    the finest shard, so each piece is one slot of a row range of each shard and lies inside one
-    scale group.
+    A piece is ``P = min(R_min, group_size, max_rows)`` rows long, ``R_min`` being the word rows
+    per tile of the finest shard, so each piece is one slot of a row range of each shard and lies
+    inside one scale group.
     """
     sbs = shards(bits)
     r_min = min(k_tile // slots(sb) for sb in sbs)
-    p = r_min if group_size is None else min(r_min, group_size)
+    p = min(r for r in (r_min, group_size, max_rows) if r is not None)
     pieces = []
     for k0 in range(0, k_tile, p):
         loads = []

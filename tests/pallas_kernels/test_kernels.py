@@ -118,3 +118,20 @@ def test_kernels_under_jit_match(npref):
     for backend in ("triton", "tpu"):
         y = jax.jit(lambda x, p: pk.packed_matmul(x, p, backend=backend, interpret=True))(x, packed)
         assert npref.rel_err(y, y64) < 2e-6, backend
+
+
+@pytest.mark.parametrize("bits,dtype,group", [((4,), jnp.bfloat16, None), ((8, 4), jnp.float16, 64)])
+def test_mosaic_gpu_kernel_in_the_gpu_interpreter(bits, dtype, group, npref):
+    """Hopper wgmma kernel, run by the Mosaic GPU interpreter (single-block grids only)."""
+    from pallas_kernels.gpu_mosaic import MosaicBlocks, mosaic_gpu_packed_matmul
+    ks = [1000] if len(bits) == 1 else [520, 600]
+    rng, packed, w64 = _layer(61, list(bits), ks, 100, group_size=group, npref=npref)
+    x = jnp.asarray(rng.standard_normal((13, sum(ks))), dtype)
+    _check(mosaic_gpu_packed_matmul, x, packed, w64, npref, blocks=MosaicBlocks(bn=128, stages=1))
+
+
+def test_mosaic_gpu_interpreter_refuses_multi_block_grids(npref):
+    from pallas_kernels.gpu_mosaic import mosaic_gpu_packed_matmul
+    _, packed, _ = _layer(62, [4], [512], 300, npref=npref)
+    with pytest.raises(ValueError, match="single-block grids only"):
+        mosaic_gpu_packed_matmul(jnp.ones((100, 512), jnp.bfloat16), packed, interpret=True)

@@ -56,3 +56,29 @@ def test_tpu_lowering_enforces_block_rules():
     p = abstract_packed([4], [1024], 256)
     with pytest.raises(Exception, match="divisible by 8 and 128"):
         export_kernel("tpu", _x(12, 1024), p, blocks=tpu.TpuBlocks(bm=4, bn=128, kb=(512,)))
+
+
+# Mosaic GPU (Hopper wgmma, opt-in): 4- and 8-bit segments at k_tile=512, bf16/f16 activations.
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 16, 128, 4096])
+def test_mosaic_gpu_benchmark_shapes_lower(bits, m):
+    assert lowers("mosaic_gpu", _x(m, 4096), abstract_packed([bits], [4096], 4096))
+
+
+@pytest.mark.parametrize("case", [
+    dict(bits=[4, 8], ks=[3000, 1096], n=8192, m=16, dtype=jnp.float16),
+    dict(bits=[8], ks=[700], n=300, m=77, group_size=64, perm=True),
+    dict(bits=[2], ks=[4096], n=4096, m=1, k_tile=1024),
+], ids=["two-level-f16", "grouped-awkward", "2bit-ktile1024"])
+def test_mosaic_gpu_layouts_lower(case):
+    c = dict(case)
+    dtype, m = c.pop("dtype", jnp.bfloat16), c.pop("m")
+    p = abstract_packed(c.pop("bits"), c.pop("ks"), c.pop("n"), **c)
+    assert lowers("mosaic_gpu", _x(m, p.k, dtype), p)
+
+
+def test_mosaic_gpu_refuses_what_it_does_not_cover():
+    with pytest.raises(ValueError, match="needs >= 64-row unpack pieces.*backend='triton'"):
+        export_kernel("mosaic_gpu", _x(16, 4096), abstract_packed([1], [4096], 4096))
+    with pytest.raises(ValueError, match="bfloat16/float16 activations"):
+        export_kernel("mosaic_gpu", _x(16, 4096, jnp.float32), abstract_packed([4], [4096], 4096))
