@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binary: 1[s>0] on the rewound weights (default here: LeNet/Conv nets have no "
                         "BN to absorb the official 1/sigmoid(s_init) scale); finalize: the official mask")
     p.add_argument("--s-inits", type=float, nargs="+", default=[-0.04, -0.02, -0.01, 0.0, 0.01])
-    p.add_argument("--imp-levels", type=int, default=11, help="IMP rounds (density 0.8**k)")
+    p.add_argument("--imp-levels", type=int, default=20, help="IMP rounds (density 0.8**k)")
     p.add_argument("--imp-scope", choices=sp.SCOPES, default="global")
     p.add_argument("--select", choices=sorted(SELECTORS), default="kernels")
     p.add_argument("--no-reinit", action="store_true", help="skip the random re-init control")
