@@ -31,6 +31,18 @@ def _platform() -> str:
     return d.platform
 
 
+def _check_int8_mma() -> None:
+    """The int8 path needs integer tensor cores (compute capability >= 8.0)."""
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major = int(str(cc).split(".")[0])
+    except ValueError:
+        return  # unknown: let the compiler decide
+    if major < 8:
+        raise ValueError(f"the int8 activation path needs int8 tensor cores (compute capability >= 8.0); "
+                         f"this GPU has {cc}: use float activations")
+
+
 def resolve_backend(backend: str = "auto", interpret: bool = False, platform: str | None = None) -> str:
     """The concrete path ``packed_matmul`` will take (see module docstring)."""
     if backend not in BACKENDS:
@@ -71,6 +83,8 @@ def packed_matmul(x: Any, packed: PackedWeight, *, x_scale: Any = None, out_dtyp
         return tpu_packed_matmul(x, packed, x_scale=x_scale, out_dtype=out_dtype, blocks=blocks,
                                  interpret=interpret)
     if path == "triton":
+        if not interpret and jax.numpy.dtype(x.dtype) == jax.numpy.int8:
+            _check_int8_mma()
         from pallas_kernels.gpu_triton import triton_packed_matmul
         return triton_packed_matmul(x, packed, x_scale=x_scale, out_dtype=out_dtype, blocks=blocks,
                                     interpret=interpret)

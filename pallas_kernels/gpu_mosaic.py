@@ -105,7 +105,15 @@ def _ROW_LAYOUT():
 def _row(ref, rows: int, interpret: bool) -> jax.Array:
     """Load a (bn,) SMEM row and broadcast it to (rows, bn).  The layout annotation guides Mosaic
     GPU's layout inference; the interpreter does not support ``plgpu.load``, and needs none."""
-    v = ref[...] if interpret else _compat.mosaic_gpu_module().load(ref, (), layout=_ROW_LAYOUT())
+    if interpret:
+        v = ref[...]
+    else:
+        load = _compat.mosaic_gpu_module().load
+        idx_default = inspect.signature(load).parameters["idx"].default
+        if idx_default is inspect.Parameter.empty:  # jax 0.10: the index is required
+            v = load(ref, (), layout=_ROW_LAYOUT())
+        else:  # jax 0.11: index the ref itself
+            v = load(ref, layout=_ROW_LAYOUT())
     return jax.lax.broadcast_in_dim(v, (rows, v.shape[0]), (1,))
 
 

@@ -5,6 +5,8 @@ lowering and its checks (block rules, unsupported ops, shared-memory limits) on 
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Any
 
 import jax
@@ -17,6 +19,29 @@ PLATFORM = {"tpu": "tpu", "triton": "cuda", "mosaic_gpu": "cuda"}  # jax.export 
 _DEVICE = {"tpu": "tpu", "triton": "gpu", "mosaic_gpu": "gpu"}  # resolve_backend's names
 MARKER = {"tpu": "tpu_custom_call", "triton": "__gpu$xla.gpu.triton", "mosaic_gpu": "mosaic_gpu"}
 _TRITON_CALL = "__gpu$xla.gpu.triton"
+TARGET_GPU = "NVIDIA H100 80GB HBM3"  # the GPU a CPU-side export lowers for (compute capability 9.0)
+
+
+@contextlib.contextmanager
+def gpu_target(device_kind: str = TARGET_GPU, num_cores: int = 132):
+    """Lower GPU kernels for ``device_kind`` on a machine without that GPU.
+
+    jax 0.11 asks the default device for the GPU's compute capability when lowering Pallas Triton
+    and refuses on CPU unless an abstract GPU device is set (``jax.sharding.AbstractDevice`` in an
+    abstract mesh); jax 0.10 assumes one.  Without the API this is a no-op.
+    """
+    abstract_device = getattr(jax.sharding, "AbstractDevice", None)
+    use = getattr(jax.sharding, "use_abstract_mesh", None)
+    try:
+        mesh = jax.sharding.AbstractMesh((1,), ("_target",), abstract_device=abstract_device(
+            device_kind=device_kind, num_cores=num_cores, platform="gpu"))
+    except TypeError:  # pragma: no cover - jax without abstract devices
+        mesh = None
+    if mesh is None or use is None:  # pragma: no cover
+        yield
+        return
+    with use(mesh):
+        yield
 
 
 def abstract_packed(bits: list[int], ks: list[int], n: int, *, group_size: int | None = None,
@@ -48,8 +73,12 @@ def export_kernel(backend: str, x: Any, packed: PackedWeight, x_scale: Any = Non
                              blocks=blocks, _platform=_DEVICE[backend])
 
     disabled = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)] if backend == "triton" else []
-    return jax.export.export(jax.jit(f), platforms=[PLATFORM[backend]], disabled_checks=disabled)(
-        x, packed, x_scale)
+    ctx = gpu_target() if PLATFORM[backend] == "cuda" else contextlib.nullcontext()
+    with ctx, warnings.catch_warnings():
+        # jax 0.11 warns at lowering that the Triton backend is deprecated; the caller chose it.
+        warnings.filterwarnings("ignore", message=".*Triton backend is deprecated.*")
+        return jax.export.export(jax.jit(f), platforms=[PLATFORM[backend]], disabled_checks=disabled)(
+            x, packed, x_scale)
 
 
 def lowers(backend: str, x: Any, packed: PackedWeight, x_scale: Any = None, blocks: Any = None) -> bool:
