@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform as _platform
 import re
@@ -41,7 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 4096])
     ap.add_argument("--kn", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--bits", nargs="+", default=BITS, help="1 2 3 4 8 and/or 2+8 (two-level layer)")
-    ap.add_argument("--backend", default="auto", choices=pk.BACKENDS)
+    ap.add_argument("--backend", nargs="+", default=["auto"], choices=pk.BACKENDS,
+                    help="packed paths timed side by side, e.g. --backend triton mosaic_gpu")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats (median)")
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per timed sample")
     ap.add_argument("--cpu-m", type=int, nargs="+", default=[1, 16, 128],
@@ -154,56 +156,74 @@ def gpu_backend_note(path: str) -> str:
 # ------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------
+def target(m: int, label: str) -> float | None:
+    """The issue's H100 speed targets: ratio to bf16 jnp.dot (None where none is set)."""
+    if m <= 16:
+        return {"4": 3.0, "2": 5.0}.get(label)
+    if m >= 4096:
+        return 0.8
+    return None
+
+
 def run_accelerator(args, info: dict) -> list[dict]:
-    path = pk.resolve_backend(args.backend)
-    info["backend"] = path
-    info["backend_detail"] = gpu_backend_note(path)
+    paths = list(dict.fromkeys(pk.resolve_backend(b) for b in args.backend))
+    info["backends"] = {p: gpu_backend_note(p) for p in paths}
     bw = copy_bandwidth(args.repeats, args.min_time)
     info["copy_bandwidth_GBps"] = round(bw, 1)
-    print(f"device: {info['device']}  jax {info['jax']}  backend: {info['backend_detail']}")
-    print(f"measured copy bandwidth: {bw:.0f} GB/s\n")
+    print(f"device: {info['device']}  jax {info['jax']}  backends: {info['backends']}")
+    print(f"measured copy bandwidth: {bw:.0f} GB/s")
+    print("ratio = t(bf16 jnp.dot) / t(packed); ideal = bf16 bytes / packed bytes (weight-only "
+          "small-M roofline); %copyBW = achieved bytes/s / measured copy bandwidth\n")
+    dense_fn = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)  # noqa: E731
     rng = np.random.default_rng(0)
     rows = []
-    print(f"{'K=N':>5} {'M':>5} {'bits':>4} | {'bf16 dot us':>11} {'packed us':>10} {'ratio':>6} "
-          f"{'ideal':>6} | {'GB/s':>6} {'%copyBW':>7} | {'TFLOP/s':>7} {'relerr':>8}")
+    print(f"{'K=N':>5} {'M':>5} {'bits':>4} {'backend':>10} | {'bf16 us':>9} {'packed us':>9} {'ratio':>6} "
+          f"{'ideal':>6} {'target':>6} | {'GB/s':>6} {'%copyBW':>7} | {'TFLOP/s':>7} {'relerr':>8}")
     for kn in args.kn:
         w_dense = jnp.asarray(rng.standard_normal((kn, kn)) * 0.02, jnp.bfloat16)
         for label in args.bits:
-            packed = make_layer(rng, label, kn, kn)
-            packed = jax.device_put(packed)
+            packed = jax.device_put(make_layer(rng, label, kn, kn))
             for m in args.m:
                 x = jnp.asarray(rng.standard_normal((m, kn)), jnp.bfloat16)
-                fns = {"dense": lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
-                       "packed": lambda x, p: pk.packed_matmul(x, p, backend=path)}
-                try:
-                    jax.eval_shape(fns["packed"], x, packed)
-                except ValueError as e:  # e.g. a bit width the opt-in Mosaic GPU kernel does not cover
-                    print(f"{kn:>5} {m:>5} {label:>4} | skipped: {str(e).splitlines()[0][:90]}")
-                    rows.append(dict(kn=kn, m=m, bits=label, skipped=str(e)))
+                fns, inputs = {"dense": dense_fn}, {"dense": (x, w_dense)}
+                for path in paths:
+                    f = functools.partial(lambda x, p, path: pk.packed_matmul(x, p, backend=path), path=path)
+                    try:
+                        jax.eval_shape(f, x, packed)
+                    except ValueError as e:  # e.g. a width the opt-in Mosaic GPU kernel does not cover
+                        print(f"{kn:>5} {m:>5} {label:>4} {path:>10} | skipped: {str(e).splitlines()[0][:80]}")
+                        rows.append(dict(kn=kn, m=m, bits=label, backend=path, skipped=str(e)))
+                        continue
+                    fns[path], inputs[path] = f, (x, packed)
+                if len(fns) == 1:
                     continue
-                t = time_side_by_side(fns, {"dense": (x, w_dense), "packed": (x, packed)},
-                                      args.repeats, args.min_time)
-                y = jax.jit(lambda x, p: pk.packed_matmul(x, p, backend=path, out_dtype=jnp.float32))(x, packed)
+                t = time_side_by_side(fns, inputs, args.repeats, args.min_time)
                 y_ref = jax.jit(lambda x, p: pk.reference_packed_matmul(x, p, out_dtype=jnp.float32))(x, packed)
-                err = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
                 moved = packed.nbytes + 2 * m * kn + 2 * m * kn
-                dense_bytes = 2 * kn * kn
-                row = dict(kn=kn, m=m, bits=label, dense_s=t["dense"], packed_s=t["packed"],
-                           ratio=t["dense"] / t["packed"], ideal_ratio=dense_bytes / packed.nbytes,
-                           packed_GBps=moved / t["packed"] / 1e9,
-                           frac_copy_bw=moved / t["packed"] / 1e9 / bw,
-                           packed_TFLOPs=2 * m * kn * kn / t["packed"] / 1e12, rel_err=err,
-                           packed_bytes=packed.nbytes)
-                rows.append(row)
-                print(f"{kn:>5} {m:>5} {label:>4} | {t['dense'] * 1e6:>11.1f} {t['packed'] * 1e6:>10.1f} "
-                      f"{row['ratio']:>5.2f}x {row['ideal_ratio']:>5.2f}x | {row['packed_GBps']:>6.0f} "
-                      f"{100 * row['frac_copy_bw']:>6.0f}% | {row['packed_TFLOPs']:>7.1f} {err:>8.1e}")
+                for path in fns:
+                    if path == "dense":
+                        continue
+                    y = jax.jit(lambda x, p, path=path: pk.packed_matmul(
+                        x, p, backend=path, out_dtype=jnp.float32))(x, packed)
+                    err = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
+                    goal = target(m, label)
+                    row = dict(kn=kn, m=m, bits=label, backend=path, dense_s=t["dense"], packed_s=t[path],
+                               ratio=t["dense"] / t[path], ideal_ratio=2 * kn * kn / packed.nbytes,
+                               target_ratio=goal, packed_GBps=moved / t[path] / 1e9,
+                               frac_copy_bw=moved / t[path] / 1e9 / bw,
+                               dense_frac_copy_bw=(2 * kn * kn + 4 * m * kn) / t["dense"] / 1e9 / bw,
+                               packed_TFLOPs=2 * m * kn * kn / t[path] / 1e12, rel_err=err,
+                               packed_bytes=packed.nbytes)
+                    rows.append(row)
+                    mark = "" if goal is None else ("ok" if row["ratio"] >= goal else "MISS")
+                    print(f"{kn:>5} {m:>5} {label:>4} {path:>10} | {t['dense'] * 1e6:>9.1f} {t[path] * 1e6:>9.1f} "
+                          f"{row['ratio']:>5.2f}x {row['ideal_ratio']:>5.2f}x {mark:>6} | {row['packed_GBps']:>6.0f} "
+                          f"{100 * row['frac_copy_bw']:>6.0f}% | {row['packed_TFLOPs']:>7.1f} {err:>8.1e}")
     return rows
 
 
 def run_cpu(args, info: dict) -> list[dict]:
-    info["backend"] = "reference"
-    info["backend_detail"] = gpu_backend_note("reference")
+    info["backends"] = {"reference": gpu_backend_note("reference")}
     print(f"device: {info['device']} (CPU)  jax {info['jax']}")
     print("No GPU/TPU: the Pallas kernels cannot be timed here (speed needs an accelerator).")
     print("Printing the memory footprint ratio and the timings of the jnp reference path.\n")

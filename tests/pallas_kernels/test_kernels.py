@@ -135,3 +135,13 @@ def test_mosaic_gpu_interpreter_refuses_multi_block_grids(npref):
     _, packed, _ = _layer(62, [4], [512], 300, npref=npref)
     with pytest.raises(ValueError, match="single-block grids only"):
         mosaic_gpu_packed_matmul(jnp.ones((100, 512), jnp.bfloat16), packed, interpret=True)
+
+
+def test_tpu_kernel_under_the_tpu_semantics_interpreter(npref):
+    """pltpu.InterpretParams simulates TPU memories and DMAs; out-of-bounds block reads raise."""
+    from jax.experimental.pallas import tpu as pltpu
+    rng, packed, w64 = _layer(71, [2, 8], [600, 300], 200, npref=npref)
+    x = jnp.asarray(rng.standard_normal((20, 900)), jnp.float32)
+    params = pltpu.InterpretParams(out_of_bounds_reads="raise")
+    y = tpu_packed_matmul(x, packed, interpret=params, blocks=TpuBlocks(bm=8, bn=128, kb=(512, 512)))
+    assert npref.rel_err(y, np.asarray(x, np.float64) @ w64) < 2e-6
