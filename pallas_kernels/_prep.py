@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _layout as L
 from pallas_kernels.format import PackedWeight, check_packed
 
 FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -136,6 +135,3 @@ def sublane(dtype: Any) -> int:
     """Rows of one (8,128) 32-bit TPU tile for a dtype of this width (8 f32, 16 bf16, 32 int8)."""
     return 8 * 4 // np.dtype(dtype).itemsize
 
-
-__all__ = ["Call", "check_call", "split_segments", "pad_to", "row_corrections", "quantize_activations",
-           "kernel_dtypes", "dot_precision", "sublane", "int_center", "L"]

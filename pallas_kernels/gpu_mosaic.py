@@ -20,7 +20,6 @@ lowering with jax.export.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from typing import Any
 

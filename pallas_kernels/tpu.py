@@ -16,7 +16,6 @@ dtype's sublane count, bn of 128, kb of 512).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -79,8 +78,11 @@ def _clamp(k, start: int, steps: int):
 
 
 def tpu_packed_matmul(x: jax.Array, packed: PackedWeight, *, x_scale: Any = None, out_dtype: Any = None,
-                      blocks: TpuBlocks | None = None, interpret: bool = False) -> jax.Array:
-    """Packed matmul with the Mosaic TPU kernel (``interpret=True`` runs it on CPU)."""
+                      blocks: TpuBlocks | None = None, interpret: Any = False) -> jax.Array:
+    """Packed matmul with the Mosaic TPU kernel.
+
+    ``interpret=True`` runs it in the Pallas interpreter on CPU; a ``pltpu.InterpretParams`` runs
+    the TPU-semantics interpreter (simulated VMEM/DMAs, out-of-bounds checks)."""
     call = _prep.check_call(x, packed, x_scale, out_dtype)
     x = jnp.asarray(x)
     mode = call.mode
