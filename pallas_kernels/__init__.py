@@ -24,11 +24,12 @@ from pallas_kernels.format import (
     to_state_dict,
     unpack,
 )
+from pallas_kernels.quantize import Quantized, quantize_weight
 from pallas_kernels.reference import reference_packed_matmul
 
 __all__ = [
     "BACKENDS", "FORMAT_VERSION", "SUPPORTED_BITS", "SUPPORTED_K_TILES", "SUPPORTED_N_TILES",
     "PackedSegment", "PackedWeight", "UnpackedSegment", "default_offset", "dequantize",
-    "from_state_dict", "load", "pack", "pack_mixed", "packed_matmul", "quantize_activations",
+    "from_state_dict", "load", "pack", "pack_mixed", "packed_matmul", "quantize_activations", "Quantized", "quantize_weight",
     "reference_packed_matmul", "resolve_backend", "save", "to_state_dict", "unpack",
 ]

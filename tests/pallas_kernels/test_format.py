@@ -116,3 +116,24 @@ def test_save_load_roundtrip(tmp_path, npref):
     assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(q)
     for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 32])
+def test_quantize_weight_then_pack_is_within_half_a_step(bits, group):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((203, 37)) * rng.uniform(0.1, 3.0, size=37)
+    w[:, 5] = 0.0  # a dead channel dequantizes to exactly zero
+    qz = pk.quantize_weight(w, bits, group_size=group)
+    assert qz.codes.dtype == np.uint8 and qz.codes.max() <= 2 ** bits - 1
+    p = pk.pack(qz.codes, bits, qz.scales, offset=qz.offset, group_size=group)
+    w_hat = np.asarray(pk.dequantize(p), np.float64)
+    g = 203 if group is None else group
+    step = np.repeat(np.atleast_2d(qz.scales.astype(np.float64)), g, axis=0)[:203]
+    assert np.all(np.abs(w_hat - w) <= step / 2 * (1 + 1e-6) + 1e-7)
+    assert np.all(w_hat[:, 5] == 0.0)
+    # the extreme of every channel is represented exactly (absmax scaling)
+    idx = np.abs(w).argmax(axis=0)
+    if group is None:
+        np.testing.assert_allclose(np.abs(w_hat[idx, np.arange(37)]), np.abs(w[idx, np.arange(37)]),
+                                   rtol=1e-6)
