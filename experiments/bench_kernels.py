@@ -23,16 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from pallas_kernels.lowering import abstract_packed
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import pallas_kernels as pk  # noqa: E402
-from pallas_kernels.lowering import abstract_packed  # noqa: E402
 
 BITS = ["1", "2", "3", "4", "8", "2+8"]
 

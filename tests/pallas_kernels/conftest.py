@@ -2,18 +2,10 @@
 
 Nothing here calls pallas_kernels: these are the oracles the package is checked against.
 """
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-# Import the repository's package even where an editable install predates
-# pallas_kernels/__init__.py (it would then resolve to an empty namespace package).
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 SHARDS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
 
