@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from pae.optim import _checks
-from pae.optim._common import add_decayed_weights, one_minus_pow, scalar_f32
+from pae.optim._common import add_decayed_weights, one_minus_pow
 
 __all__ = ["ScaleByAvaGradState", "AVAGRAD_FORMS", "scale_by_avagrad", "avagrad", "avagradw"]
 
@@ -30,17 +30,20 @@ class ScaleByAvaGradState(NamedTuple):
     Attributes:
       count: number of updates made so far (int32, shape ``()``).
       mu: first moment ``m_t``, one leaf per parameter.
-      nu: raw (not debiased) second moment ``v_t``, one leaf per parameter.
+      sqrt_nu: square root of the raw (not debiased) second moment, ``sqrt(v_t)``. It is stored
+        instead of ``v_t`` because every use of ``v`` (the step and the normalization) needs its
+        square root: one ``sqrt`` per element per step instead of two, and none inside the
+        normalization's reduction (the part that is slow on XLA:CPU). ``v_t = sqrt_nu**2``.
       gamma: the global normalization scalar (shape ``()``; float32, or float64 when a parameter
-        is float64). With ``form="official"``
-        it is the value the *next* update will use (computed one step early, as the official
-        code stores ``group['gamma']``); with ``form="paper"`` it is the value the last update
-        used. Its initial value 1.0 is never read: the first update is zero.
+        is float64). With ``form="official"`` it is the value the *next* update will use
+        (computed one step early, as the official code stores ``group['gamma']``); with
+        ``form="paper"`` it is the value the last update used. Its initial value 1.0 is never
+        read: the first update is zero.
     """
 
     count: jax.Array
     mu: optax.Updates
-    nu: optax.Updates
+    sqrt_nu: optax.Updates
     gamma: jax.Array
 
 
@@ -53,16 +56,52 @@ def _validate_avagrad(fn: str, b1: Any, b2: Any, eps: Any, form: str) -> None:
     _checks.check_choice(fn, "form", form, AVAGRAD_FORMS)
 
 
-def _inverse_rms(rhos: list[jax.Array], dtype: Any) -> jax.Array:
-    r"""``1 / RMS(1/rho)`` over every element of every leaf: ``sqrt(d / sum_i rho_i^{-2})``.
+_SMALL_LEAF = 1 << 16  # leaves below this many elements are reduced together
 
-    Accumulated in ``dtype`` (float32 or wider). With no elements at all the result is 1.
+
+def _unsharded(x: jax.Array) -> bool:
+    """False for an array whose type carries an explicit sharding over some axis (``ravel`` and
+    ``concatenate`` of those need an explicit output sharding, so they are reduced on their own)."""
+    try:
+        spec = jax.typeof(x).sharding.spec
+    except (AttributeError, TypeError):
+        return True
+    return all(axis is None for axis in spec)
+
+
+def _global_inverse_rms(
+    sqrt_nus: list[jax.Array], inv_sqrt_bias: jax.Array, eps: Any, dtype: Any, salt: jax.Array
+) -> jax.Array:
+    r"""``1 / RMS(1/rho)``, ``rho = sqrt(v) * inv_sqrt_bias + eps``, over every element of every leaf.
+
+    Equals ``sqrt(d / sum_i rho_i^{-2})``, accumulated in ``dtype`` (float32 or wider); 1 for an
+    empty pytree. ``sqrt_nus`` are the leaves of ``sqrt(v)``; ``salt`` is any finite runtime
+    scalar (the step count).
+
+    The arithmetic is ordinary; the *form* is chosen for XLA:CPU, where a naive
+    ``sum(1 / (sqrt(v) * c + eps)**2)`` over a ResNet-50 pytree cost several times an
+    elementwise pass (measured on 2 cores; see experiments/bench_optimizers.py): each leaf gets
+    its own scalars ``c + z_i``, ``eps + z_i`` and ``1 + z_i`` with a distinct runtime zero
+    ``z_i = 0 * (salt + i)``. Otherwise the compiler shares one ``broadcast`` of each scalar
+    between all same-shape leaves and then *materializes* it as a full array that every reduction
+    reads. The many tiny leaves (biases, norms) are concatenated and reduced once.
     """
-    size = sum(int(r.size) for r in rhos)
+    size = sum(int(s.size) for s in sqrt_nus)
     if size == 0:
         return jnp.ones([], dtype)
-    total = sum(jnp.sum(jnp.reciprocal(jnp.square(r.astype(dtype)))) for r in rhos)
-    return jax.lax.rsqrt(total / size).astype(dtype)
+    inv_sqrt_bias = inv_sqrt_bias.astype(dtype)
+    eps = jnp.asarray(eps, dtype)
+    salt = jnp.asarray(salt).astype(dtype)
+    small = [s.astype(dtype).ravel() for s in sqrt_nus if s.size < _SMALL_LEAF and _unsharded(s)]
+    groups = [s.astype(dtype) for s in sqrt_nus if not (s.size < _SMALL_LEAF and _unsharded(s))]
+    if small:
+        groups.append(jnp.concatenate(small) if len(small) > 1 else small[0])
+    total = jnp.zeros([], dtype)
+    for i, s in enumerate(groups):
+        zero = 0 * (salt + i)
+        inv_rho = (1 + zero) / (s * (inv_sqrt_bias + zero) + (eps + zero))
+        total = total + jnp.sum(jnp.square(inv_rho))
+    return jnp.sqrt(size / total).astype(dtype)
 
 
 def _gamma_dtype(params: Any) -> jnp.dtype:
@@ -145,7 +184,7 @@ def scale_by_avagrad(
         return ScaleByAvaGradState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            nu=optax.tree.zeros_like(params),
+            sqrt_nu=optax.tree.zeros_like(params),
             gamma=jnp.ones([], _gamma_dtype(params)),
         )
 
@@ -153,45 +192,44 @@ def scale_by_avagrad(
         del params, extra_args
         grads, treedef = jax.tree.flatten(updates)
         mus = treedef.flatten_up_to(state.mu)
-        nus = treedef.flatten_up_to(state.nu)
+        sqrt_nus = treedef.flatten_up_to(state.sqrt_nu)  # sqrt(v_{t-1})
 
         count = optax.safe_increment(state.count)
         first = count <= 1
-        eps_ = scalar_f32(eps)
         bc1 = one_minus_pow(b1, count)
         bc2 = one_minus_pow(b2, count)
         # 1 - b2^(t-1) is 0 at t = 1: substitute 1 before the sqrt/division, not after.
-        sqrt_bc2_prev = jnp.sqrt(jnp.where(first, jnp.ones_like(bc2), one_minus_pow(b2, count - 1)))
-        sqrt_bc2 = jnp.sqrt(bc2)
+        bc2_prev = jnp.where(first, jnp.ones_like(bc2), one_minus_pow(b2, count - 1))
+        sqrt_bc2_prev = jnp.sqrt(bc2_prev)
+        acc = state.gamma.dtype
 
-        new_mus = [((1 - b1) * g + b1 * m).astype(m.dtype) for g, m in zip(grads, mus)]
-        sqrt_nus = [jnp.sqrt(v) for v in nus]  # sqrt(v_{t-1})
-        denoms = [s / sqrt_bc2_prev.astype(s.dtype) + jnp.asarray(eps, s.dtype) for s in sqrt_nus]
-
-        if form == "paper":
-            gamma = _inverse_rms(denoms, state.gamma.dtype)
-        else:
+        if form == "paper":  # the same v_{t-1} and debias as the step below
+            gamma = _global_inverse_rms(sqrt_nus, 1 / sqrt_bc2_prev, eps, acc, count)
+        else:  # computed by the previous update
             gamma = state.gamma
         scale = jnp.where(first, jnp.zeros_like(bc1), gamma / bc1)
 
-        out = []
-        for g, m, d in zip(grads, new_mus, denoms):
-            dtype = jnp.promote_types(m.dtype, d.dtype)
-            out.append((scale.astype(dtype) * (m.astype(dtype) / d.astype(dtype))).astype(g.dtype))
+        new_mus, out, new_sqrt_nus = [], [], []
+        for g, m, s in zip(grads, mus, sqrt_nus):
+            m_new = ((1 - b1) * g + b1 * m).astype(m.dtype)
+            dtype = jnp.promote_types(m.dtype, s.dtype)
+            denom = s.astype(dtype) / sqrt_bc2_prev.astype(dtype) + jnp.asarray(eps, dtype)
+            out.append((scale.astype(dtype) * (m_new.astype(dtype) / denom)).astype(g.dtype))
+            new_mus.append(m_new)
+            v_new = (1 - b2) * jnp.square(g) + b2 * jnp.square(s)
+            new_sqrt_nus.append(jnp.sqrt(v_new).astype(s.dtype))
 
-        new_nus = [((1 - b2) * jnp.square(g) + b2 * v).astype(v.dtype) for g, v in zip(grads, nus)]
         if form == "paper":
             new_gamma = gamma
         else:
-            acc = state.gamma.dtype
-            # Official: the scalar for the NEXT step, from sqrt(v_{t-1}) debiased with 1 - b2^t.
-            rhos = [s.astype(acc) / sqrt_bc2.astype(acc) + eps_.astype(acc) for s in sqrt_nus]
-            new_gamma = _inverse_rms(rhos, acc)
+            # Official: the scalar for the NEXT step, from v_{t-1} (before this step's update of v)
+            # debiased with this step's 1 - b2^t.
+            new_gamma = _global_inverse_rms(sqrt_nus, 1 / jnp.sqrt(bc2), eps, acc, count)
 
         return treedef.unflatten(out), ScaleByAvaGradState(
             count=count,
             mu=treedef.unflatten(new_mus),
-            nu=treedef.unflatten(new_nus),
+            sqrt_nu=treedef.unflatten(new_sqrt_nus),
             gamma=new_gamma.astype(state.gamma.dtype),
         )
 

@@ -312,7 +312,7 @@ def test_avagrad_first_update_is_exactly_zero_and_state_moves(factory, form):
     inner = state[0] if factory is po.avagradw else state[1]
     assert int(inner.count) == 1
     assert all(np.any(np.asarray(m) != 0) for m in jax.tree.leaves(inner.mu))
-    assert all(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(inner.nu))
+    assert all(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(inner.sqrt_nu))
     # second update moves
     updates2, _ = jax.jit(tx.update)(g, state, params)
     assert any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates2))
