@@ -38,3 +38,10 @@ def batch_norm(train: bool, name: str | None = None, scale_init=nn.initializers.
     """PyTorch-equivalent BatchNorm: momentum 0.1 there is 0.9 here; eps 1e-5; gamma=1, beta=0."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         scale_init=scale_init, name=name)
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, kernel_init=kaiming_normal,
+         name: str | None = None) -> nn.Conv:
+    """A bias-free ``kernel x kernel`` conv with PyTorch's symmetric ``padding=kernel // 2``."""
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
+                   use_bias=False, kernel_init=kernel_init, name=name)

@@ -5,15 +5,13 @@ pool, FC. Where the shape changes the shortcut is a 1x1 stride-2 conv *without* 
 bias. Xavier-normal (untruncated) conv and FC weights, FC bias 0, BN gamma=1, beta=0.
 ResNet-20: 272,282 parameters (267,696 in 3x3 convs, 2,560 shortcut, 650 FC, 1,376 BN).
 """
+import functools
+
 from flax import linen as nn
 
 from pae.models import init
 
-
-def _conv(features, kernel, stride=1, name=None):
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
-                   use_bias=False, kernel_init=init.xavier_normal, name=name)
-
+_conv = functools.partial(init.conv, kernel_init=init.xavier_normal)
 
 class BasicBlock(nn.Module):
     features: int
@@ -26,7 +24,6 @@ class BasicBlock(nn.Module):
         if self.stride != 1 or x.shape[-1] != self.features:
             x = _conv(self.features, 1, self.stride, name="shortcut")(x)
         return nn.relu(x + y)
-
 
 class CifarResNet(nn.Module):
     """CIFAR ResNet of depth ``6n + 2`` (20, 32, 44, 56, 110)."""

@@ -4,17 +4,14 @@
 bottlenecks with expansion 4 (50) and stride on the 3x3 conv (v1.5), 1x1 projection + BN shortcuts.
 Kaiming-normal fan-out convs, BN gamma=1 beta=0, PyTorch-default FC. 11,689,512 / 25,557,032 parameters.
 """
+import functools
 from typing import Sequence
 
 from flax import linen as nn
 
 from pae.models import init
 
-
-def _conv(features, kernel, stride=1, name=None):
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
-                   use_bias=False, kernel_init=init.kaiming_normal_fan_out, name=name)
-
+_conv = functools.partial(init.conv, kernel_init=init.kaiming_normal_fan_out)
 
 class Basic(nn.Module):
     features: int
@@ -26,7 +23,6 @@ class Basic(nn.Module):
         y = nn.relu(init.batch_norm(train)(_conv(self.features, 3, self.stride)(x)))
         y = init.batch_norm(train)(_conv(self.features, 3)(y))
         return nn.relu(y + _shortcut(x, self.features, self.stride, train))
-
 
 class Bottleneck(nn.Module):
     features: int
@@ -41,13 +37,11 @@ class Bottleneck(nn.Module):
         y = init.batch_norm(train)(_conv(out, 1)(y))
         return nn.relu(y + _shortcut(x, out, self.stride, train))
 
-
 def _shortcut(x, features, stride, train):
     if stride == 1 and x.shape[-1] == features:
         return x
     x = _conv(features, 1, stride, name="shortcut_conv")(x)
     return init.batch_norm(train, name="shortcut_bn")(x)
-
 
 class ResNet(nn.Module):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)

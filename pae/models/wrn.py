@@ -5,15 +5,13 @@ Stem 3x3 conv (16), three groups of n = (d - 4) / 6 pre-activation blocks of wid
 BN-ReLU, average pool, FC. Initialization as in the soft-sharing code (lolemacs/soft-sharing):
 kaiming-normal (fan-in, untruncated) convs and FC, FC bias 0. WRN-28-10 on 10 classes: 36,479,194.
 """
+import functools
+
 from flax import linen as nn
 
 from pae.models import init
 
-
-def _conv(features, kernel, stride=1, name=None):
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=kernel // 2,
-                   use_bias=False, kernel_init=init.kaiming_normal, name=name)
-
+_conv = functools.partial(init.conv, kernel_init=init.kaiming_normal)
 
 class WideBlock(nn.Module):
     features: int
@@ -31,7 +29,6 @@ class WideBlock(nn.Module):
         if self.stride != 1 or x.shape[-1] != self.features:
             x = _conv(self.features, 1, self.stride, name="shortcut")(o)
         return x + y
-
 
 class WideResNet(nn.Module):
     depth: int = 28
