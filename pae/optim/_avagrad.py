@@ -135,7 +135,7 @@ def scale_by_avagrad(
       u_t &= \gamma_t \, \eta_t \, m_t / (1 - \beta_1^{t}) \quad (t \ge 2), \qquad u_1 = 0 \\
       v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2
 
-    and the normalization ``gamma_t = 1 / RMS(rho)`` = ``sqrt(d / sum_i rho_i^{-2})`` with
+    and the normalization ``gamma_t = 1 / RMS(1/rho)`` = ``sqrt(d / sum_i rho_i^{-2})`` with
 
     * ``form="official"`` (default, the released code): ``rho = sqrt(v_{t-2} / (1 - b2^{t-1})) +
       eps``, i.e. the scalar is computed at the end of step ``t-1`` from the second moment *before*
@@ -159,6 +159,8 @@ def scale_by_avagrad(
       or ``optax.partition`` to get several groups; leaves removed by ``optax.masked`` drop out of
       ``d`` and of the sum. The sum is accumulated in float32 (float64 for float64 parameters).
     * ``gamma`` does not depend on the learning rate, which the aliases apply afterwards.
+    * The state keeps ``sqrt(v)`` rather than ``v`` (same numbers up to rounding; see
+      :class:`ScaleByAvaGradState`), which keeps the update within ~1.25x of ``optax.adam``'s time.
 
     Args:
       b1: decay rate of the first moment, in [0, 1).
