@@ -181,7 +181,7 @@ def run(config: TrainConfig, *, tx: optax.GradientTransformation | None = None,
                              warmup_epochs=config.warmup_epochs)
     if tx is None:
         tx = make_optimizer(config.optimizer, schedule, weight_decay=config.weight_decay,
-                            momentum=config.momentum)
+                            momentum=config.momentum, reference_lr=config.learning_rate)
     train_tf, eval_tf = dataset.transform(True, config.augment), dataset.transform(False)
     example = train_src.take(np.array([0]))
     example = eval_tf(example, np.random.default_rng(0)) if eval_tf else example

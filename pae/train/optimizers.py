@@ -30,11 +30,23 @@ PAE_OPTIMIZERS = ("avagrad", "avagradw", "adabound", "amsbound", "adaboundw", "c
 NAMES = tuple(_BUILTIN) + PAE_OPTIMIZERS
 
 
+#: AdaBound's bounds follow the schedule relative to a nominal lr (PyTorch's ``base_lr``).
+_NEEDS_REFERENCE_LR = ("adabound", "amsbound", "adaboundw")
+
+
 def make_optimizer(name: str, learning_rate: Schedule, *, weight_decay: float = 0.0,
-                   momentum: float = 0.9, **kwargs: Any) -> optax.GradientTransformation:
-    """Build the named optimizer; extra keyword arguments go to the underlying constructor."""
+                   momentum: float = 0.9, reference_lr: float | None = None,
+                   **kwargs: Any) -> optax.GradientTransformation:
+    """Build the named optimizer; extra keyword arguments go to the underlying constructor.
+
+    ``reference_lr`` is the schedule's nominal (peak) learning rate; the AdaBound family scales its
+    bounds by ``lr_t / reference_lr`` (others ignore it). It is needed when the schedule starts at
+    0 (warm-up).
+    """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if name in _NEEDS_REFERENCE_LR and reference_lr is not None:
+        kwargs.setdefault("reference_lr", reference_lr)
     if name in _BUILTIN:
         return _BUILTIN[name](learning_rate, weight_decay, momentum, **kwargs)
     if name in PAE_OPTIMIZERS:

@@ -125,3 +125,19 @@ def test_cli_maps_flags_to_config():
     assert args["model"] == "resnet20" and args["epochs"] == 7 and args["milestones"] == [3, 5]
     assert args["augment"] is False and args["model_kwargs"] == {"widths": [8, 16, 32]}
     assert args["dataset"] == TrainConfig().dataset
+
+
+@pytest.mark.parametrize("name", ["avagrad", "avagradw", "adabound", "amsbound", "adaboundw", "csgd"])
+def test_every_pae_optimizer_is_reachable_by_name_with_a_warmup_schedule(name):
+    import jax.numpy as jnp
+
+    from pae.train import make_optimizer
+
+    schedule = make_schedule("cosine", 0.1, steps_per_epoch=5, epochs=4, warmup_epochs=1)
+    tx = make_optimizer(name, schedule, weight_decay=1e-4, reference_lr=0.1)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    state = tx.init(params)
+    for _ in range(7):  # through the warm-up (lr 0 at step 0) into the cosine part
+        updates, state = tx.update({"w": jnp.full((3, 2), 0.5), "b": jnp.ones(2)}, state, params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    assert float(jnp.abs(updates["w"]).max()) > 0
