@@ -52,7 +52,8 @@ def iterate_batches(
 
     ``batch_size`` is the *global* batch size; process ``p`` of ``P`` gets rows ``[p*B/P, (p+1)*B/P)``
     of every global batch (so ``B`` must divide by ``P``). Each batch has ``inputs``, ``targets`` and a
-    float32 ``mask``. Augmentation draws from a generator seeded by ``(seed, epoch, batch index)``.
+    float32 ``mask``. Per-example decoding and augmentation draw in turn from one generator seeded by
+    ``(seed, epoch, batch index)``, so their random choices are independent.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -72,9 +73,10 @@ def iterate_batches(
         mask[:len(rows)] = 1.0
         rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
         mine = slice(process_index * local, (process_index + 1) * local)
-        batch = source.take(rows[mine], epoch_rng(seed, epoch, 1 + b))
+        rng = epoch_rng(seed, epoch, 1 + b)  # one generator: decode draws first, then augmentation
+        batch = source.take(rows[mine], rng)
         if augment is not None:
-            batch = augment(batch, epoch_rng(seed, epoch, 1 + b))
+            batch = augment(batch, rng)
         batch["mask"] = mask[mine]
         yield batch
 
