@@ -10,7 +10,9 @@ round), the CS tickets' masks on randomly re-initialized weights, and the dense 
     python experiments/tickets.py --model conv2            # Conv-2 (or conv4)
     python experiments/tickets.py --paper                  # CIFAR-10 ResNet-20, the official protocol
 
-Writes ``experiments/results/tickets_<name>.{json,png}`` and prints a table.
+Writes ``experiments/results/tickets_<name>.{json,png}`` (mean and spread over ``--seeds``) and prints
+a table; each finished seed is kept in ``tickets_<name>.seed<k>.json`` and reused by a rerun with the
+same configuration; ``--checkpoint-dir`` also resumes a seed interrupted mid-search.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from pae import sparsity as sp
@@ -57,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imp-scope", choices=sp.SCOPES, default="global")
     p.add_argument("--select", choices=sorted(SELECTORS), default="kernels")
     p.add_argument("--no-reinit", action="store_true", help="skip the random re-init control")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one whole experiment per seed (init and data order); the table, plot and "
+                        "targets use the mean and spread over seeds")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="save the CS search (every epoch) and IMP (every level) under DIR/seed<k>/ "
+                        "and resume from there after an interruption")
     p.add_argument("--name", default="")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--paper", action="store_true",
@@ -73,21 +81,27 @@ PAPER_FLAGS = dict(model="resnet20", dataset="cifar10", val_size=5000, rounds=3,
                    s_inits=[-0.1, -0.05, 0.0, 0.05, 0.1], imp_levels=10)
 
 
-def run(args) -> dict:
-    if args.paper:
-        for k, v in PAPER_FLAGS.items():
-            setattr(args, k, v)
+def _config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("seeds", "out_dir", "name", "checkpoint_dir")}
+
+
+def run_seed(args, seed: int) -> dict:
+    """The whole experiment for one seed: dense, CS search + tickets, re-init control, IMP."""
     cfg = sp.SearchConfig(rounds=args.rounds, epochs=args.epochs, rewind_epoch=args.rewind_epoch,
                           batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
                           momentum=args.momentum, weight_decay=args.weight_decay,
                           milestones=tuple(args.milestones), beta_final=args.beta_final,
                           lmbda=args.lmbda, reset=args.reset, scaled=not args.unscaled,
                           ticket_mask=args.ticket_mask,
-                          prune_scope=args.imp_scope, seed=args.seed)
-    dataset = load_dataset(args.dataset, val_size=args.val_size, seed=args.seed)
+                          prune_scope=args.imp_scope, seed=seed)
+    dataset = load_dataset(args.dataset, val_size=args.val_size, seed=0)  # same test set for all seeds
     task = sp.make_task(get_model(args.model, dataset.num_classes), dataset, data_mesh())
     select = SELECTORS[args.select]()
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log = lambda msg: print(f"[seed {seed}] {msg}", flush=True)  # noqa: E731
+
+    def ckpt(what):
+        return os.path.join(args.checkpoint_dir, f"seed{seed}", what) if args.checkpoint_dir else None
+
     timings = {}
 
     t0 = time.perf_counter()
@@ -95,7 +109,7 @@ def run(args) -> dict:
     timings["dense"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    search = sp.cs_search(task, cfg, list(args.s_inits), select, log)
+    search = sp.cs_search(task, cfg, list(args.s_inits), select, log, checkpoint_dir=ckpt("cs"))
     tickets = sp.cs_ticket(search, cfg, list(args.s_inits))
     trained = sp.train_masked(task, cfg, tickets, search.rewind_batch_stats, batched=True, log=log)
     timings["cs"] = time.perf_counter() - t0
@@ -106,11 +120,10 @@ def run(args) -> dict:
     reinit_rows = []
     if not args.no_reinit:
         t0 = time.perf_counter()
-        import jax
         stacked = []
         for i in range(len(args.s_inits)):
             one = jax.tree.map(lambda x: np.asarray(x)[i], tickets)
-            stacked.append(sp.random_reinit(task, one, seed=args.seed + 1000 + i))
+            stacked.append(sp.random_reinit(task, one, seed=seed + 1000 + i))
         latents = jax.tree.map(lambda *xs: np.stack(xs), *[s[0] for s in stacked])
         stats = jax.tree.map(lambda *xs: np.stack(xs), *[s[1] for s in stacked])
         out = sp.train_masked(task, cfg, latents, stats, batched=True, log=log)
@@ -120,16 +133,54 @@ def run(args) -> dict:
         timings["reinit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    imp = sp.imp_search(task, cfg, args.imp_levels, select, log)
+    imp = sp.imp_search(task, cfg, args.imp_levels, select, log, checkpoint_dir=ckpt("imp"))
     timings["imp"] = time.perf_counter() - t0
     imp_rows = [{"method": "IMP", **r} for r in imp]
 
     rows = [{"method": "dense", **dense}] + cs_rows + reinit_rows + imp_rows
-    result = {"config": {k: v for k, v in vars(args).items()}, "rows": rows, "timings_s": timings,
-              "masked_weights": sp.masked_count(tickets) // len(args.s_inits),
-              "cs_history": search.history}
-    result["targets"] = check_targets(rows)
-    return result
+    return {"seed": seed, "config": _config(args), "rows": [{"seed": seed, **r} for r in rows],
+            "timings_s": timings, "masked_weights": sp.masked_count(tickets) // len(args.s_inits),
+            "cs_history": search.history, "targets": check_targets(rows)}
+
+
+def _seed_path(base: str, seed: int) -> str:
+    return f"{base}.seed{seed}.json"
+
+
+def run(args, base: str | None = None) -> dict:
+    """Every seed (each saved to ``<base>.seed<k>.json`` as it finishes and reused when the saved
+    configuration matches, so an interrupted sweep resumes), then the summary over seeds."""
+    if args.paper:
+        for k, v in PAPER_FLAGS.items():
+            setattr(args, k, v)
+    per_seed = []
+    for seed in args.seeds:
+        path = _seed_path(base, seed) if base else None
+        if path and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("config") == json.loads(json.dumps(_config(args), default=float)):
+                print(f"[seed {seed}] reusing {path}", flush=True)
+                per_seed.append(saved)
+                continue
+        one = run_seed(args, seed)
+        if path:
+            _write_json(path, one)
+        per_seed.append(one)
+    rows = [r for one in per_seed for r in one["rows"]]
+    return {"config": _config(args), "seeds": list(args.seeds), "rows": rows,
+            "summary": summarize(rows), "targets": targets_over_seeds(per_seed),
+            "timings_s": [one["timings_s"] for one in per_seed],
+            "masked_weights": per_seed[0]["masked_weights"],
+            "cs_history": [one["cs_history"] for one in per_seed]}
+
+
+def _write_json(path: str, obj) -> None:
+    """Write atomically: a crash never leaves a half-written results file behind."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
 
 
 def _interp_imp(imp_rows, density):
@@ -169,16 +220,85 @@ def check_targets(rows) -> dict:
     }
 
 
-def table(rows) -> str:
-    lines = [f"{'method':<14}{'s_init':>8}{'density':>10}{'sparsity':>10}{'test acc':>10}{'epochs':>8}"]
+def _group_key(row) -> tuple:
+    if row["method"] == "IMP":
+        return ("IMP", row["level"])
+    if "s_init" in row:
+        return (row["method"], row["s_init"])
+    return (row["method"],)
+
+
+def summarize(rows) -> list[dict]:
+    """Mean and standard deviation over seeds of density and test accuracy, per method and level."""
+    groups: dict[tuple, list] = {}
     for r in rows:
+        groups.setdefault(_group_key(r), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        d = np.array([r["density"] for r in rs])
+        a = np.array([r["test_acc"] for r in rs])
+        row = {"method": key[0], "n": len(rs), "density": float(d.mean()), "density_std": float(d.std()),
+               "test_acc": float(a.mean()), "test_acc_std": float(a.std(ddof=1)) if len(rs) > 1 else 0.0,
+               "epochs": rs[0]["epochs"]}
+        if key[0] == "IMP":
+            row["level"] = key[1]
+        elif len(key) > 1:
+            row["s_init"] = key[1]
+        out.append(row)
+    return out
+
+
+def targets_over_seeds(per_seed: list[dict]) -> dict:
+    """The issue's three targets on the mean over seeds.
+
+    CS vs IMP is compared seed by seed (CS's ticket against IMP of the same seed, interpolated at the
+    ticket's density), then averaged: ``diff`` is the mean difference and ``se`` its standard error.
+    ``cs_at_or_above_imp_at_matched_density`` asks every mean difference to be >= 0;
+    ``cs_not_significantly_below_imp`` only that none is below 0 by more than 2 standard errors.
+    """
+    summary = summarize([r for one in per_seed for r in one["rows"]])
+    dense = next(r for r in summary if r["method"] == "dense")
+    cs = [r for r in summary if r["method"] == "CS"]
+    imp_rows = [r for r in per_seed[0]["rows"] if r["method"] == "IMP"]
+    sparse = [r for r in cs if r["density"] <= 0.10]
+    best = max(sparse, key=lambda r: r["test_acc"]) if sparse else None
+    comparisons = []
+    for i, r in enumerate(cs):
+        diffs = [one["targets"]["comparisons"][i] for one in per_seed]
+        diffs = np.array([c["cs"] - c["imp_interp"] for c in diffs if c["imp_interp"] is not None])
+        if len(diffs) == 0:
+            continue
+        se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
+        comparisons.append({"s_init": r["s_init"], "density": r["density"], "cs": r["test_acc"],
+                            "diff": float(diffs.mean()), "se": se, "n": len(diffs),
+                            "cs_epochs": r["epochs"], "imp_epochs": _epochs_imp(imp_rows, r["density"])})
+    imp_epochs = _epochs_imp(imp_rows, best["density"]) if best else None
+    return {
+        "seeds": len(per_seed),
+        "cs_90pct_sparse_within_1pt_of_dense": bool(best and best["test_acc"] >= dense["test_acc"] - 0.01),
+        "best_cs_at_90pct": best, "dense": dense,
+        "cs_at_or_above_imp_at_matched_density": bool(comparisons) and all(
+            c["diff"] >= 0 for c in comparisons),
+        "cs_not_significantly_below_imp": bool(comparisons) and all(
+            c["diff"] + 2 * c["se"] >= 0 for c in comparisons),
+        "cs_fewer_epochs_than_imp": bool(best) and (imp_epochs is None or best["epochs"] < imp_epochs),
+        "comparisons": comparisons,
+    }
+
+
+def table(summary) -> str:
+    lines = [f"{'method':<14}{'s_init':>8}{'density':>10}{'sparsity':>10}{'test acc':>16}{'epochs':>8}"]
+    for r in summary:
         s0 = f"{r['s_init']:+.3f}" if "s_init" in r else ""
+        acc = f"{r['test_acc']:.4f}" + (f" ±{r['test_acc_std']:.4f}" if r["n"] > 1 else "")
         lines.append(f"{r['method']:<14}{s0:>8}{r['density']:>10.4f}{1 - r['density']:>10.2%}"
-                     f"{r['test_acc']:>10.4f}{r['epochs']:>8}")
+                     f"{acc:>16}{r['epochs']:>8}")
     return "\n".join(lines)
 
 
-def plot(rows, path, title):
+def plot(summary, path, title):
+    """Accuracy vs weights remaining (mean, error bars one standard deviation over seeds) and total
+    epochs spent vs weights remaining."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,15 +307,18 @@ def plot(rows, path, title):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"CS": "o-", "IMP": "s-", "random reinit": "^--"}
     for method, style in styles.items():
-        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["density"])
+        rs = sorted((r for r in summary if r["method"] == method), key=lambda r: r["density"])
         if not rs:
             continue
         d = [100 * r["density"] for r in rs]
-        axes[0].plot(d, [100 * r["test_acc"] for r in rs], style, label=method)
+        axes[0].errorbar(d, [100 * r["test_acc"] for r in rs], yerr=[100 * r["test_acc_std"] for r in rs],
+                         fmt=style, capsize=3, label=method)
         if method != "random reinit":
             axes[1].plot(d, [r["epochs"] for r in rs], style, label=method)
-    dense = next(r for r in rows if r["method"] == "dense")
+    dense = next(r for r in summary if r["method"] == "dense")
+    lo, hi = 100 * (dense["test_acc"] - dense["test_acc_std"]), 100 * (dense["test_acc"] + dense["test_acc_std"])
     axes[0].axhline(100 * dense["test_acc"], color="k", ls=":", label="dense")
+    axes[0].axhspan(lo, hi, color="k", alpha=0.08)
     axes[1].axhline(dense["epochs"], color="k", ls=":", label="dense")
     for ax, ylabel in zip(axes, ("test accuracy (%)", "total training epochs spent")):
         ax.set_xscale("log")
@@ -212,15 +335,19 @@ def plot(rows, path, title):
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    result = run(args)
     name = args.name or f"{args.model}_{args.dataset}"
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"tickets_{name}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2, default=float)
-    plot(result["rows"], base + ".png", f"{args.model} on {args.dataset}: CS vs IMP tickets")
-    print(table(result["rows"]))
-    print(json.dumps({k: v for k, v in result["targets"].items() if k != "comparisons"}, default=float))
+    result = run(args, base)
+    _write_json(base + ".json", result)
+    seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}"
+    plot(result["summary"], base + ".png", f"{args.model} on {args.dataset}: CS vs IMP tickets ({seeds})")
+    print(table(result["summary"]))
+    print(json.dumps({k: v for k, v in result["targets"].items()
+                      if k not in ("comparisons", "dense", "best_cs_at_90pct")}, default=float))
+    for c in result["targets"]["comparisons"]:
+        print(f"CS s_init {c['s_init']:+.3f} at {c['density']:.2%} density: CS - IMP = "
+              f"{100 * c['diff']:+.2f} ± {100 * c['se']:.2f} points (n={c['n']})")
     print(f"wrote {base}.json and {base}.png")
     return result
 

@@ -12,6 +12,8 @@ epochs with a fresh weight optimizer; the mask is frozen.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -23,6 +25,7 @@ import optax
 from pae import data as pdata
 from pae.core import Context, role_optimizer, select as pselect
 from pae.train import distributed
+from pae.train.checkpoint import Checkpointer
 from pae.train.state import TrainState, create_train_state, init_variables
 from pae.train.step import make_eval_step, make_train_step
 from pae.sparsity import cs as pcs
@@ -179,6 +182,15 @@ def _stack(tree, n):
     return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + jnp.shape(x)), tree)
 
 
+def _checkpointer(directory, driver: str, task: Task, cfg: SearchConfig, **extra) -> Checkpointer | None:
+    """orbax checkpoints of a driver's progress; the identity ties them to this driver, model and config."""
+    if directory is None:
+        return None
+    identity = {"driver": driver, "model": type(task.model).__name__,
+                "config": dataclasses.asdict(cfg), **extra}
+    return Checkpointer(directory, json.loads(json.dumps(identity, default=str)), max_to_keep=2)
+
+
 class SearchResult(NamedTuple):
     """``latent``: final search latent (SoftMask nodes); ``rewind_params``/``rewind_batch_stats``: the
     rewind point; ``history``: one row per round; ``densities``: hard density per run; ``epochs``:
@@ -194,13 +206,18 @@ class SearchResult(NamedTuple):
 
 
 def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
-              select: pselect.Selector | None = None, log: Callable[[str], None] | None = None
-              ) -> SearchResult:
+              select: pselect.Selector | None = None, log: Callable[[str], None] | None = None,
+              checkpoint_dir: str | os.PathLike | None = None) -> SearchResult:
     """Continuous-Sparsification ticket search.
 
     ``s_init`` a float: one run. A sequence: *parallel* ticket search, one run per value (one
     sparsity level each) in one compiled program, ``jax.vmap``-ed over the runs (same data order and
     initial weights as the corresponding single runs). Results then have a leading run axis.
+
+    ``checkpoint_dir``: save the search (state, rewind point, history) there after every epoch with
+    orbax, atomically, and resume from the latest save when called again; the resumed search equals
+    an uninterrupted one. A directory written by another driver, model, config or ``s_init`` raises
+    :class:`pae.train.CheckpointError`.
     """
     batched = isinstance(s_init, (list, tuple, np.ndarray))
     s_inits = [float(v) for v in (s_init if batched else [s_init])]
@@ -243,23 +260,36 @@ def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
         reset_fn = lambda lat: pcs.reset_logits(lat, s_inits[0], cfg.reset, cfg.beta_final)  # noqa
         dens = density
     state = distributed.replicate(state, task.mesh)
-    rewind = None
-    history = []
-    for r in range(cfg.rounds):
-        for e in range(cfg.epochs):
-            if r == 0 and e == cfg.rewind_epoch:
-                rewind = _host((state.params, state.batch_stats))
-            ctx = Context.make(beta=pcs.temperature_schedule(e, cfg.epochs, cfg.beta_final))
-            state, sums = _epoch(step, state, task, cfg, r * cfg.epochs + e, ctx)
-        d = np.asarray(dens(state.params))
-        soft_acc = _evaluate(eval_step, state, task, cfg, ctx)
-        history.append({"round": r, "density": d.tolist(), "train_acc": _acc(sums).tolist(),
-                        "soft_test_acc": soft_acc.tolist(), "beta": float(ctx.beta)})
+    rewind, history, start = None, [], 0
+    ckpt = _checkpointer(checkpoint_dir, "cs_search", task, cfg, s_init=s_inits if batched else s_inits[0],
+                         select=repr(select))
+    if ckpt and (start := ckpt.latest_step() or 0):
+        saved, history = ckpt.restore(start, {"state": state, "rewind": (state.params, state.batch_stats)})
+        state = saved["state"]
+        rewind = _host(saved["rewind"]) if start > cfg.rewind_epoch else None
         if log:
-            log(f"cs round {r}: density {np.round(d, 4).tolist()} soft test acc "
-                f"{np.round(soft_acc, 4).tolist()}")
-        if r < cfg.rounds - 1:
-            state = state.replace(params=reset_fn(state.params))
+            log(f"cs search resumed from {ckpt.directory} after epoch {start}")
+    for done in range(start, cfg.rounds * cfg.epochs):
+        r, e = divmod(done, cfg.epochs)
+        if r == 0 and e == cfg.rewind_epoch:
+            rewind = _host((state.params, state.batch_stats))
+        ctx = Context.make(beta=pcs.temperature_schedule(e, cfg.epochs, cfg.beta_final))
+        state, sums = _epoch(step, state, task, cfg, done, ctx)
+        if e == cfg.epochs - 1:
+            d = np.asarray(dens(state.params))
+            soft_acc = _evaluate(eval_step, state, task, cfg, ctx)
+            history.append({"round": r, "density": d.tolist(), "train_acc": _acc(sums).tolist(),
+                            "soft_test_acc": soft_acc.tolist(), "beta": float(ctx.beta)})
+            if log:
+                log(f"cs round {r}: density {np.round(d, 4).tolist()} soft test acc "
+                    f"{np.round(soft_acc, 4).tolist()}")
+            if r < cfg.rounds - 1:
+                state = state.replace(params=reset_fn(state.params))
+        if ckpt:  # before the rewind point is taken, its slot holds the current weights
+            ckpt.save(done + 1, {"state": state, "rewind": rewind or (state.params, state.batch_stats)},
+                      history)
+    if ckpt:
+        ckpt.close()
     final = _host(state.params)
     return SearchResult(final, rewind[0], rewind[1], history, np.asarray(dens(state.params)),
                         cfg.rounds * cfg.epochs, time.perf_counter() - began)
@@ -329,13 +359,15 @@ def random_reinit(task: Task, ticket: Any, seed: int) -> tuple[Any, Any]:
 
 
 def imp_search(task: Task, cfg: SearchConfig, levels: int, select: pselect.Selector | None = None,
-               log: Callable[[str], None] | None = None) -> list[dict]:
+               log: Callable[[str], None] | None = None,
+               checkpoint_dir: str | os.PathLike | None = None) -> list[dict]:
     """Iterative magnitude pruning with rewinding: round 0 trains dense (saving the rewind point at
     ``rewind_epoch``); each later round prunes ``prune_rate`` of the remaining weights, rewinds
     weights/BN params/batch stats and trains E epochs with a fresh optimizer.
 
     Returns one row per level k = 0..levels: ``density``, ``test_acc`` (the ticket at that level,
     trained from the rewind point for k >= 1) and ``epochs`` (total epochs spent to have it trained).
+    ``checkpoint_dir``: save after every level (orbax, atomic) and resume from the latest level.
     """
     if int(levels) < 0:
         raise ValueError(f"levels must be >= 0, got {levels}")
@@ -349,8 +381,17 @@ def imp_search(task: Task, cfg: SearchConfig, levels: int, select: pselect.Selec
     state = distributed.replicate(_state(latent, variables.get("batch_stats", {}), tx, cfg.seed),
                                   task.mesh)
     ctx = Context.make()
-    rows, rewind = [], None
-    for k in range(levels + 1):
+    rows, rewind, start = [], None, 0
+    ckpt = _checkpointer(checkpoint_dir, "imp_search", task, cfg, select=repr(select))
+    if ckpt and (start := ckpt.latest_step() or 0):
+        saved, rows = ckpt.restore(start, {"state": state, "rewind": (state.params, state.batch_stats)})
+        if start > levels:  # this many levels (or more) are already done
+            ckpt.close()
+            return rows[:levels + 1]
+        state, rewind = saved["state"], _host(saved["rewind"])
+        if log:
+            log(f"imp resumed from {ckpt.directory} at level {start}")
+    for k in range(start, levels + 1):
         for e in range(cfg.epochs):
             if k == 0 and e == cfg.rewind_epoch:
                 rewind = _host((state.params, state.batch_stats))
@@ -360,10 +401,17 @@ def imp_search(task: Task, cfg: SearchConfig, levels: int, select: pselect.Selec
         rows.append({"level": k, "density": d, "test_acc": acc, "epochs": (k + 1) * cfg.epochs})
         if log:
             log(f"imp level {k}: density {d:.4f} test acc {acc:.4f}")
-        if k < levels:
-            pruned = pimp.magnitude_prune(_host(state.params), cfg.prune_rate, cfg.prune_scope)
-            params = pcs.rewind(pruned, rewind[0])
-            state = distributed.replicate(_state(params, rewind[1], tx, cfg.seed), task.mesh)
+        if k == levels and not ckpt:
+            break
+        # the next level's starting point: pruned, rewound, fresh optimizer (saved even after the
+        # last level, so a later call with more levels continues from it)
+        pruned = pimp.magnitude_prune(_host(state.params), cfg.prune_rate, cfg.prune_scope)
+        params = pcs.rewind(pruned, rewind[0])
+        state = distributed.replicate(_state(params, rewind[1], tx, cfg.seed), task.mesh)
+        if ckpt:
+            ckpt.save(k + 1, {"state": state, "rewind": rewind}, rows)
+    if ckpt:
+        ckpt.close()
     return rows
 
 

@@ -3,29 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from pae import sparsity as sp
 from pae.core import Context, select as S
-from pae.data import load_dataset
-from pae.train import create_train_state, data_mesh, make_train_step
-
-
-class TinyBN(nn.Module):
-    @nn.compact
-    def __call__(self, x, train=False):
-        x = nn.Conv(6, (3, 3), use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-
-@pytest.fixture(scope="module")
-def task():
-    ds = load_dataset("digits")
-    tf = ds.transform(False)
-    train, test = ds["train"].subset(np.arange(320)), ds["test"].subset(np.arange(160))
-    example = jnp.asarray(tf(train.take(np.array([0])), None)["inputs"])
-    return sp.Task(TinyBN(), train, test, ds.transform(True), tf, example, data_mesh())
+from pae.train import create_train_state, make_train_step
 
 
 CFG = sp.SearchConfig(rounds=2, epochs=3, rewind_epoch=2, batch_size=64, lr=0.1, milestones=(2,),

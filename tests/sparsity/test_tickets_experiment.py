@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,3 +44,64 @@ def test_bad_flags_are_rejected():
     tickets = _load()
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         tickets.main(["--dataset", "digits", "--rounds", "0", "--epochs", "1", "--rewind-epoch", "0"])
+
+
+def _seed_rows(seed, cs_acc, imp_acc, dense_acc):
+    rows = [{"seed": seed, "method": "dense", "density": 1.0, "test_acc": dense_acc, "epochs": 4}]
+    rows += [{"seed": seed, "method": "CS", "s_init": s0, "density": d, "test_acc": a, "epochs": 12}
+             for s0, d, a in zip((-0.1, 0.0), (0.05, 0.3), cs_acc)]
+    rows += [{"seed": seed, "method": "IMP", "level": k, "density": 0.5 ** k, "test_acc": a,
+              "epochs": 4 * (k + 1)} for k, a in enumerate(imp_acc)]
+    return rows
+
+
+def test_targets_over_seeds_pair_each_seed_with_its_own_imp_run():
+    tickets = _load()
+    rng = np.random.default_rng(0)
+    per_seed = []
+    for seed in range(4):
+        cs_acc = rng.uniform(0.8, 0.9, 2)
+        imp_acc = rng.uniform(0.8, 0.9, 6)
+        rows = _seed_rows(seed, cs_acc, imp_acc, 0.9)
+        per_seed.append({"rows": rows, "targets": tickets.check_targets(rows)})
+    out = tickets.targets_over_seeds(per_seed)
+    # independent reference: IMP interpolated linearly in log-density at the CS density, per seed
+    for i, (density, comp) in enumerate(zip((0.05, 0.3), out["comparisons"])):
+        diffs = []
+        for one in per_seed:
+            imp = [r for r in one["rows"] if r["method"] == "IMP"][::-1]
+            ref = np.interp(np.log(density), np.log([r["density"] for r in imp]),
+                            [r["test_acc"] for r in imp])
+            diffs.append([r for r in one["rows"] if r["method"] == "CS"][i]["test_acc"] - ref)
+        assert comp["diff"] == pytest.approx(np.mean(diffs))
+        assert comp["se"] == pytest.approx(np.std(diffs, ddof=1) / 2)
+        assert comp["n"] == 4
+    assert out["cs_at_or_above_imp_at_matched_density"] == all(c["diff"] >= 0 for c in out["comparisons"])
+    summary = {(r["method"], r.get("s_init", r.get("level"))): r for r in tickets.summarize(
+        [r for one in per_seed for r in one["rows"]])}
+    accs = [one["rows"][1]["test_acc"] for one in per_seed]
+    assert summary[("CS", -0.1)]["test_acc"] == pytest.approx(np.mean(accs))
+    assert summary[("CS", -0.1)]["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
+    assert summary[("IMP", 3)]["density"] == pytest.approx(0.125) and summary[("IMP", 3)]["n"] == 4
+    # the sparse CS ticket is > 1 point below dense (0.9) in every seed here
+    assert out["cs_90pct_sparse_within_1pt_of_dense"] is False
+
+
+def test_finished_seeds_are_reused_when_the_configuration_matches(tmp_path, monkeypatch):
+    tickets = _load()
+    calls = []
+
+    def fake_run_seed(args, seed):  # the sweep logic only; run_seed itself is tested above
+        calls.append((seed, args.lr))
+        rows = _seed_rows(seed, [0.8 + args.lr, 0.85], [0.9, 0.88, 0.86, 0.84, 0.82, 0.8], 0.9)
+        return {"seed": seed, "config": tickets._config(args), "rows": rows, "timings_s": {},
+                "masked_weights": 10, "cs_history": [], "targets": tickets.check_targets(rows)}
+
+    monkeypatch.setattr(tickets, "run_seed", fake_run_seed)
+    argv = ["--dataset", "digits", "--out-dir", str(tmp_path), "--name", "r", "--seeds", "0", "1"]
+    first = tickets.main(argv)
+    assert calls == [(0, 0.1), (1, 0.1)] and (tmp_path / "tickets_r.seed1.json").exists()
+    second = tickets.main(argv + ["2"])  # seeds 0 and 1 are on disk: only seed 2 runs
+    assert calls[2:] == [(2, 0.1)] and second["rows"][:len(first["rows"])] == first["rows"]
+    tickets.main(argv + ["--lr", "0.05"])  # another configuration: nothing is reused
+    assert calls[3:] == [(0, 0.05), (1, 0.05)]
