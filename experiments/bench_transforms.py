@@ -110,14 +110,29 @@ def steady_state_search_step(n, repeats=30):
         stn, _ = par(stn, data, ctx)
     jax.block_until_ready((st1, stn))
     t1, tn = [], []
+    cpu1 = 0.0
     for _ in range(repeats):
-        b = time.perf_counter(); st1, _ = single(st1, data, ctx); jax.block_until_ready(st1)
+        b, c = time.perf_counter(), time.process_time()
+        st1, _ = single(st1, data, ctx)
+        jax.block_until_ready(st1)
         t1.append(time.perf_counter() - b)
+        cpu1 += time.process_time() - c
         b = time.perf_counter(); stn, _ = par(stn, data, ctx); jax.block_until_ready(stn)
         tn.append(time.perf_counter() - b)
     m1, mn = statistics.median(t1), statistics.median(tn)
+    flops = _flops(single, st1, data, ctx)
     return {"runs": n, "single_step_ms": m1 * 1e3, "vmapped_step_ms": mn * 1e3,
-            "ratio_vs_sequential": mn / (n * m1)}
+            "ratio_vs_sequential": mn / (n * m1),
+            # how much of the machine one run already keeps busy: no idle hardware, no vmap saving
+            "single_step_cores_busy": cpu1 / sum(t1), "single_step_gflops": flops / m1 / 1e9,
+            "vmapped_step_gflops": n * flops / mn / 1e9}
+
+
+def _flops(jitted, *args) -> float:
+    """XLA's flop count of one call (0 where the backend gives no cost analysis)."""
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
 
 
 def main():
@@ -142,7 +157,9 @@ def main():
     steady = steady_state_search_step(4)
     out["search_steady_state"] = steady
     print(f"search step, 4 runs: vmapped {steady['vmapped_step_ms']:.2f} ms vs 4 x "
-          f"{steady['single_step_ms']:.2f} ms sequential: ratio {steady['ratio_vs_sequential']:.3f}")
+          f"{steady['single_step_ms']:.2f} ms sequential: ratio {steady['ratio_vs_sequential']:.3f} "
+          f"(one run: {steady['single_step_gflops']:.0f} GFLOP/s, {steady['single_step_cores_busy']:.2f} "
+          f"cores busy; four vmapped: {steady['vmapped_step_gflops']:.0f} GFLOP/s)")
     if not args.skip_search:
         cfg = sp.SearchConfig(rounds=args.search_rounds, epochs=args.search_epochs, batch_size=64,
                               milestones=(7,), rewind_epoch=2)

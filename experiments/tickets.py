@@ -6,9 +6,13 @@ each ticket (hard mask on the weights rewound to epoch ``rewind_epoch`` of round
 E epochs. Baselines: IMP (20% of the remaining weights per round, same rewind point, same epochs per
 round), the CS tickets' masks on randomly re-initialized weights, and the dense model.
 
-    python experiments/tickets.py                          # LeNet-300-100, mnist_subset
-    python experiments/tickets.py --model conv2            # Conv-2 (or conv4)
+    python experiments/tickets.py --seeds 0 1 2 3 4        # LeNet-300-100, mnist_subset
+    python experiments/tickets.py --model conv2 --dataset digits \
+        --s-inits -0.1 -0.05 -0.02 -0.01 0.0 0.01 --seeds 0 1 2     # Conv-2 (or conv4) on 8x8 digits
     python experiments/tickets.py --paper                  # CIFAR-10 ResNet-20, the official protocol
+
+Masks are unscaled (``sigmoid(beta*s)``, the paper's form) unless ``--scaled``/``--paper``: these nets
+have no BatchNorm to absorb the official ``1/sigmoid(s_init)`` factor.
 
 Writes ``experiments/results/tickets_<name>.{json,png}`` (mean and spread over ``--seeds``) and prints
 a table; each finished seed is kept in ``tickets_<name>.seed<k>.json`` and reused by a rerun with the
@@ -51,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta-final", type=float, default=200.0)
     p.add_argument("--lmbda", type=float, default=1e-8)
     p.add_argument("--reset", choices=sp.RESET_RULES, default="paper")
-    p.add_argument("--unscaled", action="store_true", help="drop the 1/sigmoid(s_init) mask scale")
+    p.add_argument("--scaled", action=argparse.BooleanOptionalAction, default=False,
+                   help="the official 1/sigmoid(s_init) mask scale (--paper turns it on). Off by "
+                        "default here: without BN to absorb it, the scale (about 2 per layer once beta "
+                        "is large) made LeNet searches diverge in 1 of 25 runs and Conv-2 in most")
     p.add_argument("--ticket-mask", choices=sp.search.TICKET_MASKS, default="binary",
                    help="binary: 1[s>0] on the rewound weights (default here: LeNet/Conv nets have no "
                         "BN to absorb the official 1/sigmoid(s_init) scale); finalize: the official mask")
-    p.add_argument("--s-inits", type=float, nargs="+", default=[-0.04, -0.02, -0.01, 0.0, 0.01])
-    p.add_argument("--imp-levels", type=int, default=20, help="IMP rounds (density 0.8**k)")
+    p.add_argument("--s-inits", type=float, nargs="+", default=[-0.04, -0.02, -0.01, -0.005, 0.0, 0.01])
+    p.add_argument("--imp-levels", type=int, default=22, help="IMP rounds (density 0.8**k)")
     p.add_argument("--imp-scope", choices=sp.SCOPES, default="global")
     p.add_argument("--select", choices=sorted(SELECTORS), default="kernels")
     p.add_argument("--no-reinit", action="store_true", help="skip the random re-init control")
@@ -77,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 PAPER_FLAGS = dict(model="resnet20", dataset="cifar10", val_size=5000, rounds=3, epochs=85,
                    rewind_epoch=2, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
                    milestones=[56, 71], beta_final=200.0, lmbda=1e-8, select="conv3x3",
-                   ticket_mask="finalize",
+                   scaled=True, ticket_mask="finalize",
                    s_inits=[-0.1, -0.05, 0.0, 0.05, 0.1], imp_levels=10)
 
 
@@ -91,7 +98,7 @@ def run_seed(args, seed: int) -> dict:
                           batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
                           momentum=args.momentum, weight_decay=args.weight_decay,
                           milestones=tuple(args.milestones), beta_final=args.beta_final,
-                          lmbda=args.lmbda, reset=args.reset, scaled=not args.unscaled,
+                          lmbda=args.lmbda, reset=args.reset, scaled=args.scaled,
                           ticket_mask=args.ticket_mask,
                           prune_scope=args.imp_scope, seed=seed)
     dataset = load_dataset(args.dataset, val_size=args.val_size, seed=0)  # same test set for all seeds
@@ -150,9 +157,6 @@ def _seed_path(base: str, seed: int) -> str:
 def run(args, base: str | None = None) -> dict:
     """Every seed (each saved to ``<base>.seed<k>.json`` as it finishes and reused when the saved
     configuration matches, so an interrupted sweep resumes), then the summary over seeds."""
-    if args.paper:
-        for k, v in PAPER_FLAGS.items():
-            setattr(args, k, v)
     per_seed = []
     for seed in args.seeds:
         path = _seed_path(base, seed) if base else None
@@ -335,6 +339,9 @@ def plot(summary, path, title):
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.paper:
+        for k, v in PAPER_FLAGS.items():
+            setattr(args, k, v)
     name = args.name or f"{args.model}_{args.dataset}"
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"tickets_{name}")
