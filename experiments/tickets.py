@@ -34,6 +34,7 @@ from pae.core import select as S
 from pae.data import load_dataset
 from pae.models import get_model
 from pae.train import data_mesh
+from pae.train.metrics import atomic_write
 
 SELECTORS = {"kernels": S.kernels, "conv3x3": lambda: S.conv_kernels((3, 3))}
 
@@ -180,11 +181,7 @@ def run(args, base: str | None = None) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    """Write atomically: a crash never leaves a half-written results file behind."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, default=float))
 
 
 def _interp_imp(imp_rows, density):

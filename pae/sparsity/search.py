@@ -191,6 +191,15 @@ def _checkpointer(directory, driver: str, task: Task, cfg: SearchConfig, **extra
     return Checkpointer(directory, json.loads(json.dumps(identity, default=str)), max_to_keep=2)
 
 
+def _resume(ckpt: Checkpointer | None, state: TrainState) -> tuple[int, Any, list]:
+    """``(step, {"state", "rewind"}, history)`` of the latest save, or ``(0, None, [])`` if none."""
+    start = (ckpt.latest_step() or 0) if ckpt else 0
+    if not start:
+        return 0, None, []
+    saved, history = ckpt.restore(start, {"state": state, "rewind": (state.params, state.batch_stats)})
+    return start, saved, history
+
+
 class SearchResult(NamedTuple):
     """``latent``: final search latent (SoftMask nodes); ``rewind_params``/``rewind_batch_stats``: the
     rewind point; ``history``: one row per round; ``densities``: hard density per run; ``epochs``:
@@ -260,11 +269,11 @@ def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
         reset_fn = lambda lat: pcs.reset_logits(lat, s_inits[0], cfg.reset, cfg.beta_final)  # noqa
         dens = density
     state = distributed.replicate(state, task.mesh)
-    rewind, history, start = None, [], 0
+    rewind = None
     ckpt = _checkpointer(checkpoint_dir, "cs_search", task, cfg, s_init=s_inits if batched else s_inits[0],
                          select=repr(select))
-    if ckpt and (start := ckpt.latest_step() or 0):
-        saved, history = ckpt.restore(start, {"state": state, "rewind": (state.params, state.batch_stats)})
+    start, saved, history = _resume(ckpt, state)
+    if start:
         state = saved["state"]
         rewind = _host(saved["rewind"]) if start > cfg.rewind_epoch else None
         if log:
@@ -381,10 +390,10 @@ def imp_search(task: Task, cfg: SearchConfig, levels: int, select: pselect.Selec
     state = distributed.replicate(_state(latent, variables.get("batch_stats", {}), tx, cfg.seed),
                                   task.mesh)
     ctx = Context.make()
-    rows, rewind, start = [], None, 0
+    rewind = None
     ckpt = _checkpointer(checkpoint_dir, "imp_search", task, cfg, select=repr(select))
-    if ckpt and (start := ckpt.latest_step() or 0):
-        saved, rows = ckpt.restore(start, {"state": state, "rewind": (state.params, state.batch_stats)})
+    start, saved, rows = _resume(ckpt, state)
+    if start:
         if start > levels:  # this many levels (or more) are already done
             ckpt.close()
             return rows[:levels + 1]

@@ -23,8 +23,8 @@ def summarize(prefix: str, sums: Mapping[str, float], text: bool = False) -> dic
 def write_history(workdir: str, history: list[dict]) -> None:
     """(Re)write ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic replace)."""
     os.makedirs(workdir, exist_ok=True)
-    _atomic_write(os.path.join(workdir, "metrics.jsonl"),
-                  "".join(json.dumps(row) + "\n" for row in history))
+    atomic_write(os.path.join(workdir, "metrics.jsonl"),
+                 "".join(json.dumps(row) + "\n" for row in history))
     columns = list(dict.fromkeys(k for row in history for k in row))
     tmp = os.path.join(workdir, "metrics.csv.tmp")
     with open(tmp, "w", newline="") as f:
@@ -34,7 +34,8 @@ def write_history(workdir: str, history: list[dict]) -> None:
     os.replace(tmp, os.path.join(workdir, "metrics.csv"))
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
