@@ -40,6 +40,23 @@ def test_reduced_ticket_experiment_learns_and_reaches_sparsity(tmp_path):
                                      "cs_at_or_above_imp_at_matched_density", "cs_fewer_epochs_than_imp"}
 
 
+def test_flags_given_win_over_model_presets_and_paper_flags():
+    tickets = _load()
+    parse = lambda *argv: tickets.resolve(tickets.build_parser().parse_args(list(argv)))  # noqa: E731
+    lenet = parse()
+    assert (lenet.model, lenet.dataset, lenet.mask_lr, lenet.scaled) == ("lenet300_100", "mnist_subset",
+                                                                         None, False)
+    conv = parse("--model", "conv4", "--s-inits", "0.5")
+    preset = tickets.PRESETS["conv4"]
+    assert (conv.dataset, conv.mask_lr, conv.imp_levels) == (preset["dataset"], preset["mask_lr"],
+                                                             preset["imp_levels"])
+    assert conv.s_inits == [0.5] and conv.epochs == tickets.DEFAULTS["epochs"]
+    paper = parse("--paper", "--epochs", "5", "--milestones")
+    assert (paper.model, paper.dataset, paper.rounds, paper.scaled) == ("resnet20", "cifar10", 3, True)
+    assert paper.epochs == 5 and paper.milestones == []
+    assert parse("--no-scaled", "--paper").scaled is False
+
+
 def test_bad_flags_are_rejected():
     tickets = _load()
     with pytest.raises(ValueError, match="rounds must be >= 1"):
