@@ -3,8 +3,8 @@
 Default (minutes on 2 CPU cores): LeNet-300-100 on the 5,000 embedded MNIST digits. CS runs several
 ``s_init`` values *in parallel* (one vmapped program; one sparsity level each), R rounds of E epochs;
 each ticket (hard mask on the weights rewound to epoch ``rewind_epoch`` of round 0) is retrained for
-E epochs. Baselines: IMP (20% of the remaining weights per round, same rewind point, same epochs per
-round), the CS tickets' masks on randomly re-initialized weights, and the dense model.
+E epochs. Baselines: IMP (20% of the remaining weights per round, from the same initial weights,
+rewound to the same epoch, same epochs per round), the CS tickets' masks on randomly re-initialized weights, and the dense model.
 
     python experiments/tickets.py --seeds 0 1 2 3 4        # LeNet-300-100, mnist_subset
     python experiments/tickets.py --model conv2 --seeds 0 1 2   # Conv-2 (or conv4) on the 8x8 digits
@@ -119,11 +119,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in layered.items():
         if getattr(out, key) is None:
             setattr(out, key, value)
+    if len(set(out.s_inits)) != len(out.s_inits):
+        raise ValueError(f"--s-inits must be distinct values, got {out.s_inits}")
     return out
 
 
+#: bumped when the drivers change what a saved seed means (2: IMP starts from CS's initial weights)
+RESULTS_VERSION = 2
+
+
 def _config(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("seeds", "out_dir", "name", "checkpoint_dir")}
+    return {"version": RESULTS_VERSION,
+            **{k: v for k, v in vars(args).items() if k not in ("seeds", "out_dir", "name", "checkpoint_dir")}}
 
 
 def run_seed(args, seed: int) -> dict:
@@ -151,7 +158,7 @@ def run_seed(args, seed: int) -> dict:
 
     t0 = time.perf_counter()
     search = sp.cs_search(task, cfg, list(args.s_inits), select, log, checkpoint_dir=ckpt("cs"))
-    tickets = sp.cs_ticket(search, cfg, list(args.s_inits))
+    tickets = sp.cs_ticket(search, cfg)
     trained = sp.train_masked(task, cfg, tickets, search.rewind_batch_stats, batched=True, log=log)
     timings["cs"] = time.perf_counter() - t0
     cs_rows = [{"method": "CS", "s_init": s0, "density": trained["density"][i],
@@ -271,7 +278,7 @@ def summarize(rows) -> list[dict]:
     for key, rs in groups.items():
         d = np.array([r["density"] for r in rs])
         a = np.array([r["test_acc"] for r in rs])
-        row = {"method": key[0], "n": len(rs), "density": float(d.mean()), "density_std": float(d.std()),
+        row = {"method": key[0], "n": len(rs), "density": float(d.mean()), "density_std": float(d.std(ddof=1)) if len(rs) > 1 else 0.0,
                "test_acc": float(a.mean()), "test_acc_std": float(a.std(ddof=1)) if len(rs) > 1 else 0.0,
                "epochs": rs[0]["epochs"]}
         if key[0] == "IMP":

@@ -30,17 +30,11 @@ class Context:
 
         ``key`` defaults to ``PRNGKey(0)``; an int is turned into ``PRNGKey(key)``.
         """
-        if not isinstance(beta, jax.core.Tracer):
-            try:
-                values = np.asarray(beta, np.float64)
-            except (TypeError, ValueError):
-                values = np.asarray(np.nan)
-            if not np.all(np.isfinite(values)) or not np.all(values > 0):
-                raise ValueError(f"beta must be finite and > 0, got {beta!r}")
+        check_positive("beta", beta)
         if key is None:
             key = jax.random.PRNGKey(0)
-        elif isinstance(key, int):
-            key = jax.random.PRNGKey(key)
+        elif np.ndim(key) == 0 and np.issubdtype(np.asarray(key).dtype, np.integer):
+            key = jax.random.PRNGKey(int(key))
         return cls(beta=jnp.asarray(beta, jnp.float32), key=jnp.asarray(key),
                    train=jnp.asarray(train, jnp.bool_), step=jnp.asarray(step, jnp.int32))
 
@@ -49,13 +43,27 @@ class Context:
         return self.replace(key=jax.random.fold_in(self.key, index))
 
 
-def check_finite(name: str, value: Any) -> None:
-    """ValueError unless a concrete scalar ``value`` is finite (tracers pass unchecked)."""
+def _concrete_values(value: Any) -> np.ndarray | None:
+    """float64 values of a concrete number or array; None for tracers; NaN for non-numbers."""
     if isinstance(value, jax.core.Tracer):
-        return
+        return None
+    if isinstance(value, (str, bytes)):
+        return np.asarray(np.nan)
     try:
-        ok = all(math.isfinite(float(v)) for v in np.ravel(np.asarray(value, np.float64)))
+        return np.asarray(value, np.float64)
     except (TypeError, ValueError, jax.errors.TracerArrayConversionError):
-        ok = False
-    if not ok:
+        return np.asarray(np.nan)
+
+
+def check_finite(name: str, value: Any) -> None:
+    """ValueError unless a concrete ``value`` is a finite number (tracers pass unchecked)."""
+    values = _concrete_values(value)
+    if values is not None and not all(math.isfinite(v) for v in np.ravel(values)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """ValueError unless a concrete ``value`` is finite and > 0 (tracers pass unchecked)."""
+    values = _concrete_values(value)
+    if values is not None and not (np.all(np.isfinite(values)) and np.all(values > 0)):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")

@@ -7,7 +7,7 @@ pieces (:func:`temperature_schedule`, :func:`reset_logits`, :func:`to_ticket`, :
 from pae.sparsity.cs import (RESET_RULES, continuous_sparsification, hard_mask, reset_logits, rewind,
                              soft_mask, temperature_schedule, to_ticket)
 from pae.sparsity.imp import SCOPES, magnitude_prune, rounds_for_density, with_unit_masks
-from pae.sparsity.masks import (FixedMask, SoftMask, attach_masks, density, fixed_masks,
+from pae.sparsity.masks import (FixedMask, SoftMask, attach_masks, check_shapes, density, fixed_masks,
                                 layer_densities, mask_tree, masked_count, masked_params)
 from pae.sparsity.search import (PAPER_CIFAR, SearchConfig, SearchResult, Task, cs_optimizer,
                                  cs_search, cs_ticket, imp_search, make_task, random_reinit,
@@ -18,7 +18,7 @@ ticket_search = cs_search
 
 __all__ = [
     "FixedMask", "PAPER_CIFAR", "RESET_RULES", "SCOPES", "SearchConfig", "SearchResult", "SoftMask",
-    "Task", "attach_masks", "continuous_sparsification", "cs_optimizer", "cs_search", "cs_ticket",
+    "Task", "attach_masks", "check_shapes", "continuous_sparsification", "cs_optimizer", "cs_search", "cs_ticket",
     "density", "fixed_masks", "hard_mask", "imp_search", "layer_densities", "magnitude_prune",
     "make_task", "mask_tree", "masked_count", "masked_params", "random_reinit", "reset_logits",
     "rewind", "round_schedule", "rounds_for_density", "soft_mask", "temperature_schedule",

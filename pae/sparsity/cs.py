@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pae.core import Transform, check_finite, map_nodes, nodes, select as pselect
-from pae.sparsity.masks import FixedMask, SoftMask, _check_shape
+from pae.core import Transform, check_finite, check_positive, map_nodes, nodes, select as pselect
+from pae.sparsity.masks import FixedMask, SoftMask, _check_shape, check_shapes
 
 RESET_RULES = ("paper", "code")
 
@@ -30,7 +30,8 @@ def _scale(s_init, scaled: bool):
 
 
 def soft_mask(logits: jax.Array, beta, s_init=0.0, scaled: bool = True) -> jax.Array:
-    """``sigmoid(beta * s) / sigmoid(s_init)`` (or without the scale), in float32."""
+    """``sigmoid(beta * s) / sigmoid(s_init)`` (or without the scale), in float32; ``beta`` > 0."""
+    check_positive("beta", beta)
     logits = jnp.asarray(logits, jnp.float32)
     return jax.nn.sigmoid(jnp.asarray(beta, jnp.float32) * logits) * _scale(s_init, scaled)
 
@@ -38,6 +39,13 @@ def soft_mask(logits: jax.Array, beta, s_init=0.0, scaled: bool = True) -> jax.A
 def hard_mask(logits: jax.Array, s_init=0.0, scaled: bool = True) -> jax.Array:
     """``1[s > 0] / sigmoid(s_init)`` (or ``1[s > 0]``), in float32; strict ``>``."""
     return (jnp.asarray(logits) > 0).astype(jnp.float32) * _scale(s_init, scaled)
+
+
+def _beta(ctx):
+    if not hasattr(ctx, "beta"):
+        raise TypeError(f"ctx must carry the inverse temperature beta (build it with "
+                        f"pae.Context.make(beta=...)), got {type(ctx).__name__}")
+    return ctx.beta
 
 
 def continuous_sparsification(select: pselect.Selector | None = None, s_init: Any = 0.0,
@@ -70,16 +78,16 @@ def continuous_sparsification(select: pselect.Selector | None = None, s_init: An
         return pselect.map_selected(params, select, wrap, what="select")
 
     def apply(latent, ctx):
-        def one(n):
-            _check_shape("SoftMask", n.weight, n.logits)
-            return n.weight * soft_mask(n.logits, ctx.beta, s_init, scaled).astype(n.weight.dtype)
-
-        return map_nodes(one, latent, SoftMask)
+        check_shapes(latent)
+        beta = _beta(ctx)
+        return map_nodes(lambda n: n.weight * soft_mask(n.logits, beta, s_init, scaled).astype(
+            n.weight.dtype), latent, SoftMask)
 
     def penalty(latent, ctx):
+        beta = _beta(ctx)
         total = jnp.zeros((), jnp.float32)
         for n in nodes(latent, SoftMask):
-            total = total + jnp.sum(soft_mask(n.logits, ctx.beta, s_init, scaled))
+            total = total + jnp.sum(soft_mask(n.logits, beta, s_init, scaled))
         return lmbda * total
 
     def finalize(latent, ctx):
@@ -118,6 +126,7 @@ def reset_logits(latent: Any, s_init: Any, rule: str = "paper", beta_final: floa
     if rule not in RESET_RULES:
         raise ValueError(f"rule must be one of {RESET_RULES}, got {rule!r}")
     check_finite("s_init", s_init)
+    check_finite("beta_final", beta_final)
     factor = float(beta_final) if rule == "paper" else 1.0
     if rule == "paper" and factor <= 0:
         raise ValueError(f"beta_final must be > 0, got {beta_final}")
@@ -129,36 +138,34 @@ def to_ticket(latent: Any, rewound: Any, s_init: Any = 0.0, scaled: bool = True)
     """The ticket's latent: every :class:`SoftMask` of ``latent`` becomes a :class:`FixedMask` with the
     hard mask of its logits and the weight of ``rewound`` (same tree; its SoftMask weights are used).
     """
-    flat_now, tree = jax.tree.flatten(latent, is_leaf=lambda x: isinstance(x, SoftMask))
-    flat_old, tree_old = jax.tree.flatten(rewound, is_leaf=lambda x: isinstance(x, SoftMask))
-    if tree != tree_old:
-        raise ValueError("rewound must have the same tree structure as latent")
-    out = []
-    for now, old in zip(flat_now, flat_old):
-        if isinstance(now, SoftMask):
-            _check_shape("ticket", old.weight, now.logits)
-            out.append(FixedMask(old.weight, hard_mask(now.logits, s_init, scaled).astype(
-                old.weight.dtype)))
-        else:
-            out.append(old)
-    return jax.tree.unflatten(tree, out)
+    def ticket(path, now, old):
+        if not isinstance(now, SoftMask):
+            return old
+        _check_shape(path, old.weight, now.logits)
+        return FixedMask(old.weight, hard_mask(now.logits, s_init, scaled).astype(old.weight.dtype))
+
+    return _zip_masked(ticket, latent, rewound, "rewound")
 
 
 def rewind(latent: Any, checkpoint: Any) -> Any:
     """Everything from ``checkpoint`` except the mask logits/masks, which stay as in ``latent``."""
+    def take(path, now, old):
+        weight_now, weight_old = (now.weight, old.weight) if isinstance(now, (SoftMask, FixedMask)) \
+            else (now, old)
+        if np.shape(weight_now) != np.shape(weight_old):
+            raise ValueError(f"checkpoint leaf {path!r} has shape {np.shape(weight_old)} but the latent "
+                             f"has {np.shape(weight_now)}")
+        return now.replace(weight=old.weight) if isinstance(now, (SoftMask, FixedMask)) else old
+
+    return _zip_masked(take, latent, checkpoint, "checkpoint")
+
+
+def _zip_masked(fn, latent: Any, other: Any, name: str) -> Any:
+    """``fn(path, node_or_leaf, other's)`` over two trees of the same structure (mask nodes whole)."""
     is_mask = lambda x: isinstance(x, (SoftMask, FixedMask))  # noqa: E731
-    flat_now, tree = jax.tree.flatten(latent, is_leaf=is_mask)
-    flat_old, tree_old = jax.tree.flatten(checkpoint, is_leaf=is_mask)
-    if tree != tree_old:
-        raise ValueError("checkpoint must have the same tree structure as latent")
-    out = []
-    for now, old in zip(flat_now, flat_old):
-        if isinstance(now, SoftMask):
-            out.append(now.replace(weight=old.weight))
-        elif isinstance(now, FixedMask):
-            out.append(now.replace(weight=old.weight))
-        else:
-            if np.shape(now) != np.shape(old):
-                raise ValueError(f"checkpoint leaf shape {np.shape(old)} != {np.shape(now)}")
-            out.append(old)
-    return jax.tree.unflatten(tree, out)
+    flat, tree = jax.tree_util.tree_flatten_with_path(latent, is_leaf=is_mask)
+    flat_other, tree_other = jax.tree.flatten(other, is_leaf=is_mask)
+    if tree != tree_other:
+        raise ValueError(f"{name} must have the same tree structure as latent")
+    return jax.tree.unflatten(tree, [fn(pselect.path_str(kp), now, old)
+                                     for (kp, now), old in zip(flat, flat_other)])

@@ -33,6 +33,18 @@ def _check_shape(path: str, weight, mask) -> None:
                          f"shape {tuple(np.shape(weight))}; they must be equal")
 
 
+def _is_mask(x) -> bool:
+    return isinstance(x, (SoftMask, FixedMask))
+
+
+def check_shapes(latent: Any) -> None:
+    """ValueError naming the first mask node whose weight and mask (or logits) shapes differ."""
+    for kp, node in jax.tree_util.tree_flatten_with_path(latent, is_leaf=_is_mask)[0]:
+        if _is_mask(node):
+            _check_shape(pselect.path_str(kp), node.weight,
+                         node.logits if isinstance(node, SoftMask) else node.mask)
+
+
 def attach_masks(params: Any, masks: Mapping[str, Any]) -> Any:
     """Wrap the leaves named by ``masks`` (path -> array, paths as in :mod:`pae.core.select`) in
     :class:`FixedMask` nodes. Unknown paths or shape mismatches raise ValueError."""
@@ -62,7 +74,8 @@ def mask_tree(latent: Any) -> dict[str, jax.Array]:
 
 
 def masked_params(latent: Any) -> Any:
-    """Ordinary params: every :class:`FixedMask` replaced by ``weight * mask``."""
+    """Ordinary params: every :class:`FixedMask` replaced by ``weight * mask`` (shapes must match)."""
+    check_shapes(latent)
     return map_nodes(lambda n: n.weight * n.mask.astype(n.weight.dtype), latent, FixedMask)
 
 

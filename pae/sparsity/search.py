@@ -30,7 +30,7 @@ from pae.train.state import TrainState, create_train_state, init_variables
 from pae.train.step import make_eval_step, make_train_step
 from pae.sparsity import cs as pcs
 from pae.sparsity import imp as pimp
-from pae.sparsity.masks import density, fixed_masks, mask_tree, masked_count
+from pae.sparsity.masks import check_shapes, density, fixed_masks, mask_tree, masked_count
 
 #: The official CIFAR-10 ResNet-20 protocol.
 PAPER_CIFAR = dict(rounds=3, epochs=85, rewind_epoch=2, batch_size=128, lr=0.1, momentum=0.9,
@@ -200,10 +200,19 @@ def _resume(ckpt: Checkpointer | None, state: TrainState) -> tuple[int, Any, lis
     return start, saved, history
 
 
+def _runs_of(name: str, value: Any) -> bool:
+    """True for a non-empty 1-D sequence of finite numbers (one run each), False for one number."""
+    if isinstance(value, (str, bytes)) or np.ndim(value) > 1 or (np.ndim(value) == 1 and not len(value)):
+        raise ValueError(f"{name} must be a float or a non-empty 1-D sequence of floats, got {value!r}")
+    pcs.check_finite(name, value)
+    return np.ndim(value) == 1
+
+
 class SearchResult(NamedTuple):
     """``latent``: final search latent (SoftMask nodes); ``rewind_params``/``rewind_batch_stats``: the
     rewind point; ``history``: one row per round; ``densities``: hard density per run; ``epochs``:
-    search epochs spent (per run); ``seconds``: wall time of the search."""
+    search epochs spent (per run); ``seconds``: wall time of the search; ``s_init``: the search's
+    ``s_init`` (a list for a parallel search)."""
 
     latent: Any
     rewind_params: Any
@@ -212,6 +221,7 @@ class SearchResult(NamedTuple):
     densities: np.ndarray
     epochs: int
     seconds: float
+    s_init: float | list
 
 
 def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
@@ -228,15 +238,13 @@ def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
     an uninterrupted one. A directory written by another driver, model, config or ``s_init`` raises
     :class:`pae.train.CheckpointError`.
     """
-    batched = isinstance(s_init, (list, tuple, np.ndarray))
-    s_inits = [float(v) for v in (s_init if batched else [s_init])]
-    for v in s_inits:
-        pcs.check_finite("s_init", v)
-    if batched and not s_inits:
-        raise ValueError("s_init must be a float or a non-empty sequence of floats, got []")
+    batched = _runs_of("s_init", s_init)
+    s_inits = [float(v) for v in np.ravel(s_init)]
     began = time.perf_counter()
     spe = _spe(task, cfg)
     tx = cs_optimizer(cfg, spe)
+    # the paper's reset multiplies by the beta the round ended at (beta_final unless E == 1)
+    beta_reached = pcs.temperature_schedule(cfg.epochs - 1, cfg.epochs, cfg.beta_final)
     make_t = lambda s0: pcs.continuous_sparsification(select, s0, cfg.lmbda, cfg.scaled)  # noqa
     state = create_train_state(task.model, tx, task.example, cfg.seed, make_t(s_inits[0]).init)
     if batched:
@@ -259,14 +267,14 @@ def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
                 st, batch, ctx))(states, s_arr)
 
         step, eval_step = jax.jit(pstep, donate_argnums=0), jax.jit(peval)
-        reset = jax.jit(jax.vmap(lambda lat, s0: pcs.reset_logits(lat, s0, cfg.reset, cfg.beta_final)))
+        reset = jax.jit(jax.vmap(lambda lat, s0: pcs.reset_logits(lat, s0, cfg.reset, beta_reached)))
         dens = jax.jit(jax.vmap(density))
         reset_fn = lambda lat: reset(lat, s_arr)  # noqa: E731
     else:
         t = make_t(s_inits[0])
         step = make_train_step(task.model, tx, reparam=t.apply, penalty=t.penalty)
         eval_step = make_eval_step(task.model, reparam=t.apply)
-        reset_fn = lambda lat: pcs.reset_logits(lat, s_inits[0], cfg.reset, cfg.beta_final)  # noqa
+        reset_fn = lambda lat: pcs.reset_logits(lat, s_inits[0], cfg.reset, beta_reached)  # noqa
         dens = density
     state = distributed.replicate(state, task.mesh)
     rewind = None
@@ -301,7 +309,8 @@ def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
         ckpt.close()
     final = _host(state.params)
     return SearchResult(final, rewind[0], rewind[1], history, np.asarray(dens(state.params)),
-                        cfg.rounds * cfg.epochs, time.perf_counter() - began)
+                        cfg.rounds * cfg.epochs, time.perf_counter() - began,
+                        s_inits if batched else s_inits[0])
 
 
 def train_masked(task: Task, cfg: SearchConfig, latent: Any, batch_stats: Any, *, seed_offset: int = 0,
@@ -337,7 +346,7 @@ def train_masked(task: Task, cfg: SearchConfig, latent: Any, batch_stats: Any, *
     return out
 
 
-def cs_ticket(result: SearchResult, cfg: SearchConfig, s_init: float | Sequence[float]) -> Any:
+def cs_ticket(result: SearchResult, cfg: SearchConfig) -> Any:
     """Ticket latent(s): hard masks of the search's logits on the rewound weights.
 
     ``cfg.ticket_mask="finalize"`` (default, official) uses ``1[s>0]/sigmoid(s_init)`` (or ``1[s>0]``
@@ -347,7 +356,8 @@ def cs_ticket(result: SearchResult, cfg: SearchConfig, s_init: float | Sequence[
     (about 2 per layer) multiplies a deep MLP's logits by ~2**depth and can wreck ticket training.
     """
     scaled = cfg.scaled and cfg.ticket_mask == "finalize"
-    if isinstance(s_init, (list, tuple, np.ndarray)):
+    s_init = result.s_init
+    if _runs_of("s_init", s_init):
         return jax.vmap(lambda lat, old, s0: pcs.to_ticket(lat, old, s0, scaled))(
             result.latent, result.rewind_params, jnp.asarray(s_init, jnp.float32))
     return pcs.to_ticket(result.latent, result.rewind_params, s_init, scaled)
@@ -363,15 +373,17 @@ def random_reinit(task: Task, ticket: Any, seed: int) -> tuple[Any, Any]:
     flat_f, tree_f = jax.tree.flatten(fresh, is_leaf=is_fm)
     if tree != tree_f:
         raise ValueError("ticket does not match the model's parameter tree")
-    out = [f.replace(mask=t.mask) if is_fm(t) else f for t, f in zip(flat_t, flat_f)]
-    return jax.tree.unflatten(tree, out), variables.get("batch_stats", {})
+    out = jax.tree.unflatten(tree, [f.replace(mask=t.mask) if is_fm(t) else f
+                                    for t, f in zip(flat_t, flat_f)])
+    check_shapes(out)
+    return out, variables.get("batch_stats", {})
 
 
 def imp_search(task: Task, cfg: SearchConfig, levels: int, select: pselect.Selector | None = None,
                log: Callable[[str], None] | None = None,
                checkpoint_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Iterative magnitude pruning with rewinding: round 0 trains dense (saving the rewind point at
-    ``rewind_epoch``); each later round prunes ``prune_rate`` of the remaining weights, rewinds
+    """Iterative magnitude pruning with rewinding: round 0 trains dense from the same initial weights
+    as :func:`cs_search` and :func:`train_dense` (saving the rewind point at ``rewind_epoch``); each later round prunes ``prune_rate`` of the remaining weights, rewinds
     weights/BN params/batch stats and trains E epochs with a fresh optimizer.
 
     Returns one row per level k = 0..levels: ``density``, ``test_acc`` (the ticket at that level,
@@ -385,10 +397,9 @@ def imp_search(task: Task, cfg: SearchConfig, levels: int, select: pselect.Selec
     t = fixed_masks()
     step = make_train_step(task.model, tx, reparam=t.apply)
     eval_step = make_eval_step(task.model, reparam=t.apply)
-    variables = init_variables(task.model, task.example, jax.random.PRNGKey(cfg.seed))
-    latent = pimp.with_unit_masks(variables["params"], select)
-    state = distributed.replicate(_state(latent, variables.get("batch_stats", {}), tx, cfg.seed),
-                                  task.mesh)
+    # the same initial weights as cs_search and train_dense for this seed
+    state = distributed.replicate(create_train_state(
+        task.model, tx, task.example, cfg.seed, lambda p, _: pimp.with_unit_masks(p, select)), task.mesh)
     ctx = Context.make()
     rewind = None
     ckpt = _checkpointer(checkpoint_dir, "imp_search", task, cfg, select=repr(select))

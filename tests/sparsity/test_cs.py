@@ -191,6 +191,43 @@ def test_bad_inputs_raise_clear_errors():
         sp.attach_masks(params, {"Dense_1/kernel": np.ones((3, 4))})
     with pytest.raises(ValueError, match="s_init must be a finite number"):
         sp.cs_search(None, sp.SearchConfig(), [0.0, float("nan")])
+    for bad in ([], [[0.0]], "0.1"):
+        with pytest.raises(ValueError, match="s_init must be a float or a non-empty 1-D sequence"):
+            sp.cs_search(None, sp.SearchConfig(), bad)
+
+
+def test_beta_and_shapes_are_checked_where_a_context_or_latent_enters():
+    """beta <= 0 (which would silently invert the mask) and mask/weight shape mismatches are caught
+    at every public entry, not only in Context.make; messages name the argument or leaf path."""
+    t = sp.continuous_sparsification()
+    latent = t.init({"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}, None)
+    ctx = Context.make(beta=2.0)
+    for beta in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="beta must be finite and > 0"):
+            t.apply(latent, ctx.replace(beta=jnp.float32(beta)))
+        with pytest.raises(ValueError, match="beta must be finite and > 0"):
+            sp.soft_mask(jnp.zeros(3), beta)
+    with pytest.raises(TypeError, match="ctx must carry the inverse temperature beta"):
+        t.penalty(latent, {})
+    np.testing.assert_allclose(jax.jit(t.penalty)(latent, ctx), t.penalty(latent, ctx))  # traced: fine
+
+    bad = {"Dense_0": {"kernel": sp.SoftMask(jnp.ones((3, 4)), jnp.zeros((4,))), "bias": jnp.ones(4)}}
+    with pytest.raises(ValueError, match=r"mask for 'Dense_0/kernel' has shape \(4,\)"):
+        t.apply(bad, ctx)
+    broadcastable = {"k": sp.FixedMask(jnp.ones((4, 1)), jnp.ones((4, 3)))}
+    with pytest.raises(ValueError, match=r"mask for 'k' has shape \(4, 3\) but the parameter has "
+                                         r"shape \(4, 1\)"):
+        sp.masked_params(broadcastable)
+    with pytest.raises(ValueError, match=r"checkpoint leaf 'Dense_0/kernel' has shape \(5, 5\)"):
+        sp.rewind(latent, {"Dense_0": {"kernel": sp.SoftMask(jnp.ones((5, 5)), jnp.ones((5, 5))),
+                                       "bias": jnp.ones(4)}})
+    with pytest.raises(ValueError, match=r"mask for 'Dense_0/kernel' has shape \(3, 4\) but the "
+                                         r"parameter has shape \(2, 2\)"):
+        sp.to_ticket(latent, {"Dense_0": {"kernel": sp.SoftMask(jnp.ones((2, 2)), jnp.ones((2, 2))),
+                                          "bias": jnp.ones(4)}})
+    with pytest.raises(ValueError, match="beta_final must be a finite number"):
+        sp.reset_logits(latent, 0.0, "paper", float("nan"))
+    assert Context.make(key=np.int64(3)).key.shape == (2,)  # integer-like seeds become PRNG keys
 
 
 def test_round_schedule_restarts_every_round_and_masks_skip_weight_decay():

@@ -34,7 +34,7 @@ def test_rewind_point_includes_batch_stats_and_ticket_uses_it(task):
     # weights continue across rounds (not rewound between rounds); logits moved
     assert not np.allclose(res.latent["Conv_0"]["kernel"].weight,
                            res.rewind_params["Conv_0"]["kernel"].weight)
-    ticket = sp.cs_ticket(res, CFG, -0.02)
+    ticket = sp.cs_ticket(res, CFG)
     np.testing.assert_array_equal(ticket["Conv_0"]["kernel"].weight,
                                   res.rewind_params["Conv_0"]["kernel"].weight)
     np.testing.assert_allclose(ticket["Dense_0"]["kernel"].mask,
@@ -47,7 +47,7 @@ def test_rewind_point_includes_batch_stats_and_ticket_uses_it(task):
 def test_vmapped_search_equals_sequential_per_s_init(task):
     s_inits = [-0.03, 0.05]
     par = sp.cs_search(task, CFG, s_inits)
-    par_tickets = sp.cs_ticket(par, CFG, s_inits)
+    par_tickets = sp.cs_ticket(par, CFG)
     par_acc = sp.train_masked(task, CFG, par_tickets, par.rewind_batch_stats, batched=True)
     for i, s0 in enumerate(s_inits):
         seq = sp.cs_search(task, CFG, s0)
@@ -60,9 +60,30 @@ def test_vmapped_search_equals_sequential_per_s_init(task):
         assert abs(float(par.densities[i]) - float(seq.densities)) * n <= 2
         for r in range(CFG.rounds):
             assert par.history[r]["density"][i] == pytest.approx(seq.history[r]["density"], abs=2 / n)
-        seq_acc = sp.train_masked(task, CFG, sp.cs_ticket(seq, CFG, s0), seq.rewind_batch_stats)
+        seq_acc = sp.train_masked(task, CFG, sp.cs_ticket(seq, CFG), seq.rewind_batch_stats)
         assert abs(par_acc["test_acc"][i] - seq_acc["test_acc"]) <= 2 / 160
     assert par.densities[0] < par.densities[1]  # lower s_init -> sparser
+
+
+def test_dense_cs_and_imp_start_from_the_same_weights(task, monkeypatch):
+    cfg = sp.SearchConfig(rounds=1, epochs=1, rewind_epoch=0, batch_size=64, milestones=(), seed=5)
+    first = []
+    real_epoch = sp.search._epoch
+
+    def spy(step, state, *args):
+        if not args[-2]:  # epoch 0
+            first.append(jax.tree.map(np.asarray, jax.device_get(state.params)))
+        return real_epoch(step, state, *args)
+
+    monkeypatch.setattr(sp.search, "_epoch", spy)
+    sp.train_dense(task, cfg)
+    sp.cs_search(task, cfg, 0.0)
+    sp.imp_search(task, cfg, levels=0)
+    dense, cs, imp = first
+    for name in ("Conv_0", "Dense_0"):
+        np.testing.assert_array_equal(cs[name]["kernel"].weight, dense[name]["kernel"])
+        np.testing.assert_array_equal(imp[name]["kernel"].weight, dense[name]["kernel"])
+    np.testing.assert_array_equal(imp["Dense_0"]["bias"], dense["Dense_0"]["bias"])
 
 
 def test_imp_random_reinit_and_dense_drivers(task):
@@ -74,8 +95,10 @@ def test_imp_random_reinit_and_dense_drivers(task):
     assert all(r["test_acc"] > 0.3 for r in rows)  # chance is 0.1
     dense = sp.train_dense(task, cfg)
     assert dense["test_acc"] > 0.3 and dense["epochs"] == 2
+    # IMP's level 0 is dense training from the same initial weights (a paired baseline)
+    assert rows[0]["test_acc"] == dense["test_acc"]
     res = sp.cs_search(task, cfg, 0.0)
-    ticket = sp.cs_ticket(res, cfg, 0.0)
+    ticket = sp.cs_ticket(res, cfg)
     fresh, stats = sp.random_reinit(task, ticket, seed=99)
     for a, b in zip(sp.mask_tree(ticket).values(), sp.mask_tree(fresh).values()):
         np.testing.assert_array_equal(a, b)

@@ -55,6 +55,8 @@ def test_flags_given_win_over_model_presets_and_paper_flags():
     assert (paper.model, paper.dataset, paper.rounds, paper.scaled) == ("resnet20", "cifar10", 3, True)
     assert paper.epochs == 5 and paper.milestones == []
     assert parse("--no-scaled", "--paper").scaled is False
+    with pytest.raises(ValueError, match="--s-inits must be distinct"):
+        parse("--s-inits", "0.0", "0.0")
 
 
 def test_bad_flags_are_rejected():
