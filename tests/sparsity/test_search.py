@@ -1,6 +1,5 @@
 """Ticket-search drivers: rewind point (incl. batch statistics), vmapped == sequential, IMP, tickets."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
