@@ -30,9 +30,11 @@ class Selector:
         return bool(self._fn(path, leaf))
 
     def __and__(self, other: "Selector") -> "Selector":
+        _check_selector("other", other)
         return Selector(lambda p, x: self(p, x) and other(p, x), f"({self.name} & {other.name})")
 
     def __or__(self, other: "Selector") -> "Selector":
+        _check_selector("other", other)
         return Selector(lambda p, x: self(p, x) or other(p, x), f"({self.name} | {other.name})")
 
     def __invert__(self) -> "Selector":
@@ -43,6 +45,12 @@ class Selector:
 
     def __repr__(self) -> str:
         return self.name
+
+
+def _check_selector(name: str, value: Any) -> None:
+    if not isinstance(value, Selector):
+        raise TypeError(f"{name} must be a pae.select.Selector (e.g. pae.select.kernels()); wrap a "
+                        f"function with Selector(fn, name), got {type(value).__name__}")
 
 
 def _ndim(leaf) -> int:
@@ -84,6 +92,8 @@ def ndim(*values: int, min: int | None = None, max: int | None = None) -> Select
     """Leaves whose ``ndim`` is one of ``values`` and/or within ``[min, max]``."""
     if not values and min is None and max is None:
         raise ValueError("ndim needs values or min/max, got none")
+    if min is not None and max is not None and min > max:
+        raise ValueError(f"ndim needs min <= max, got min={min}, max={max}")
 
     def pred(p, x):
         n = _ndim(x)
@@ -96,6 +106,8 @@ def ndim(*values: int, min: int | None = None, max: int | None = None) -> Select
 
 
 def any_of(*selectors: Selector) -> Selector:
+    if not selectors:
+        raise ValueError("any_of needs at least one selector, got none")
     out = selectors[0]
     for s in selectors[1:]:
         out = out | s

@@ -107,6 +107,9 @@ def temperature_schedule(epoch: int, epochs: int, beta_final: float = 200.0) -> 
     check_finite("beta_final", beta_final)
     if beta_final <= 0:
         raise ValueError(f"beta_final must be > 0, got {beta_final}")
+    for name, v in (("epoch", epoch), ("epochs", epochs)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {v!r}")
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if not 0 <= int(epoch) < int(epochs):

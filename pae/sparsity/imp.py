@@ -6,6 +6,7 @@ each leaf (``scope="layer"``). After ``k`` rounds the density is about ``(1 - ra
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -45,7 +46,7 @@ def magnitude_prune(latent: Any, rate: float = 0.2, scope: str = "global") -> An
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
+    if isinstance(rate, bool) or not (isinstance(rate, numbers.Real) and 0.0 <= rate < 1.0):
         raise ValueError(f"rate must be a number in [0, 1), got {rate!r}")
     is_fm = lambda x: isinstance(x, FixedMask)  # noqa: E731
     flat, tree = jax.tree.flatten(latent, is_leaf=is_fm)
@@ -71,4 +72,6 @@ def rounds_for_density(target: float, rate: float = 0.2) -> int:
     """Smallest number of IMP rounds whose density ``(1-rate)**k`` is <= ``target``."""
     if not 0 < target <= 1:
         raise ValueError(f"target density must be in (0, 1], got {target}")
+    if not 0 < rate < 1:
+        raise ValueError(f"rate must be in (0, 1), got {rate}")
     return int(np.ceil(np.log(target) / np.log(1 - rate) - 1e-9))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -42,7 +43,9 @@ TICKET_MASKS = ("finalize", "binary")
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    """Ticket-search hyperparameters (defaults: the official CS code, see :data:`PAPER_CIFAR`)."""
+    """Ticket-search hyperparameters. Defaults: the CIFAR-10 protocol of the official CS code
+    (:data:`PAPER_CIFAR`), except the between-round ``reset``, which defaults to the paper's rule
+    (the issue's choice; ``reset="code"`` gives the official script's)."""
 
     rounds: int = 3
     epochs: int = 85                    # per search round, per IMP round and for every ticket
@@ -52,7 +55,8 @@ class SearchConfig:
     mask_lr: float | None = None        # None: same as lr
     momentum: float = 0.9
     weight_decay: float = 1e-4          # coupled L2 on weights only (never on mask logits)
-    milestones: tuple[int, ...] = (56, 71)
+    milestones: tuple[int, ...] | None = None  # lr decays at these epochs of each round; None: at
+                                               # round(E*56/85), round(E*71/85) (the official 56, 71)
     lr_decay: float = 0.1
     beta_final: float = 200.0
     lmbda: float = 1e-8
@@ -65,9 +69,20 @@ class SearchConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("rounds", "epochs", "batch_size", "rewind_epoch", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {v!r}")
         for name in ("rounds", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.milestones is not None:
+            object.__setattr__(self, "milestones", tuple(self.milestones))
+            if not all(isinstance(m, numbers.Integral) and 0 < m < self.epochs for m in self.milestones):
+                raise ValueError(f"milestones must be epochs in (0, epochs={self.epochs}), got "
+                                 f"{self.milestones}")
+        if not np.isfinite(self.lr_decay) or self.lr_decay <= 0:
+            raise ValueError(f"lr_decay must be finite and > 0, got {self.lr_decay}")
         if not 0 <= self.rewind_epoch < self.epochs:
             raise ValueError(f"rewind_epoch must be in [0, epochs={self.epochs}), got {self.rewind_epoch}")
         for name in ("lr", "momentum", "weight_decay", "lmbda", "beta_final"):
@@ -86,6 +101,14 @@ class SearchConfig:
             raise ValueError(f"prune_scope must be one of {pimp.SCOPES}, got {self.prune_scope!r}")
         if not 0 <= self.prune_rate < 1:
             raise ValueError(f"prune_rate must be in [0, 1), got {self.prune_rate}")
+
+    @property
+    def decay_epochs(self) -> tuple[int, ...]:
+        """The epochs of a round at which the lr decays (``milestones``, or the official ones scaled)."""
+        if self.milestones is not None:
+            return self.milestones
+        return tuple(sorted({m for m in (round(self.epochs * 56 / 85), round(self.epochs * 71 / 85))
+                             if 0 < m < self.epochs}))
 
 
 class Task(NamedTuple):
@@ -121,7 +144,7 @@ def round_schedule(lr: float, steps_per_epoch: int, epochs: int, milestones=(), 
 
 
 def _weights_tx(cfg: SearchConfig, spe: int):
-    sched = round_schedule(cfg.lr, spe, cfg.epochs, cfg.milestones, cfg.lr_decay)
+    sched = round_schedule(cfg.lr, spe, cfg.epochs, cfg.decay_epochs, cfg.lr_decay)
     sgd = optax.sgd(sched, momentum=cfg.momentum or None, nesterov=cfg.momentum > 0)
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay), sgd) if cfg.weight_decay else sgd
 
@@ -129,7 +152,7 @@ def _weights_tx(cfg: SearchConfig, spe: int):
 def cs_optimizer(cfg: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """Weights: coupled L2 then Nesterov SGD; mask logits: the same SGD without decay (own lr)."""
     mask_lr = cfg.lr if cfg.mask_lr is None else cfg.mask_lr
-    sched = round_schedule(mask_lr, steps_per_epoch, cfg.epochs, cfg.milestones, cfg.lr_decay)
+    sched = round_schedule(mask_lr, steps_per_epoch, cfg.epochs, cfg.decay_epochs, cfg.lr_decay)
     mask_tx = optax.sgd(sched, momentum=cfg.momentum or None, nesterov=cfg.momentum > 0)
     return role_optimizer({"weights": _weights_tx(cfg, steps_per_epoch), "mask": mask_tx})
 

@@ -61,6 +61,12 @@ def test_selector_matching_nothing_names_selector_and_paths():
         S.path("(")
     with pytest.raises(ValueError, match="selector"):
         map_selected(params, "kernel", lambda p, x: x)
+    with pytest.raises(TypeError, match="other must be a pae.select.Selector"):
+        S.kernels() & (lambda p, x: True)
+    with pytest.raises(ValueError, match="any_of needs at least one selector"):
+        S.any_of()
+    with pytest.raises(ValueError, match="ndim needs min <= max, got min=3, max=1"):
+        S.ndim(min=3, max=1)
 
 
 def test_label_roles_and_role_optimizer():

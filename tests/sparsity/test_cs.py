@@ -87,6 +87,8 @@ def test_temperature_schedule():
                       (dict(epoch=0, epochs=0), "epochs must be >= 1")):
         with pytest.raises(ValueError, match=match):
             sp.temperature_schedule(**kw)
+    with pytest.raises(TypeError, match="epoch must be an int, got 1.5"):
+        sp.temperature_schedule(1.5, 3)
 
 
 @pytest.mark.parametrize("rule", ["paper", "code"])
@@ -163,6 +165,8 @@ def test_magnitude_pruning_matches_numpy(scope):
         sp.magnitude_prune(latent, 0.2, "row")
     with pytest.raises(ValueError, match=r"rate must be a number in \[0, 1\)"):
         sp.magnitude_prune(latent, 1.5)
+    with pytest.raises(ValueError, match=r"rate must be in \(0, 1\), got 1.0"):
+        sp.rounds_for_density(0.1, rate=1.0)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -184,6 +188,12 @@ def test_bad_inputs_raise_clear_errors():
         sp.SearchConfig(beta_final=0.0)
     with pytest.raises(ValueError, match=r"rewind_epoch must be in \[0, epochs=3\), got 3"):
         sp.SearchConfig(epochs=3, rewind_epoch=3)
+    with pytest.raises(ValueError, match=r"milestones must be epochs in \(0, epochs=10\), got \(56,\)"):
+        sp.SearchConfig(epochs=10, milestones=(56,))  # would silently never decay
+    with pytest.raises(TypeError, match="rounds must be an int, got 1.5"):
+        sp.SearchConfig(rounds=1.5)
+    with pytest.raises(ValueError, match="lr_decay must be finite and > 0"):
+        sp.SearchConfig(lr_decay=-1.0)
     with pytest.raises(ValueError, match=r"mask for 'Dense_0/kernel' has shape \(4, 3\) but the "
                                          r"parameter has shape \(3, 4\)"):
         sp.attach_masks(params, {"Dense_0/kernel": np.ones((4, 3))})
@@ -228,6 +238,13 @@ def test_beta_and_shapes_are_checked_where_a_context_or_latent_enters():
     with pytest.raises(ValueError, match="beta_final must be a finite number"):
         sp.reset_logits(latent, 0.0, "paper", float("nan"))
     assert Context.make(key=np.int64(3)).key.shape == (2,)  # integer-like seeds become PRNG keys
+
+
+def test_default_lr_decays_follow_the_official_56_71_of_85_for_any_round_length():
+    assert sp.SearchConfig().decay_epochs == (56, 71)
+    assert sp.SearchConfig(epochs=10, rewind_epoch=1).decay_epochs == (7, 8)
+    assert sp.SearchConfig(epochs=10, rewind_epoch=1, milestones=[3]).decay_epochs == (3,)
+    assert sp.SearchConfig(epochs=10, rewind_epoch=1, milestones=()).decay_epochs == ()
 
 
 def test_round_schedule_restarts_every_round_and_masks_skip_weight_decay():
