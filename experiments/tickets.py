@@ -59,12 +59,10 @@ PRESETS = {
                   imp_levels=16),
 }
 
-#: ``--paper``: CIFAR-10 ResNet-20 with the official protocol
-PAPER_FLAGS = dict(model="resnet20", dataset="cifar10", val_size=5000, rounds=3, epochs=85,
-                   rewind_epoch=2, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                   milestones=[56, 71], beta_final=200.0, lmbda=1e-8, select="conv3x3",
-                   scaled=True, ticket_mask="finalize",
-                   s_inits=[-0.1, -0.05, 0.0, 0.05, 0.1], imp_levels=10)
+#: ``--paper``: CIFAR-10 ResNet-20 with the official protocol (the library's ``PAPER_CIFAR``)
+PAPER_FLAGS = dict(model="resnet20", dataset="cifar10", val_size=5000, select="conv3x3", scaled=True,
+                   ticket_mask="finalize", s_inits=[-0.1, -0.05, 0.0, 0.05, 0.1], imp_levels=10,
+                   **{k: list(v) if isinstance(v, tuple) else v for k, v in sp.PAPER_CIFAR.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the official 1/sigmoid(s_init) mask scale (--paper turns it on). Off by "
                         "default here: without BN to absorb it, the scale (about 2 per layer once beta "
                         "is large) made LeNet searches diverge in 1 of 25 runs and Conv-2 in most")
-    p.add_argument("--ticket-mask", choices=sp.search.TICKET_MASKS,
+    p.add_argument("--ticket-mask", choices=sp.TICKET_MASKS,
                    help="binary: 1[s>0] on the rewound weights (default here: LeNet/Conv nets have no "
                         "BN to absorb the official 1/sigmoid(s_init) scale); finalize: the official mask")
     p.add_argument("--s-inits", type=float, nargs="+")

@@ -9,7 +9,7 @@ from pae.sparsity.cs import (RESET_RULES, continuous_sparsification, hard_mask, 
 from pae.sparsity.imp import SCOPES, magnitude_prune, rounds_for_density, with_unit_masks
 from pae.sparsity.masks import (FixedMask, SoftMask, attach_masks, check_shapes, density, fixed_masks,
                                 layer_densities, mask_tree, masked_count, masked_params)
-from pae.sparsity.search import (PAPER_CIFAR, SearchConfig, SearchResult, Task, cs_optimizer,
+from pae.sparsity.search import (PAPER_CIFAR, TICKET_MASKS, SearchConfig, SearchResult, Task, cs_optimizer,
                                  cs_search, cs_ticket, imp_search, make_task, random_reinit,
                                  round_schedule, ticket_optimizer, train_dense, train_masked)
 
@@ -22,6 +22,6 @@ __all__ = [
     "density", "fixed_masks", "hard_mask", "imp_search", "layer_densities", "magnitude_prune",
     "make_task", "mask_tree", "masked_count", "masked_params", "random_reinit", "reset_logits",
     "rewind", "round_schedule", "rounds_for_density", "soft_mask", "temperature_schedule",
-    "ticket_optimizer", "ticket_search", "to_ticket", "train_dense", "train_masked",
+    "TICKET_MASKS", "ticket_optimizer", "ticket_search", "to_ticket", "train_dense", "train_masked",
     "with_unit_masks",
 ]

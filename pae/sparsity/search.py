@@ -187,7 +187,7 @@ def _evaluate(eval_step, state, task, cfg, ctx):
                                        augment=task.eval_transform):
         sums = eval_step(state, distributed.shard_batch(batch, task.mesh), ctx)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    return np.asarray(total["correct"]) / np.maximum(np.asarray(total["count"]), 1.0)
+    return _acc(total)
 
 
 def _acc(sums):
@@ -340,16 +340,17 @@ def train_masked(task: Task, cfg: SearchConfig, latent: Any, batch_stats: Any, *
                  batched: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Train a FixedMask latent for ``cfg.epochs`` with a fresh weight optimizer; masks frozen.
 
-    Returns ``{"test_acc", "train_acc", "density", "epochs"}`` (arrays over runs when ``batched``).
+    ``batched``: the latent has a leading run axis (one vmapped program). ``seed_offset`` shifts the
+    state's PRNG key (dropout etc.), not the data order (``cfg.seed``). Returns ``{"test_acc",
+    "train_acc", "density", "epochs"}`` (lists over runs when ``batched``).
     """
     spe = _spe(task, cfg)
     tx = ticket_optimizer(cfg, spe)
     t = fixed_masks()
-    step = make_train_step(task.model, tx, reparam=t.apply, donate=True)
+    step = make_train_step(task.model, tx, reparam=t.apply, donate=not batched)
     eval_step = make_eval_step(task.model, reparam=t.apply)
     if batched:
-        inner_step = make_train_step(task.model, tx, reparam=t.apply, donate=False)
-        step = jax.jit(jax.vmap(inner_step, in_axes=(0, None, None)), donate_argnums=0)
+        step = jax.jit(jax.vmap(step, in_axes=(0, None, None)), donate_argnums=0)
         eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None, None)))
         state = jax.vmap(lambda p, b: TrainState(
             step=jnp.zeros((), jnp.int32), params=p, batch_stats=b, opt_state=tx.init(p),
