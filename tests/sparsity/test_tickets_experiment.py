@@ -46,8 +46,8 @@ def test_flags_given_win_over_model_presets_and_paper_flags():
     lenet = parse()
     assert (lenet.model, lenet.dataset, lenet.mask_lr, lenet.scaled) == ("lenet300_100", "mnist_subset",
                                                                          None, False)
-    conv = parse("--model", "conv4", "--s-inits", "0.5")
-    preset = tickets.PRESETS["conv4"]
+    conv = parse("--model", "conv2", "--s-inits", "0.5")
+    preset = tickets.PRESETS["conv2"]
     assert (conv.dataset, conv.mask_lr, conv.imp_levels) == (preset["dataset"], preset["mask_lr"],
                                                              preset["imp_levels"])
     assert conv.s_inits == [0.5] and conv.epochs == tickets.DEFAULTS["epochs"]
