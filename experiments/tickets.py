@@ -42,7 +42,7 @@ SELECTORS = {"kernels": S.kernels, "conv3x3": lambda: S.conv_kernels((3, 3))}
 
 
 #: defaults of every flag a preset may change; ``None`` for a flag means "not given on the command line"
-DEFAULTS = dict(model="lenet300_100", dataset="mnist_subset", val_size=0, rounds=2, epochs=10,
+DEFAULTS = dict(model="lenet300_100", dataset="mnist_subset", val_size=0, rounds=3, epochs=10,
                 rewind_epoch=2, batch_size=64, lr=0.1, mask_lr=None, momentum=0.9,
                 weight_decay=1e-4, milestones=[7], beta_final=200.0, lmbda=1e-8, reset="paper",
                 scaled=False, ticket_mask="binary", s_inits=[-0.04, -0.02, -0.01, -0.005, 0.0, 0.01],
@@ -54,8 +54,8 @@ DEFAULTS = dict(model="lenet300_100", dataset="mnist_subset", val_size=0, rounds
 #: the s_init range and IMP depth come from the calibration runs recorded in README. Conv-4 has no
 #: preset: no setting tried trained under CS on digits (see README).
 PRESETS = {
-    "conv2": dict(dataset="digits", mask_lr=1.0, s_inits=[-0.02, -0.01, -0.005, 0.0, 0.005, 0.01],
-                  imp_levels=16),
+    "conv2": dict(dataset="digits", rounds=2, mask_lr=1.0,
+                  s_inits=[-0.02, -0.01, -0.005, 0.0, 0.005, 0.01], imp_levels=16),
 }
 
 #: ``--paper``: CIFAR-10 ResNet-20 with the official protocol (the library's ``PAPER_CIFAR``)
