@@ -197,6 +197,14 @@ def lr_multiplier(setup: Setup, steps_per_epoch: int):
                          milestones=setup.milestones, decay=setup.lr_decay)
 
 
+def shared_setup(setup: Setup, seed: int):
+    """``(dataset, model, example inputs, steps per epoch, lr multiplier)`` of the shared-step drivers."""
+    dataset = load(setup, seed)
+    steps = pdata.num_batches(len(dataset["train"]), setup.batch_size)
+    return (dataset, get_model(setup.model, dataset.num_classes), jnp.asarray(dataset.example_inputs()),
+            steps, lr_multiplier(setup, steps))
+
+
 # ----------------------------------------------------------------------------------------------
 # Experiment 1: lr x eps grid
 # ----------------------------------------------------------------------------------------------
@@ -204,11 +212,7 @@ def lr_multiplier(setup: Setup, steps_per_epoch: int):
 
 def grid_shared(setup: Setup, lrs, epss, seeds) -> dict[str, np.ndarray]:
     """Final validation accuracy ``[len(seeds), len(lrs), len(epss)]`` per optimizer (shared step)."""
-    dataset = load(setup, seeds[0])
-    model = get_model(setup.model, dataset.num_classes)
-    steps = pdata.num_batches(len(dataset["train"]), setup.batch_size)
-    mult = lr_multiplier(setup, steps)
-    example = example_inputs(dataset)
+    dataset, model, example, steps, mult = shared_setup(setup, seeds[0])
     out = {}
     for name, factory in GRID_OPTIMIZERS.items():
         tx = optax.chain(
@@ -323,11 +327,7 @@ def plot_grid(result: dict, lrs, epss, path: str, title: str) -> None:
 
 
 def bound_shared(setup: Setup, seeds) -> dict:
-    dataset = load(setup, seeds[0])
-    model = get_model(setup.model, dataset.num_classes)
-    steps = pdata.num_batches(len(dataset["train"]), setup.batch_size)
-    mult = lr_multiplier(setup, steps)
-    example = example_inputs(dataset)
+    dataset, model, example, steps, mult = shared_setup(setup, seeds[0])
     out = {}
     for name, make in bound_optimizers(setup.weight_decay, steps * setup.epochs).items():
         tx = make(mult)
@@ -395,14 +395,6 @@ def plot_bound(result: dict, path: str, title: str) -> None:
 def load(setup: Setup, seed: int):
     return pdata.load_dataset(setup.dataset, data_dir=setup.data_dir, val_size=setup.val_size,
                               seed=seed)
-
-
-def example_inputs(dataset) -> jax.Array:
-    example = dataset["train"].take(np.array([0]))
-    transform = dataset.transform(False)
-    if transform is not None:
-        example = transform(example, np.random.default_rng(0))
-    return jnp.asarray(example["inputs"])
 
 
 def to_json(tree: Any) -> Any:

@@ -71,6 +71,13 @@ class Dataset:
         """Shape of one example's ``inputs`` (no batch axis)."""
         return self.splits["train"].take(np.array([0]))["inputs"].shape[1:]
 
+    def example_inputs(self) -> np.ndarray:
+        """The first training example's ``inputs`` as a batch of one, eval-transformed: what model
+        initialization needs."""
+        example = self.splits["train"].take(np.array([0]))
+        eval_tf = self.transform(False)
+        return (eval_tf(example, np.random.default_rng(0)) if eval_tf else example)["inputs"]
+
     def transform(self, train: bool, augment: bool | None = None) -> pipeline.Augment | None:
         """The batch transform: normalization for images, plus crop+flip when training with augmentation."""
         if self.kind != "image":

@@ -126,11 +126,8 @@ class Task(NamedTuple):
 def make_task(model, dataset, mesh=None, eval_split: str = "test") -> Task:
     """Bundle a model with a loaded :class:`pae.data.Dataset` (default mesh: all devices)."""
     mesh = distributed.data_mesh() if mesh is None else mesh
-    eval_tf = dataset.transform(False)
-    example = dataset["train"].take(np.array([0]))
-    example = eval_tf(example, np.random.default_rng(0)) if eval_tf else example
-    return Task(model, dataset["train"], dataset[eval_split], dataset.transform(True), eval_tf,
-                jnp.asarray(example["inputs"]), mesh)
+    return Task(model, dataset["train"], dataset[eval_split], dataset.transform(True),
+                dataset.transform(False), jnp.asarray(dataset.example_inputs()), mesh)
 
 
 # ----------------------------------------------------------------------------- optimizers

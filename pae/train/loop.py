@@ -183,9 +183,7 @@ def run(config: TrainConfig, *, tx: optax.GradientTransformation | None = None,
         tx = make_optimizer(config.optimizer, schedule, weight_decay=config.weight_decay,
                             momentum=config.momentum, reference_lr=config.learning_rate)
     train_tf, eval_tf = dataset.transform(True, config.augment), dataset.transform(False)
-    example = train_src.take(np.array([0]))
-    example = eval_tf(example, np.random.default_rng(0)) if eval_tf else example
-    state = create_train_state(model, tx, jnp.asarray(example["inputs"]), config.seed, init_latent)
+    state = create_train_state(model, tx, jnp.asarray(dataset.example_inputs()), config.seed, init_latent)
     num_params = count_params(state.params)
     state = distributed.replicate(state, mesh)
     train_step = make_train_step(model, tx, reparam=reparam, penalty=penalty)

@@ -24,6 +24,15 @@ def test_digits_are_sklearns_digits_rescaled():
                                   data["test"].arrays["targets"])
 
 
+def test_example_inputs_is_the_first_train_image_normalized():
+    data = load_dataset("digits")
+    got = data.example_inputs()
+    raw = data["train"].arrays["inputs"][:1].astype(np.float64) / 255.0
+    want = (raw - np.asarray(data.mean)) / np.asarray(data.std)  # independent reference
+    assert got.shape == (1, 8, 8, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mnist_subset_is_real_mnist_with_validation_split():
     data = load_dataset("mnist_subset", val_size=500, seed=1)
     sizes = {k: len(v) for k, v in data.splits.items()}
