@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pae.core import Transform, check_finite, check_positive, map_nodes, nodes, select as pselect
-from pae.sparsity.masks import FixedMask, SoftMask, _check_shape, check_shapes
+from pae.sparsity.masks import FixedMask, SoftMask, _check_shape, _is_mask, _zip_masked, check_shapes
 
 RESET_RULES = ("paper", "code")
 
@@ -147,28 +147,17 @@ def to_ticket(latent: Any, rewound: Any, s_init: Any = 0.0, scaled: bool = True)
         _check_shape(path, old.weight, now.logits)
         return FixedMask(old.weight, hard_mask(now.logits, s_init, scaled).astype(old.weight.dtype))
 
-    return _zip_masked(ticket, latent, rewound, "rewound")
+    return _zip_masked(ticket, latent, rewound, "rewound must have the same tree structure as latent")
 
 
 def rewind(latent: Any, checkpoint: Any) -> Any:
     """Everything from ``checkpoint`` except the mask logits/masks, which stay as in ``latent``."""
     def take(path, now, old):
-        weight_now, weight_old = (now.weight, old.weight) if isinstance(now, (SoftMask, FixedMask)) \
-            else (now, old)
-        if np.shape(weight_now) != np.shape(weight_old):
-            raise ValueError(f"checkpoint leaf {path!r} has shape {np.shape(weight_old)} but the latent "
-                             f"has {np.shape(weight_now)}")
-        return now.replace(weight=old.weight) if isinstance(now, (SoftMask, FixedMask)) else old
+        node = _is_mask(now)
+        shape_now, shape_old = (np.shape(now.weight), np.shape(old.weight)) if node else \
+            (np.shape(now), np.shape(old))
+        if shape_now != shape_old:
+            raise ValueError(f"checkpoint leaf {path!r} has shape {shape_old} but the latent has {shape_now}")
+        return now.replace(weight=old.weight) if node else old
 
-    return _zip_masked(take, latent, checkpoint, "checkpoint")
-
-
-def _zip_masked(fn, latent: Any, other: Any, name: str) -> Any:
-    """``fn(path, node_or_leaf, other's)`` over two trees of the same structure (mask nodes whole)."""
-    is_mask = lambda x: isinstance(x, (SoftMask, FixedMask))  # noqa: E731
-    flat, tree = jax.tree_util.tree_flatten_with_path(latent, is_leaf=is_mask)
-    flat_other, tree_other = jax.tree.flatten(other, is_leaf=is_mask)
-    if tree != tree_other:
-        raise ValueError(f"{name} must have the same tree structure as latent")
-    return jax.tree.unflatten(tree, [fn(pselect.path_str(kp), now, old)
-                                     for (kp, now), old in zip(flat, flat_other)])
+    return _zip_masked(take, latent, checkpoint, "checkpoint must have the same tree structure as latent")

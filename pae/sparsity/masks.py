@@ -37,6 +37,17 @@ def _is_mask(x) -> bool:
     return isinstance(x, (SoftMask, FixedMask))
 
 
+def _zip_masked(fn, latent: Any, other: Any, mismatch: str) -> Any:
+    """``fn(path, node_or_leaf, other's)`` over two trees of the same structure (mask nodes whole);
+    ``mismatch`` is the ValueError message when the structures differ."""
+    flat, tree = jax.tree_util.tree_flatten_with_path(latent, is_leaf=_is_mask)
+    flat_other, tree_other = jax.tree.flatten(other, is_leaf=_is_mask)
+    if tree != tree_other:
+        raise ValueError(mismatch)
+    return jax.tree.unflatten(tree, [fn(pselect.path_str(kp), now, old)
+                                     for (kp, now), old in zip(flat, flat_other)])
+
+
 def check_shapes(latent: Any) -> None:
     """ValueError naming the first mask node whose weight and mask (or logits) shapes differ."""
     for kp, node in jax.tree_util.tree_flatten_with_path(latent, is_leaf=_is_mask)[0]:
@@ -67,7 +78,7 @@ def mask_tree(latent: Any) -> dict[str, jax.Array]:
     """``{path: mask array}`` of the :class:`FixedMask` nodes of ``latent``."""
     out = {}
     for kp, node in jax.tree_util.tree_flatten_with_path(
-            latent, is_leaf=lambda x: isinstance(x, (FixedMask, SoftMask)))[0]:
+            latent, is_leaf=_is_mask)[0]:
         if isinstance(node, FixedMask):
             out[pselect.path_str(kp)] = node.mask
     return out
@@ -110,7 +121,7 @@ def layer_densities(latent: Any) -> dict[str, float]:
     """``{path: density}`` per masked leaf (host values)."""
     out = {}
     for kp, node in jax.tree_util.tree_flatten_with_path(
-            latent, is_leaf=lambda x: isinstance(x, (SoftMask, FixedMask)))[0]:
+            latent, is_leaf=_is_mask)[0]:
         if isinstance(node, SoftMask):
             out[pselect.path_str(kp)] = float(jnp.mean(node.logits > 0))
         elif isinstance(node, FixedMask):

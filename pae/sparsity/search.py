@@ -31,7 +31,7 @@ from pae.train.state import TrainState, create_train_state, init_variables
 from pae.train.step import make_eval_step, make_train_step
 from pae.sparsity import cs as pcs
 from pae.sparsity import imp as pimp
-from pae.sparsity.masks import check_shapes, density, fixed_masks, mask_tree, masked_count
+from pae.sparsity.masks import _check_shape, _zip_masked, density, fixed_masks, mask_tree, masked_count
 
 #: The official CIFAR-10 ResNet-20 protocol.
 PAPER_CIFAR = dict(rounds=3, epochs=85, rewind_epoch=2, batch_size=128, lr=0.1, momentum=0.9,
@@ -387,16 +387,17 @@ def cs_ticket(result: SearchResult, cfg: SearchConfig) -> Any:
 def random_reinit(task: Task, ticket: Any, seed: int) -> tuple[Any, Any]:
     """The ticket's masks on freshly initialized weights (and fresh BN statistics): the control."""
     variables = init_variables(task.model, task.example, jax.random.PRNGKey(seed))
+    masked = set(mask_tree(ticket))
     fresh = pimp.with_unit_masks(variables["params"], pselect.Selector(
-        lambda p, x: p in mask_tree(ticket), "ticket masks"))
-    is_fm = lambda x: isinstance(x, pcs.FixedMask)  # noqa: E731
-    flat_t, tree = jax.tree.flatten(ticket, is_leaf=is_fm)
-    flat_f, tree_f = jax.tree.flatten(fresh, is_leaf=is_fm)
-    if tree != tree_f:
-        raise ValueError("ticket does not match the model's parameter tree")
-    out = jax.tree.unflatten(tree, [f.replace(mask=t.mask) if is_fm(t) else f
-                                    for t, f in zip(flat_t, flat_f)])
-    check_shapes(out)
+        lambda p, x: p in masked, "ticket masks"))
+
+    def take_mask(path, new, old):
+        if not isinstance(new, pcs.FixedMask):
+            return new
+        _check_shape(path, new.weight, old.mask)
+        return new.replace(mask=old.mask)
+
+    out = _zip_masked(take_mask, fresh, ticket, "ticket does not match the model's parameter tree")
     return out, variables.get("batch_stats", {})
 
 
@@ -404,8 +405,9 @@ def imp_search(task: Task, cfg: SearchConfig, levels: int, select: pselect.Selec
                log: Callable[[str], None] | None = None,
                checkpoint_dir: str | os.PathLike | None = None) -> list[dict]:
     """Iterative magnitude pruning with rewinding: round 0 trains dense from the same initial weights
-    as :func:`cs_search` and :func:`train_dense` (saving the rewind point at ``rewind_epoch``); each later round prunes ``prune_rate`` of the remaining weights, rewinds
-    weights/BN params/batch stats and trains E epochs with a fresh optimizer.
+    as :func:`cs_search` and :func:`train_dense` (saving the rewind point at ``rewind_epoch``); each
+    later round prunes ``prune_rate`` of the remaining weights, rewinds weights/BN params/batch stats
+    and trains E epochs with a fresh optimizer.
 
     Returns one row per level k = 0..levels: ``density``, ``test_acc`` (the ticket at that level,
     trained from the rewind point for k >= 1) and ``epochs`` (total epochs spent to have it trained).
