@@ -235,12 +235,17 @@ def _epochs_imp(imp_rows, density):
     return min(reached) if reached else None
 
 
+def _best_sparse(cs_rows):
+    """The most accurate CS ticket at >= 90 % sparsity, or None."""
+    sparse = [r for r in cs_rows if r["density"] <= 0.10]
+    return max(sparse, key=lambda r: r["test_acc"]) if sparse else None
+
+
 def check_targets(rows) -> dict:
     dense = next(r for r in rows if r["method"] == "dense")
     cs = [r for r in rows if r["method"] == "CS"]
     imp = [r for r in rows if r["method"] == "IMP"]
-    sparse = [r for r in cs if r["density"] <= 0.10]
-    best = max(sparse, key=lambda r: r["test_acc"]) if sparse else None
+    best = _best_sparse(cs)
     comparisons = []
     for r in cs:
         ref = _interp_imp(imp, r["density"])
@@ -298,8 +303,7 @@ def targets_over_seeds(per_seed: list[dict]) -> dict:
     dense = next(r for r in summary if r["method"] == "dense")
     cs = [r for r in summary if r["method"] == "CS"]
     imp_rows = [r for r in per_seed[0]["rows"] if r["method"] == "IMP"]
-    sparse = [r for r in cs if r["density"] <= 0.10]
-    best = max(sparse, key=lambda r: r["test_acc"]) if sparse else None
+    best = _best_sparse(cs)
     comparisons = []
     for i, r in enumerate(cs):
         diffs = [one["targets"]["comparisons"][i] for one in per_seed]
