@@ -278,8 +278,17 @@ def adabound(
     _validate_alias(
         "adabound", learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, reference_lr
     )
+    return _l2_adabound(
+        "amsbound" if amsbound is True else "adabound", learning_rate, final_lr, b1, b2, gamma,
+        eps, weight_decay, amsbound, reference_lr, mu_dtype,
+    )
+
+
+def _l2_adabound(fn, learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, amsbound,
+                 reference_lr, mu_dtype):
+    """AdaBound/AMSBound with L2 decay added to the gradient; ``fn`` names it in errors."""
     return optax.chain(
-        add_decayed_weights(weight_decay),
+        add_decayed_weights(weight_decay, fn=fn),
         scale_by_adabound(
             learning_rate, final_lr, b1, b2, gamma, eps,
             amsbound=amsbound, reference_lr=reference_lr, mu_dtype=mu_dtype,
@@ -314,9 +323,9 @@ def amsbound(
     _validate_alias(
         "amsbound", learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, reference_lr
     )
-    return adabound(
-        learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, True,
-        reference_lr=reference_lr, mu_dtype=mu_dtype,
+    return _l2_adabound(
+        "amsbound", learning_rate, final_lr, b1, b2, gamma, eps, weight_decay, True,
+        reference_lr, mu_dtype,
     )
 
 
@@ -363,6 +372,6 @@ def adaboundw(
             learning_rate, final_lr, b1, b2, gamma, eps,
             amsbound=amsbound, reference_lr=reference_lr, mu_dtype=mu_dtype,
         ),
-        add_decayed_weights(weight_decay),
+        add_decayed_weights(weight_decay, fn="adaboundw"),
         optax.scale(-1.0),
     )

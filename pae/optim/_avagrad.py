@@ -295,7 +295,7 @@ def avagrad(
     """
     _validate_alias("avagrad", learning_rate, b1, b2, eps, weight_decay, form)
     return optax.chain(
-        add_decayed_weights(weight_decay),
+        add_decayed_weights(weight_decay, fn="avagrad"),
         scale_by_avagrad(b1, b2, eps, form=form, mu_dtype=mu_dtype),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -337,6 +337,6 @@ def avagradw(
     _validate_alias("avagradw", learning_rate, b1, b2, eps, weight_decay, form)
     return optax.chain(
         scale_by_avagrad(b1, b2, eps, form=form, mu_dtype=mu_dtype),
-        add_decayed_weights(weight_decay, skip_first_step=True),
+        add_decayed_weights(weight_decay, skip_first_step=True, fn="avagradw"),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -6,10 +6,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = [
     "add_decayed_weights",
+    "missing_params_error",
     "DecayAfterFirstStepState",
     "scalar_f32",
     "one_minus_pow",
@@ -57,7 +59,26 @@ def lr_at(learning_rate: Any, count: jax.Array) -> Any:
 
 
 def _is_static_zero(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+    """True for a concrete scalar 0 (Python, NumPy or concrete JAX); False for tracers and schedules."""
+    if isinstance(x, bool) or callable(x) or isinstance(x, jax.core.Tracer):
+        return False
+    try:
+        array = np.asarray(x)
+    except (TypeError, ValueError):
+        return False
+    return array.ndim == 0 and array.dtype.kind in "iuf" and float(array) == 0.0
+
+
+def missing_params_error(fn: str, weight_decay: Any) -> ValueError:
+    """The error for a weight-decaying ``update`` called without ``params``.
+
+    Written here rather than taken from optax (``optax.NO_PARAMS_MSG`` is absent from some optax
+    releases, e.g. 0.2.8), so the message is the same with every optax version and names the optimizer.
+    """
+    shown = "a traced value" if isinstance(weight_decay, jax.core.Tracer) else repr(weight_decay)
+    return ValueError(
+        f"{fn}: weight_decay={shown} needs the current parameters, but update() got params=None; "
+        f"call tx.update(grads, state, params), or use weight_decay=0 to update without params")
 
 
 def _decay_leaves(updates, params, factor):
@@ -76,19 +97,22 @@ class DecayAfterFirstStepState(NamedTuple):
 
 
 def add_decayed_weights(
-    weight_decay: Any, *, skip_first_step: bool = False
+    weight_decay: Any, *, skip_first_step: bool = False, fn: str = "add_decayed_weights"
 ) -> optax.GradientTransformationExtraArgs:
     """Add ``weight_decay * params`` to the updates: ``u <- u + wd * p``.
 
     Placed before the moment estimates this is an L2 penalty; placed after the adaptive scaling
     it is decoupled decay. Unlike ``optax.add_decayed_weights`` it does not require ``params``
-    when ``weight_decay`` is the Python number 0 (so ``avagrad()`` works with ``update(g, s)``),
-    and the output keeps the updates' dtype.
+    when ``weight_decay`` is a concrete 0 (so ``avagrad()`` works with ``update(g, s)``), the
+    output keeps the updates' dtype, and a nonzero (or traced) ``weight_decay`` with
+    ``params=None`` raises a ``ValueError`` naming ``fn`` and ``weight_decay`` (with every optax
+    version; optax's own message constant is not in all releases).
 
     Args:
       weight_decay: decay coefficient (a number or a traced 0-d array, never branched on).
       skip_first_step: if True the decay is multiplied by 0 on the first update and by 1 after
         (AvaGradW's official code decays only inside its ``step > 1`` branch).
+      fn: the optimizer's name, used in the error for a missing ``params``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -109,7 +133,7 @@ def add_decayed_weights(
         if _is_static_zero(weight_decay):
             return updates, new_state
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise missing_params_error(fn, weight_decay)
         factor = weight_decay
         if skip_first_step:
             factor = jnp.where(state.count > 0, weight_decay, jnp.zeros_like(weight_decay))

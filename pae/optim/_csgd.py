@@ -67,7 +67,7 @@ def csgd(
     _checks.check_unit_interval(fn, "momentum", momentum)
     _checks.check_nonnegative(fn, "weight_decay", weight_decay)
     return optax.chain(
-        add_decayed_weights(weight_decay),
+        add_decayed_weights(weight_decay, fn=fn),
         optax.ema(momentum, debias=True, accumulator_dtype=accumulator_dtype),
         optax.scale_by_learning_rate(learning_rate),
     )
