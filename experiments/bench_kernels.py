@@ -5,10 +5,21 @@ two-level 2+8-bit layer), it times both paths side by side in one process (inter
 median), and prints the ratio, achieved GB/s, the fraction of the measured copy bandwidth, and
 the ideal weight-only ratio (bf16 bytes / packed bytes, ~16/bits).  On CPU there is no kernel to
 time: it prints the memory-footprint ratios and reference-path timings and says so.
-Results go to experiments/results/kernels_<platform>_<device>.json.
+
+What is timed (``--timer``):
+  loop   (default) n calls of the jitted function in one executable (``fori_loop``), chained only
+         through ``lax.optimization_barrier``: no elementwise pass or reduction is added to a call;
+         the harness's own per-iteration cost is measured and reported as ``loop_overhead_s``.
+  calls  n separate dispatches of the jitted function, blocking on the last.
+The copy bandwidth is a real copy, y = x + 1 returned in full (1 GiB read + 1 GiB written).
+
+Results go to runs/bench_kernels/kernels_<platform>_<device>_<time>.json (untracked);
+``--out experiments/results`` (a directory) or ``--out FILE.json`` writes elsewhere.  Every row
+carries the device, jax/jaxlib versions, the kernel path that ran and the exact command.
 
     python experiments/bench_kernels.py                  # full grid on an accelerator
     python experiments/bench_kernels.py --m 1 16 --kn 4096 --bits 4 2
+    python experiments/bench_kernels.py --backend triton mosaic_gpu reference --out experiments/results
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ import functools
 import json
 import platform as _platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -46,34 +58,60 @@ def parse_args(argv=None):
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per timed sample")
     ap.add_argument("--cpu-m", type=int, nargs="+", default=[1, 16, 128],
                     help="M values timed on CPU (reference path)")
-    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/kernels_*.json)")
+    ap.add_argument("--timer", choices=sorted(TIMERS), default="loop",
+                    help="loop: n chained calls in one executable; calls: n host dispatches")
+    ap.add_argument("--out", default=None,
+                    help="a .json file, or a directory for kernels_<platform>_<device>.json "
+                         "(default: runs/bench_kernels/, untracked)")
     return ap.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------
 # Timing helpers
 # ------------------------------------------------------------------------------------------
-def repeated(f, n: int):
-    """jit of n dependent calls of f(x, w) in one launch (no per-call host dispatch in the timing).
+def chained(f, n: int):
+    """jit of n calls of f(x, w) in one executable, with *no* added arithmetic.
 
-    Call i+1 reads x + 0 * sum(y_i), a true data dependence XLA cannot fold (0 * float is not
-    simplified), so the call is never hoisted out of the loop; both timed paths pay the same
-    small extra (one elementwise pass over x and one reduction over y per call)."""
+    A ``fori_loop`` whose carry is (x, w, y): each iteration passes (x, w, y) through
+    ``lax.optimization_barrier`` and computes y = f(x', w') from the barrier's outputs.  The barrier
+    makes x' and w' formally depend on the previous y, so XLA can neither hoist the call out of the
+    loop nor merge iterations, and it moves no data (no kernel, no elementwise pass, no reduction).
+    What is timed per iteration is f itself plus the loop's own per-iteration cost, which
+    ``loop_overhead`` measures separately (reported, never subtracted)."""
     def run(x, w):
-        def body(_, c):
-            y = f(x + c.astype(x.dtype), w)
-            return jnp.sum(y, dtype=jnp.float32) * 0.0
+        y0 = jax.eval_shape(f, x, w)
+        y0 = jnp.zeros(y0.shape, y0.dtype)
 
-        return jax.lax.fori_loop(0, n, body, jnp.float32(0.0))
+        def body(_, c):
+            x_, w_, _y = jax.lax.optimization_barrier(c)
+            return (x_, w_, f(x_, w_))
+
+        return jax.lax.fori_loop(0, n, body, (x, w, y0))[2]
 
     return jax.jit(run)
 
 
-def calibrate(f, x, w, min_time: float) -> int:
+def dispatched(f, n: int):
+    """n separately dispatched calls of jit(f); the caller blocks on the last one only."""
+    g = jax.jit(f)
+
+    def run(x, w):
+        y = None
+        for _ in range(n):
+            y = g(x, w)
+        return y
+
+    return run
+
+
+TIMERS = {"loop": chained, "calls": dispatched}
+
+
+def calibrate(make, f, x, w, min_time: float) -> int:
     """Inner repeat count so one sample takes about min_time seconds."""
     n = 1
     while True:
-        g = repeated(f, n)
+        g = make(f, n)
         jax.block_until_ready(g(x, w))
         t0 = time.perf_counter()
         jax.block_until_ready(g(x, w))
@@ -83,12 +121,13 @@ def calibrate(f, x, w, min_time: float) -> int:
         n = min(4096, max(n * 2, int(n * min_time / max(dt, 1e-6)) + 1))
 
 
-def time_side_by_side(fns: dict, args: dict, repeats: int, min_time: float) -> dict:
+def time_side_by_side(fns: dict, args: dict, repeats: int, min_time: float, timer: str = "loop") -> dict:
     """Median seconds per call of each function, sampled in interleaved order."""
+    make = TIMERS[timer]
     compiled = {}
     for name, f in fns.items():
-        n = calibrate(f, *args[name], min_time)
-        g = repeated(f, n)
+        n = calibrate(make, f, *args[name], min_time)
+        g = make(f, n)
         jax.block_until_ready(g(*args[name]))
         compiled[name] = (g, n)
     samples = {name: [] for name in fns}
@@ -100,11 +139,25 @@ def time_side_by_side(fns: dict, args: dict, repeats: int, min_time: float) -> d
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def copy_bandwidth(repeats: int, min_time: float, nbytes: int = 1 << 30) -> float:
-    """Measured device copy bandwidth in GB/s: y = x + 1 on a 1 GiB bf16 array (reads + writes)."""
+def loop_overhead(repeats: int, min_time: float, timer: str) -> float:
+    """Seconds per iteration of the timing harness around a call that does (almost) nothing:
+    f returns a one-element slice of x (a tiny copy), so this is the harness's floor."""
+    x = jnp.ones((8, 128), jnp.bfloat16)
+    f = lambda a, _: a[:1, :1]  # noqa: E731
+    return time_side_by_side({"empty": f}, {"empty": (x, None)}, repeats, min_time, timer)["empty"]
+
+
+def copy_fn(a, _):
+    """A real copy: y = a + 1 returned in full (reads the array once and writes it once; nothing
+    consumes y inside the executable, so XLA cannot fuse it into a reduction)."""
+    return a + jnp.ones((), a.dtype)
+
+
+def copy_bandwidth(repeats: int, min_time: float, timer: str = "loop", nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in GB/s: y = x + 1 on a 1 GiB bf16 array, bytes read + written."""
     x = jnp.ones((nbytes // 2 // 4096, 4096), jnp.bfloat16)
-    t = time_side_by_side({"copy": lambda a, _: a * 2}, {"copy": (x, None)}, repeats, min_time)["copy"]
-    return 2 * x.size * 2 / t / 1e9  # one read and one write of the array per call
+    t = time_side_by_side({"copy": copy_fn}, {"copy": (x, None)}, repeats, min_time, timer)["copy"]
+    return 2 * x.size * x.dtype.itemsize / t / 1e9  # one read and one write of the array per call
 
 
 # ------------------------------------------------------------------------------------------
@@ -130,6 +183,14 @@ def device_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(kind).lower()).strip("-")
 
 
+def command_line() -> str:
+    """The command as run, relative to the repository root where possible."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).resolve() == Path(__file__).resolve():
+        argv[0] = "experiments/bench_kernels.py"
+    return " ".join(["python"] + [shlex.quote(a) for a in argv])
+
+
 def header() -> dict:
     d = jax.devices()[0]
     import jaxlib
@@ -140,7 +201,7 @@ def header() -> dict:
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "python": _platform.python_version(),
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "command": command_line(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -155,7 +216,7 @@ def gpu_backend_note(path: str) -> str:
 # Runs
 # ------------------------------------------------------------------------------------------
 def target(m: int, label: str) -> float | None:
-    """The issue's H100 speed targets: ratio to bf16 jnp.dot (None where none is set)."""
+    """The issue's H100/H200 speed targets: ratio to bf16 jnp.dot (None where none is set)."""
     if m <= 16:
         return {"4": 3.0, "2": 5.0}.get(label)
     if m >= 4096:
@@ -163,20 +224,34 @@ def target(m: int, label: str) -> float | None:
     return None
 
 
+def row_context(info: dict) -> dict:
+    """The provenance every figure carries."""
+    return {k: info[k] for k in ("device", "platform", "jax", "jaxlib", "command", "timer")}
+
+
+def path_taken(path: str, m: int, packed) -> str:
+    """The kernel path ``packed_matmul(backend=path)`` runs for this M (the dispatch may send large
+    M to dequantize + XLA dot)."""
+    return path
+
+
 def run_accelerator(args, info: dict) -> list[dict]:
     paths = list(dict.fromkeys(pk.resolve_backend(b) for b in args.backend))
     info["backends"] = {p: gpu_backend_note(p) for p in paths}
-    bw = copy_bandwidth(args.repeats, args.min_time)
+    bw = copy_bandwidth(args.repeats, args.min_time, args.timer)
     info["copy_bandwidth_GBps"] = round(bw, 1)
-    print(f"device: {info['device']}  jax {info['jax']}  backends: {info['backends']}")
-    print(f"measured copy bandwidth: {bw:.0f} GB/s")
+    info["loop_overhead_s"] = loop_overhead(args.repeats, args.min_time, args.timer)
+    ctx = row_context(info)
+    print(f"device: {info['device']}  jax {info['jax']}  backends: {info['backends']}  timer: {args.timer}")
+    print(f"measured copy bandwidth (y = x + 1, read + write): {bw:.0f} GB/s; harness floor per call: "
+          f"{info['loop_overhead_s'] * 1e6:.1f} us (included in every time below, not subtracted)")
     print("ratio = t(bf16 jnp.dot) / t(packed); ideal = bf16 bytes / packed bytes (weight-only "
           "small-M roofline); %copyBW = achieved bytes/s / measured copy bandwidth\n")
     dense_fn = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)  # noqa: E731
     rng = np.random.default_rng(0)
     rows = []
     print(f"{'K=N':>5} {'M':>5} {'bits':>4} {'backend':>10} | {'bf16 us':>9} {'packed us':>9} {'ratio':>6} "
-          f"{'ideal':>6} {'target':>6} | {'GB/s':>6} {'%copyBW':>7} | {'TFLOP/s':>7} {'relerr':>8}")
+          f"{'ideal':>6} {'target':>6} | {'GB/s':>6} {'%copyBW':>7} | {'TFLOP/s':>7} {'relerr':>8} | path")
     for kn in args.kn:
         w_dense = jnp.asarray(rng.standard_normal((kn, kn)) * 0.02, jnp.bfloat16)
         for label in args.bits:
@@ -190,12 +265,12 @@ def run_accelerator(args, info: dict) -> list[dict]:
                         jax.eval_shape(f, x, packed)
                     except ValueError as e:  # e.g. a width the opt-in Mosaic GPU kernel does not cover
                         print(f"{kn:>5} {m:>5} {label:>4} {path:>10} | skipped: {str(e).splitlines()[0][:80]}")
-                        rows.append(dict(kn=kn, m=m, bits=label, backend=path, skipped=str(e)))
+                        rows.append(dict(ctx, kn=kn, m=m, bits=label, backend=path, skipped=str(e)))
                         continue
                     fns[path], inputs[path] = f, (x, packed)
                 if len(fns) == 1:
                     continue
-                t = time_side_by_side(fns, inputs, args.repeats, args.min_time)
+                t = time_side_by_side(fns, inputs, args.repeats, args.min_time, args.timer)
                 y_ref = jax.jit(lambda x, p: pk.reference_packed_matmul(x, p, out_dtype=jnp.float32))(x, packed)
                 moved = packed.nbytes + 2 * m * kn + 2 * m * kn
                 for path in fns:
@@ -205,23 +280,27 @@ def run_accelerator(args, info: dict) -> list[dict]:
                         x, p, backend=path, out_dtype=jnp.float32))(x, packed)
                     err = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
                     goal = target(m, label)
-                    row = dict(kn=kn, m=m, bits=label, backend=path, dense_s=t["dense"], packed_s=t[path],
+                    taken = path_taken(path, m, packed)
+                    row = dict(ctx, kn=kn, m=m, bits=label, backend=path, path=taken,
+                               dense_s=t["dense"], packed_s=t[path],
                                ratio=t["dense"] / t[path], ideal_ratio=2 * kn * kn / packed.nbytes,
                                target_ratio=goal, packed_GBps=moved / t[path] / 1e9,
                                frac_copy_bw=moved / t[path] / 1e9 / bw,
                                dense_frac_copy_bw=(2 * kn * kn + 4 * m * kn) / t["dense"] / 1e9 / bw,
                                packed_TFLOPs=2 * m * kn * kn / t[path] / 1e12, rel_err=err,
-                               packed_bytes=packed.nbytes)
+                               packed_bytes=packed.nbytes, copy_bandwidth_GBps=bw,
+                               loop_overhead_s=info["loop_overhead_s"])
                     rows.append(row)
                     mark = "" if goal is None else ("ok" if row["ratio"] >= goal else "MISS")
                     print(f"{kn:>5} {m:>5} {label:>4} {path:>10} | {t['dense'] * 1e6:>9.1f} {t[path] * 1e6:>9.1f} "
                           f"{row['ratio']:>5.2f}x {row['ideal_ratio']:>5.2f}x {mark:>6} | {row['packed_GBps']:>6.0f} "
-                          f"{100 * row['frac_copy_bw']:>6.0f}% | {row['packed_TFLOPs']:>7.1f} {err:>8.1e}")
+                          f"{100 * row['frac_copy_bw']:>6.0f}% | {row['packed_TFLOPs']:>7.1f} {err:>8.1e} | {taken}")
     return rows
 
 
 def run_cpu(args, info: dict) -> list[dict]:
     info["backends"] = {"reference": gpu_backend_note("reference")}
+    ctx = row_context(info)
     print(f"device: {info['device']} (CPU)  jax {info['jax']}")
     print("No GPU/TPU: the Pallas kernels cannot be timed here (speed needs an accelerator).")
     print("Printing the memory footprint ratio and the timings of the jnp reference path.\n")
@@ -236,7 +315,7 @@ def run_cpu(args, info: dict) -> list[dict]:
             p = abstract_packed(bits, ks, kn)
             r = 2 * kn * kn / p.nbytes
             ratios.append(r)
-            rows.append(dict(kind="footprint", kn=kn, bits=label, packed_bytes=p.nbytes,
+            rows.append(dict(ctx, kind="footprint", kn=kn, bits=label, packed_bytes=p.nbytes,
                              bf16_bytes=2 * kn * kn, ratio=r))
         print(f"{kn:>5} " + " ".join(f"{r:>5.2f}x" for r in ratios))
     print("\nreference path (CPU, XLA): jnp.dot on bf16 weights vs reference_packed_matmul")
@@ -251,14 +330,27 @@ def run_cpu(args, info: dict) -> list[dict]:
                 fns = {"dense": lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
                        "reference": lambda x, p: pk.reference_packed_matmul(x, p)}
                 t = time_side_by_side(fns, {"dense": (x, w_dense), "reference": (x, packed)},
-                                      max(3, args.repeats // 2), args.min_time)
-                rows.append(dict(kind="reference_timing", kn=kn, m=m, bits=label, dense_s=t["dense"],
-                                 reference_s=t["reference"], ratio=t["dense"] / t["reference"]))
+                                      max(3, args.repeats // 2), args.min_time, args.timer)
+                rows.append(dict(ctx, kind="reference_timing", kn=kn, m=m, bits=label, backend="reference",
+                                 dense_s=t["dense"], reference_s=t["reference"],
+                                 ratio=t["dense"] / t["reference"]))
                 print(f"{kn:>5} {m:>5} {label:>4} | {t['dense'] * 1e3:>11.2f} {t['reference'] * 1e3:>12.2f} "
                       f"{t['dense'] / t['reference']:>5.2f}x")
     print("\nThe reference unpacks the whole weight in XLA every call: these CPU figures say nothing "
-          "about kernel speed. Run this script on an H100 / TPU for the kernel figures.")
+          "about kernel speed. Run this script on an H100/H200 / TPU for the kernel figures.")
     return rows
+
+
+def output_path(out: str | None, plat: str, stamp: str) -> Path:
+    """--out FILE.json as given; --out DIR -> DIR/kernels_<platform>_<device>.json; default
+    runs/bench_kernels/kernels_<platform>_<device>_<stamp>.json (untracked, never overwritten)."""
+    name = f"kernels_{plat}_{device_slug()}"
+    if out is None:
+        return ROOT / "runs" / "bench_kernels" / f"{name}_{stamp}.json"
+    p = Path(out)
+    if not p.is_absolute():
+        p = Path.cwd() / p
+    return p if p.suffix == ".json" else p / f"{name}.json"
 
 
 def main(argv=None) -> dict:
@@ -267,13 +359,18 @@ def main(argv=None) -> dict:
         if not all(p in ("1", "2", "3", "4", "8") for p in b.split("+")):
             raise SystemExit(f"--bits {b!r}: use 1 2 3 4 8 or a two-level 'a+b'")
     info = header()
+    if argv is not None:  # called from Python: record the arguments actually used
+        info["command"] = " ".join(["python", "experiments/bench_kernels.py"] + [shlex.quote(a) for a in argv])
+    info["timer"] = args.timer
     plat = platform_name()
     rows = run_cpu(args, info) if plat == "cpu" else run_accelerator(args, info)
     result = {**info, "rows": rows}
-    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / f"kernels_{plat}_{device_slug()}.json"
+    stamp = info["timestamp"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    out = output_path(args.out, plat, stamp)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    result["_path"] = str(out)
     return result
 
 
