@@ -35,7 +35,7 @@ from pae import sparsity as sp
 from pae.core import select as S
 from pae.data import load_dataset
 from pae.models import get_model
-from pae.train import data_mesh
+from pae.train import data_mesh, make_task
 from pae.train.metrics import atomic_write
 
 SELECTORS = {"kernels": S.kernels, "conv3x3": lambda: S.conv_kernels((3, 3))}
@@ -140,7 +140,8 @@ def run_seed(args, seed: int) -> dict:
                           ticket_mask=args.ticket_mask,
                           prune_scope=args.imp_scope, seed=seed)
     dataset = load_dataset(args.dataset, val_size=args.val_size, seed=0)  # same test set for all seeds
-    task = sp.make_task(get_model(args.model, dataset.num_classes), dataset, data_mesh())
+    task = make_task(get_model(args.model, dataset.num_classes), dataset, mesh=data_mesh(),
+                     eval_splits=("test",))
     select = SELECTORS[args.select]()
     log = lambda msg: print(f"[seed {seed}] {msg}", flush=True)  # noqa: E731
 
@@ -150,17 +151,21 @@ def run_seed(args, seed: int) -> dict:
     timings = {}
 
     t0 = time.perf_counter()
-    dense = sp.train_dense(task, cfg, log)
+    dense = sp.train_dense(task, cfg)
+    log(f"dense: test acc {dense['test_acc']:.4f}")
     timings["dense"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    search = sp.cs_search(task, cfg, list(args.s_inits), select, log, checkpoint_dir=ckpt("cs"))
-    tickets = sp.cs_ticket(search, cfg)
-    trained = sp.train_masked(task, cfg, tickets, search.rewind_batch_stats, batched=True, log=log)
+    search = sp.cs_search(task, cfg, list(args.s_inits), select, checkpoint_dir=ckpt("cs"))
+    trained = search.ticket_row
+    log(f"CS tickets: density {np.round(trained['density'], 4).tolist()} test acc "
+        f"{np.round(trained['test_acc'], 4).tolist()}")
+    tickets = search.ticket.params
     timings["cs"] = time.perf_counter() - t0
+    epochs_cs = cfg.rounds * cfg.epochs + cfg.ticket_length
     cs_rows = [{"method": "CS", "s_init": s0, "density": trained["density"][i],
                 "test_acc": trained["test_acc"][i], "soft_test_acc": search.history[-1]["soft_test_acc"][i],
-                "epochs": (cfg.rounds + 1) * cfg.epochs} for i, s0 in enumerate(args.s_inits)]
+                "epochs": epochs_cs} for i, s0 in enumerate(args.s_inits)]
 
     reinit_rows = []
     if not args.no_reinit:
@@ -171,14 +176,16 @@ def run_seed(args, seed: int) -> dict:
             stacked.append(sp.random_reinit(task, one, seed=seed + 1000 + i))
         latents = jax.tree.map(lambda *xs: np.stack(xs), *[s[0] for s in stacked])
         stats = jax.tree.map(lambda *xs: np.stack(xs), *[s[1] for s in stacked])
-        out = sp.train_masked(task, cfg, latents, stats, batched=True, log=log)
+        _, out = sp.train_ticket(task, cfg, latents, stats, batched=True)
+        log(f"random re-init: test acc {np.round(out['test_acc'], 4).tolist()}")
         reinit_rows = [{"method": "random reinit", "s_init": s0, "density": out["density"][i],
-                        "test_acc": out["test_acc"][i], "epochs": (cfg.rounds + 1) * cfg.epochs}
+                        "test_acc": out["test_acc"][i], "epochs": epochs_cs}
                        for i, s0 in enumerate(args.s_inits)]
         timings["reinit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    imp = sp.imp_search(task, cfg, args.imp_levels, select, log, checkpoint_dir=ckpt("imp"))
+    imp = sp.imp_search(task, cfg, args.imp_levels, select, checkpoint_dir=ckpt("imp"))
+    log("IMP: " + ", ".join(f"{r['density']:.4f}: {r['test_acc']:.4f}" for r in imp))
     timings["imp"] = time.perf_counter() - t0
     imp_rows = [{"method": "IMP", **r} for r in imp]
 

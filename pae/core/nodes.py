@@ -24,11 +24,12 @@ def latent_node(roles: Mapping[str, str]):
     """Class decorator: make a ``flax.struct.dataclass`` whose fields have the given roles.
 
     Every field must have a role; ``"weights"`` marks the field that carries the original leaf.
+    Static fields (``flax.struct.field(pytree_node=False)``) are not leaves and take no role.
     """
 
     def wrap(cls):
         cls = flax.struct.dataclass(cls)
-        fields = [f.name for f in dataclasses.fields(cls)]
+        fields = [f.name for f in dataclasses.fields(cls) if f.metadata.get("pytree_node", True)]
         if sorted(fields) != sorted(roles):
             raise TypeError(f"{cls.__name__}: roles {sorted(roles)} must name every field {fields}")
         cls.__pae_roles__ = dict(roles)

@@ -55,10 +55,11 @@ def continuous_sparsification(select: pselect.Selector | None = None, s_init: An
     Args:
       select: which leaves get masks (default ``pae.select.kernels()``: every dense/conv kernel; the
         official ResNet-20 setting is ``pae.select.conv_kernels((3, 3))``).
-      s_init: initial mask logit, the main sparsity knob (negative: sparser). A float, or a traced
-        scalar (parallel search vmaps over it).
+      s_init: initial mask logit, the main sparsity knob (negative: sparser). Kept in every
+        :class:`SoftMask` node (``node.s_init``), where the masks, :func:`reset_logits` and
+        :func:`to_ticket` read it; :func:`with_s_init` changes it (one value per parallel run).
       lmbda: weight of ``sum(m)`` over all masked entries (official default 1e-8, on the *sum*).
-      scaled: keep the official ``1/sigmoid(s_init)`` scale on soft and hard masks.
+      scaled: keep the official ``1/sigmoid(s_init)`` scale on soft and hard masks (kept in the nodes).
 
     ``ctx`` must have a ``beta`` attribute (``pae.Context``); ``beta`` > 0.
     """
@@ -73,26 +74,27 @@ def continuous_sparsification(select: pselect.Selector | None = None, s_init: An
 
         def wrap(p, w):
             w = jnp.asarray(w)
-            return SoftMask(w, jnp.full(w.shape, s_init, jnp.float32))
+            return SoftMask(w, jnp.full(w.shape, s_init, jnp.float32), jnp.asarray(s_init, jnp.float32),
+                            scaled)
 
         return pselect.map_selected(params, select, wrap, what="select")
 
     def apply(latent, ctx):
         check_shapes(latent)
         beta = _beta(ctx)
-        return map_nodes(lambda n: n.weight * soft_mask(n.logits, beta, s_init, scaled).astype(
+        return map_nodes(lambda n: n.weight * soft_mask(n.logits, beta, n.s_init, n.scaled).astype(
             n.weight.dtype), latent, SoftMask)
 
     def penalty(latent, ctx):
         beta = _beta(ctx)
         total = jnp.zeros((), jnp.float32)
         for n in nodes(latent, SoftMask):
-            total = total + jnp.sum(soft_mask(n.logits, beta, s_init, scaled))
+            total = total + jnp.sum(soft_mask(n.logits, beta, n.s_init, n.scaled))
         return lmbda * total
 
     def finalize(latent, ctx):
         del ctx
-        return map_nodes(lambda n: n.weight * hard_mask(n.logits, s_init, scaled).astype(
+        return map_nodes(lambda n: n.weight * hard_mask(n.logits, n.s_init, n.scaled).astype(
             n.weight.dtype), latent, SoftMask)
 
     return Transform(init, apply, penalty, finalize)
@@ -119,33 +121,42 @@ def temperature_schedule(epoch: int, epochs: int, beta_final: float = 200.0) -> 
     return float(beta_final) ** (int(epoch) / (int(epochs) - 1))
 
 
-def reset_logits(latent: Any, s_init: Any, rule: str = "paper", beta_final: float = 200.0) -> Any:
-    """Between-round reset of the mask logits.
+def with_s_init(latent: Any, s_init: Any) -> Any:
+    """Every :class:`SoftMask` restarted at ``s_init``: logits filled with it and ``node.s_init`` set
+    (the per-run ``setup`` of a parallel search; ``s_init`` may be traced)."""
+    check_finite("s_init", s_init)
+    s0 = jnp.asarray(s_init, jnp.float32)
+    return map_nodes(lambda n: n.replace(logits=jnp.full_like(n.logits, s0), s_init=s0), latent, SoftMask)
+
+
+def reset_logits(latent: Any, rule: str = "paper", beta_final: float = 200.0) -> Any:
+    """Between-round reset of the mask logits, with each node's own ``s_init``.
 
     ``rule="paper"``: ``s <- min(beta_final * s, s_init)`` (the paper; kept entries return to s_init,
     removed ones are pushed far negative and stay removed). ``rule="code"``: ``s <- min(s, s_init)``
-    (what the official script effectively does, since it resets beta to 1 first).
+    (what the official script does: its ``main.py`` sets ``model.temp = 1`` before ``prune()``).
     """
     if rule not in RESET_RULES:
         raise ValueError(f"rule must be one of {RESET_RULES}, got {rule!r}")
-    check_finite("s_init", s_init)
     check_finite("beta_final", beta_final)
     factor = float(beta_final) if rule == "paper" else 1.0
     if rule == "paper" and factor <= 0:
         raise ValueError(f"beta_final must be > 0, got {beta_final}")
     return map_nodes(lambda n: n.replace(logits=jnp.minimum(
-        factor * n.logits, jnp.asarray(s_init, jnp.float32))), latent, SoftMask)
+        factor * n.logits, jnp.asarray(n.s_init, jnp.float32))), latent, SoftMask)
 
 
-def to_ticket(latent: Any, rewound: Any, s_init: Any = 0.0, scaled: bool = True) -> Any:
+def to_ticket(latent: Any, rewound: Any, binary: bool = False) -> Any:
     """The ticket's latent: every :class:`SoftMask` of ``latent`` becomes a :class:`FixedMask` with the
-    hard mask of its logits and the weight of ``rewound`` (same tree; its SoftMask weights are used).
+    hard mask of its logits (its own ``s_init``/``scaled``; ``binary``: always ``1[s > 0]``) and the
+    weight of ``rewound`` (same tree; its SoftMask weights are used).
     """
     def ticket(path, now, old):
         if not isinstance(now, SoftMask):
             return old
         _check_shape(path, old.weight, now.logits)
-        return FixedMask(old.weight, hard_mask(now.logits, s_init, scaled).astype(old.weight.dtype))
+        mask = hard_mask(now.logits, now.s_init, now.scaled and not binary)
+        return FixedMask(old.weight, mask.astype(old.weight.dtype))
 
     return _zip_masked(ticket, latent, rewound, "rewound must have the same tree structure as latent")
 

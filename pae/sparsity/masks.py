@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +12,19 @@ from pae.core import Transform, latent_node, map_nodes, nodes, select as pselect
 from pae.core.select import leaf_paths
 
 
-@latent_node({"weight": "weights", "logits": "mask"})
+@latent_node({"weight": "weights", "logits": "mask", "s_init": "frozen"})
 class SoftMask:
-    """A weight and its mask logits ``s`` (same shape, float32); the model sees ``weight * m(s)``."""
+    """A weight and its mask logits ``s`` (same shape, float32); the model sees ``weight * m(s)``.
+
+    ``s_init`` (a float32 scalar, never trained) and ``scaled`` (static) are the search's settings,
+    kept in the node so that every function reading them (the soft and hard masks, the between-round
+    reset, the ticket) takes them from one place and a parallel search keeps one ``s_init`` per run.
+    """
 
     weight: Any
     logits: Any
+    s_init: Any = 0.0
+    scaled: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 @latent_node({"weight": "weights", "mask": "frozen"})

@@ -63,26 +63,33 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, history: list[dict] | None = None) -> None:
-        """Write ``state`` (and the metric ``history``) as checkpoint ``step``; blocks until on disk."""
+    def save(self, step: int, state: Any, history: list[dict] | None = None, **extra: Any) -> None:
+        """Write ``state`` (and the metric ``history``, and JSON ``extra`` values such as the
+        engine's position) as checkpoint ``step``; blocks until on disk."""
         meta = {"identity": self.identity, "signature": tree_signature(state),
-                "history": history or []}
+                "history": history or [], **extra}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata of checkpoint ``step`` (identity, signature, history, extras)."""
+        where = os.path.join(self.directory, str(step))
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return meta["meta"]
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {where} has no readable metadata: {err}") from err
+
     def restore(self, step: int, target: Any) -> tuple[Any, list[dict]]:
-        """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target``.
+        """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target`` (arrays
+        or ``jax.ShapeDtypeStruct`` with shardings).
 
         Returns ``(state, history)``. Raises :class:`CheckpointError` when the checkpoint belongs to a
         different run (identity or array signature differ) or cannot be read whole.
         """
         where = os.path.join(self.directory, str(step))
-        try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            meta = meta["meta"]
-        except Exception as err:
-            raise CheckpointError(f"checkpoint {where} has no readable metadata: {err}") from err
+        meta = self.read_meta(step)
         if meta.get("identity") != self.identity:
             raise CheckpointError(
                 f"checkpoint {where} belongs to a different run: saved {meta.get('identity')}, "

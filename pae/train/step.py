@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from pae.core import Context
 from pae.train.state import TrainState
 
 Reparam = Callable[[Any, Any], Any]
@@ -44,21 +45,28 @@ def _variables(params, batch_stats):
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     reparam: Reparam | None = None, penalty: Penalty | None = None,
-                    donate: bool = True) -> Callable:
-    """Return ``train_step(state, batch, ctx) -> (state, metrics)``, jitted (state donated).
+                    donate: bool = True, pass_mask: bool = False, jit: bool = True) -> Callable:
+    """Return ``train_step(state, batch, ctx) -> (state, metrics)``, jitted (state donated) unless
+    ``jit=False``.
 
     Metrics include ``penalty`` (the regularizer's value) beside the sums of
-    :func:`masked_cross_entropy`.
+    :func:`masked_cross_entropy`. A :class:`pae.Context` is specialized to the step: its ``key`` is
+    folded with ``state.step`` and its ``step`` set, so a transform's noise differs every step.
+    ``pass_mask``: call the model with ``mask=batch["mask"]`` (models whose BatchNorm ignores the
+    padded rows of the last batch take it).
     """
 
     def train_step(state: TrainState, batch: dict, ctx: Any):
         dropout_key = jax.random.fold_in(state.key, state.step)
+        if isinstance(ctx, Context):
+            ctx = ctx.replace(key=jax.random.fold_in(ctx.key, state.step), step=state.step)
+        extra = {"mask": batch["mask"]} if pass_mask else {}
 
         def loss_fn(latent):
             params = latent if reparam is None else reparam(latent, ctx)
             logits, updates = model.apply(
                 _variables(params, state.batch_stats), batch["inputs"], train=True,
-                mutable=["batch_stats"], rngs={"dropout": dropout_key})
+                mutable=["batch_stats"], rngs={"dropout": dropout_key}, **extra)
             loss, metrics = masked_cross_entropy(logits, batch["targets"], batch["mask"])
             reg = jnp.zeros((), jnp.float32) if penalty is None else penalty(latent, ctx)
             return loss + reg, (metrics | {"penalty": reg}, updates.get("batch_stats", {}))
@@ -69,15 +77,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                               batch_stats=batch_stats, opt_state=opt_state)
         return state, metrics
 
+    if not jit:
+        return train_step
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model: nn.Module, *, reparam: Reparam | None = None) -> Callable:
-    """Return jitted ``eval_step(state, batch, ctx) -> metric sums`` (BN in inference mode)."""
+def make_eval_step(model: nn.Module, *, reparam: Reparam | None = None, jit: bool = True) -> Callable:
+    """Return ``eval_step(state, batch, ctx) -> metric sums`` (BN in inference mode; a
+    :class:`pae.Context` gets ``train=False``), jitted unless ``jit=False``."""
 
     def eval_step(state: TrainState, batch: dict, ctx: Any):
+        if isinstance(ctx, Context):
+            ctx = ctx.replace(train=jnp.zeros((), jnp.bool_))
         params = state.params if reparam is None else reparam(state.params, ctx)
         logits = model.apply(_variables(params, state.batch_stats), batch["inputs"], train=False)
         return masked_cross_entropy(logits, batch["targets"], batch["mask"])[1]
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step) if jit else eval_step

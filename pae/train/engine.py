@@ -1,0 +1,490 @@
+"""The one epoch loop: a run is a list of :class:`Phase` objects.
+
+Every method in pae trains in phases: CS searches in rounds with a logit reset between them, rewinds,
+then trains a ticket; IMP prunes and rewinds per level; quantization learns bits, snaps to a palette,
+then fine-tunes; growth trains a stage, grows the state, trains the next. A method contributes the
+pure pieces and a function that builds its phases; :func:`train_phases` owns everything else:
+
+* data iteration (the order of epoch ``e`` is a function of ``(seed, e)`` only), evaluation on every
+  split of the :class:`Task`, one compiled train/eval step per distinct phase (a new shape compiles
+  once more);
+* records: one row per epoch tagged with the phase name and index (``metrics.jsonl``/``.csv``), one
+  progress bar, ``curves.png`` with the phase boundaries marked, ``summary.json`` (the last row of
+  every phase);
+* orbax checkpoints at epoch boundaries holding the position (phase, epoch), the state, the kept
+  snapshots and the history; calling again with the same ``checkpoint_dir`` resumes anywhere (mid
+  phase, at a transition, across a shape change) and ends bit-identical to an uninterrupted run;
+* parallel runs: ``runs`` (a pytree with a leading axis of N per-run values) and ``setup(state,
+  value) -> state`` give N runs of the same phase list as one ``jax.vmap``-ed program; the per-run
+  value must live in the state (a latent node's field, an ``optax.inject_hyperparams`` state).
+
+A phase's ``enter(state, snapshots) -> state`` is a host-side transition at its start (reset logits,
+rewind, prune, assign a palette, grow). It must be a pure function of its inputs: a resumed run
+replays the transitions before the saved position on placeholder values to recover the state's
+structure (``jax.eval_shape`` when the transition is traceable, arrays of zeros otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from pae import data as pdata
+from pae.core import Context, Transform, identity
+from pae.train import distributed, metrics as pmetrics
+from pae.train.checkpoint import Checkpointer
+from pae.train.state import TrainState, init_variables
+from pae.train.step import make_eval_step, make_train_step
+
+OPTIMIZER_STATES = ("fresh", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A model and its data: what a run trains and where it evaluates.
+
+    ``evals`` maps a row prefix to a split (``{"val": ..., "test": ...}``); ``example`` is one input
+    batch for initialization; ``text`` adds bits per character to the rows.
+    """
+
+    model: Any
+    train: Any
+    evals: Mapping[str, Any]
+    train_transform: Any = None
+    eval_transform: Any = None
+    example: Any = None
+    mesh: Any = None
+    text: bool = False
+
+
+_EVAL_SPLITS = (("validation", "val"), ("test", "test"))
+
+
+def make_task(model, data, *, mesh=None, augment: bool | None = None,
+              eval_splits: Sequence[str] = ("validation", "test")) -> Task:
+    """A :class:`Task` from a model and a :class:`pae.data.Dataset` or arrays.
+
+    ``data``: a ``Dataset`` (its transforms, ``augment`` as in ``Dataset.transform``), or a mapping
+    ``{"train": (inputs, targets), "test": (inputs, targets), ...}`` of in-memory arrays (inputs fed
+    to the model as they are). ``mesh`` defaults to all devices.
+    """
+    mesh = distributed.data_mesh() if mesh is None else mesh
+    prefixes = dict(_EVAL_SPLITS)
+    if isinstance(data, pdata.Dataset):
+        evals = {prefixes.get(s, s): data[s] for s in eval_splits if s in data.splits}
+        return Task(model, data["train"], evals, data.transform(True, augment), data.transform(False),
+                    np.asarray(data.example_inputs()), mesh, data.kind == "text")
+    if not isinstance(data, Mapping) or "train" not in data:
+        raise TypeError("data must be a pae.data.Dataset or a mapping {'train': (inputs, targets), "
+                        f"...}}, got {type(data).__name__}")
+    sources = {}
+    for split, arrays in data.items():
+        if not (isinstance(arrays, (tuple, list)) and len(arrays) == 2):
+            raise TypeError(f"data[{split!r}] must be a pair (inputs, targets)")
+        sources[split] = pdata.ArraySource(np.asarray(arrays[0]), np.asarray(arrays[1]))
+    evals = {prefixes.get(s, s): src for s, src in sources.items() if s != "train"}
+    return Task(model, sources["train"], evals, None, None, sources["train"].inputs[:1], mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stretch of training with fixed pieces.
+
+    Args:
+      name: tag of the phase's rows.
+      epochs: epochs in the phase (0: a transition only, e.g. a final prune).
+      optimizer: ``steps_per_epoch -> optax.GradientTransformation``.
+      transform: the model sees ``transform.apply(latent, ctx)``; ``penalty`` is added to the loss.
+      context: ``epoch_in_phase -> ctx`` (default ``Context.make()``); inside a step a
+        :class:`pae.Context`'s ``key`` is folded with the step and ``step`` set, so noise differs
+        per step without host work.
+      enter: ``(state, snapshots) -> state`` at the phase start (pure; see the module doc).
+      keep: ``{k: name}``: keep the state after ``k`` epochs of this phase (``0``: right after
+        ``enter``; ``epochs``: at its end) as ``snapshots[name]`` for later phases.
+      optimizer_state: ``"fresh"``: ``tx.init`` at the phase start; ``"keep"``: carry the state's
+        optimizer state (as CS's momentum across rounds; a growing ``enter`` grows it).
+      eval_every: evaluate every k epochs and at the phase end; 0: only at the end.
+      data_epochs_from: the data order of epoch ``e`` is that of epoch ``data_epochs_from + e``;
+        ``None``: the run's epoch counter (every epoch of the run a new order).
+      metrics: ``(state, ctx) -> {name: scalar}`` added to each row (jitted; per run when parallel).
+      eval_apply: ``(latent, ctx) -> params`` for evaluation (default ``transform.apply``).
+    """
+
+    name: str
+    epochs: int
+    optimizer: Callable[[int], optax.GradientTransformation]
+    transform: Transform = dataclasses.field(default_factory=identity)
+    context: Callable[[int], Any] | None = None
+    enter: Callable[[TrainState, Mapping[str, TrainState]], TrainState] | None = None
+    keep: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    optimizer_state: str = "fresh"
+    eval_every: int = 1
+    data_epochs_from: int | None = None
+    metrics: Callable[[TrainState, Any], Mapping[str, jax.Array]] | None = None
+    eval_apply: Callable[[Any, Any], Any] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Phase name must be a non-empty string, got {self.name!r}")
+        for field in ("epochs", "eval_every"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"Phase {self.name!r}: {field} must be an int >= 0, got {v!r}")
+        if not callable(self.optimizer):
+            raise TypeError(f"Phase {self.name!r}: optimizer must be a function steps_per_epoch -> "
+                            f"optax.GradientTransformation, got {type(self.optimizer).__name__}")
+        if not isinstance(self.transform, Transform):
+            raise TypeError(f"Phase {self.name!r}: transform must be a pae.Transform, got "
+                            f"{type(self.transform).__name__}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"Phase {self.name!r}: optimizer_state must be one of {OPTIMIZER_STATES}, "
+                             f"got {self.optimizer_state!r}")
+        bad = [k for k in self.keep if not isinstance(k, (int, np.integer)) or not 0 <= k <= self.epochs]
+        if bad:
+            raise ValueError(f"Phase {self.name!r}: keep epochs must be in [0, epochs={self.epochs}], "
+                             f"got {bad}")
+        object.__setattr__(self, "keep", dict(self.keep))
+
+
+class PhasesResult(NamedTuple):
+    """``state``: the final state; ``snapshots``: the kept states (host arrays); ``history``: one row
+    per epoch; ``workdir``: where the records are (or None)."""
+
+    state: TrainState
+    snapshots: dict
+    history: list
+    workdir: str | None
+
+    def rows(self, phase: str) -> list[dict]:
+        """The rows of the phase(s) named ``phase``."""
+        return [r for r in self.history if r["phase"] == phase]
+
+    def last(self, phase: str) -> dict:
+        """The last row of the phase named ``phase``."""
+        rows = self.rows(phase)
+        if not rows:
+            raise KeyError(f"no rows for phase {phase!r}; phases: "
+                           f"{list(dict.fromkeys(r['phase'] for r in self.history))}")
+        return rows[-1]
+
+
+def init_state(model, example, seed: int, init_latent: Callable | None = None) -> TrainState:
+    """The state before the first phase: ``model.init`` with ``PRNGKey(seed)`` (split into init,
+    latent and state keys), ``init_latent(params, key)`` if given; no optimizer state yet (the first
+    phase's optimizer makes it)."""
+    init_key, latent_key, state_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    variables = init_variables(model, jnp.asarray(example), init_key)
+    params = variables["params"]
+    if init_latent is not None:
+        params = init_latent(params, latent_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=None, key=state_key)
+
+
+def host(tree):
+    """Host (NumPy) copies of every leaf: survives the donation of the device buffers."""
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)), tree)
+
+
+def _zeros(tree):
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
+
+
+def _to_row_value(x):
+    x = np.asarray(x)
+    return x.item() if x.ndim == 0 else x.tolist()
+
+
+class _Programs:
+    """Compiled steps, cached by the phase pieces that define them (rounds of the same method share)."""
+
+    def __init__(self, task: Task, steps_per_epoch: int, batched: bool):
+        self.task, self.spe, self.batched = task, steps_per_epoch, batched
+        self._cache: dict = {}
+        self.model_takes_mask = "mask" in inspect.signature(type(task.model).__call__).parameters
+
+    def _get(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def tx(self, phase: Phase) -> optax.GradientTransformation:
+        return self._get(("tx", phase.optimizer), lambda: phase.optimizer(self.spe))
+
+    def _vmap(self, fn, in_axes, donate=False):
+        fn = jax.vmap(fn, in_axes=in_axes) if self.batched else fn
+        return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+    def train_step(self, phase: Phase):
+        def build():
+            t = phase.transform
+            step = make_train_step(self.task.model, self.tx(phase), reparam=t.apply, penalty=t.penalty,
+                                   donate=False, pass_mask=self.model_takes_mask, jit=False)
+            return self._vmap(step, (0, None, None), donate=True)
+        return self._get(("train", phase.transform, phase.optimizer), build)
+
+    def eval_step(self, phase: Phase):
+        apply = phase.eval_apply or phase.transform.apply
+
+        def build():
+            return self._vmap(make_eval_step(self.task.model, reparam=apply, jit=False), (0, None, None))
+        return self._get(("eval", apply), build)
+
+    def opt_init(self, phase: Phase):
+        return self._get(("init", phase.optimizer),
+                         lambda: jax.jit(jax.vmap(self.tx(phase).init) if self.batched else self.tx(phase).init))
+
+    def metrics(self, phase: Phase):
+        return self._get(("metrics", phase.metrics), lambda: self._vmap(phase.metrics, (0, None)))
+
+    def enter(self, phase: Phase):
+        """The transition, vmapped over the runs when parallel (then it must be traceable)."""
+        if not self.batched:
+            return phase.enter
+        return self._get(("enter", phase.enter), lambda: jax.vmap(phase.enter))
+
+
+def _context(phase: Phase, epoch: int):
+    return Context.make() if phase.context is None else phase.context(epoch)
+
+
+def _with_optimizer(programs: _Programs, phase: Phase, state: TrainState) -> TrainState:
+    if phase.optimizer_state == "fresh" or state.opt_state is None:
+        return state.replace(opt_state=programs.opt_init(phase)(state.params))
+    wanted = jax.eval_shape(programs.opt_init(phase), _abstract(state.params))
+    if jax.tree.structure(wanted) != jax.tree.structure(state.opt_state) or any(
+            np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(wanted))):
+        raise ValueError(f"phase {phase.name!r} keeps the optimizer state, but the state carried in does "
+                         f"not fit its optimizer on these parameters; grow or rebuild it in enter, or "
+                         f"use optimizer_state='fresh'")
+    return state
+
+
+def _enter(programs: _Programs, phase: Phase, state: TrainState, snapshots: dict) -> TrainState:
+    if phase.enter is not None:
+        state = programs.enter(phase)(state, snapshots)
+        if not isinstance(state, TrainState):
+            raise TypeError(f"phase {phase.name!r}: enter must return a TrainState, got "
+                            f"{type(state).__name__}")
+    return _with_optimizer(programs, phase, state)
+
+
+def _abstract_enter(programs: _Programs, phase: Phase, state, snapshots):
+    """The structure after ``phase``'s transition, without computing it (or on zeros if host-side)."""
+    try:
+        return jax.eval_shape(lambda s, sn: _enter(programs, phase, s, sn), state, snapshots)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
+        return _abstract(_enter(programs, phase, _zeros(state), _zeros(snapshots)))
+
+
+def _structure_at(programs, phases, state, position: tuple[int, int]):
+    """Abstract ``{"state", "snapshots"}`` of a checkpoint at ``position`` = (phase, epochs done)."""
+    state, snapshots = _abstract(state), {}
+    for q, phase in enumerate(phases[:position[0] + 1]):
+        state = _abstract_enter(programs, phase, state, dict(snapshots))
+        for k, name in phase.keep.items():
+            if (q, k) <= tuple(position):
+                snapshots[name] = state
+    return {"state": state, "snapshots": snapshots}
+
+
+def _evaluate(eval_step, state, source, batch_size, task, ctx) -> dict:
+    total = None
+    for batch in pdata.iterate_batches(source, batch_size, shuffle=False, augment=task.eval_transform,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
+        sums = eval_step(state, distributed.shard_batch(batch, task.mesh), ctx)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    return total
+
+
+def _summarize(prefix: str, sums, text: bool) -> dict:
+    """Means of metric sums; per run (lists) when the sums have a run axis."""
+    count = np.maximum(np.asarray(sums["count"], np.float64), 1.0)
+    loss = np.asarray(sums["loss_sum"], np.float64) / count
+    out = {f"{prefix}_loss": loss, f"{prefix}_acc": np.asarray(sums["correct"], np.float64) / count}
+    if text:
+        out[f"{prefix}_bpc"] = loss / np.log(2)
+    return {k: _to_row_value(v) for k, v in out.items()}
+
+
+def _identity_of(task: Task, phases: Sequence[Phase], runs, extra) -> dict:
+    ident = {"model": type(task.model).__name__,
+             "phases": [[p.name, int(p.epochs)] for p in phases],
+             "runs": None if runs is None else int(jax.tree.leaves(runs)[0].shape[0])}
+    return json.loads(json.dumps({**ident, **(extra or {})}, default=str))
+
+
+def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batch_size: int,
+                 seed: int = 0, eval_batch_size: int | None = None, drop_remainder: bool = False,
+                 runs: Any = None, setup: Callable[[TrainState, Any], TrainState] | None = None,
+                 workdir: str | os.PathLike | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
+                 keep_checkpoints: int = 3, identity: Mapping[str, Any] | None = None,
+                 progress: bool = False, log: Callable[[str], None] | None = None,
+                 callbacks: Sequence[Callable[[dict, TrainState], None]] = (),
+                 title: str = "") -> PhasesResult:
+    """Run ``phases`` in order from ``state`` (see :func:`init_state`) on ``task``.
+
+    Args:
+      batch_size: global train batch (the last partial batch padded and masked unless
+        ``drop_remainder``); ``eval_batch_size`` defaults to it.
+      seed: the data order (epoch ``e`` visits the examples in the order of ``(seed, e)``).
+      runs, setup: parallel runs: ``runs`` is a pytree of arrays with a leading axis of N;
+        ``setup(state, run_value)`` (vmapped) makes each run's initial state. Every phase function
+        that touches the state is then vmapped; rows hold one value per run.
+      workdir: write ``metrics.jsonl``/``.csv``, ``curves.png`` and ``summary.json`` there.
+      checkpoint_dir: orbax checkpoints every ``checkpoint_every`` epochs and at every phase end
+        (last ``keep_checkpoints`` kept); an existing one is resumed. ``identity``: extra values that
+        must match for a checkpoint to be resumed (e.g. the method's config).
+      log: called with one line per epoch (and on resume). ``callbacks``: ``fn(row, state)`` after
+        each epoch's checkpoint.
+    """
+    phases = list(phases)
+    if not phases:
+        raise ValueError("phases must hold at least one Phase")
+    for i, p in enumerate(phases):
+        if not isinstance(p, Phase):
+            raise TypeError(f"phases[{i}] must be a pae.train.Phase, got {type(p).__name__}")
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a pae.train.TrainState (see pae.train.init_state), got "
+                        f"{type(state).__name__}")
+    eval_batch_size = eval_batch_size or batch_size
+    for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    mesh = task.mesh if task.mesh is not None else distributed.data_mesh()
+    task = dataclasses.replace(task, mesh=mesh)
+    distributed.check_batch_size(batch_size, mesh)
+    distributed.check_batch_size(eval_batch_size, mesh, "eval_batch_size")
+    spe = pdata.num_batches(len(task.train), batch_size, drop_remainder)
+    if spe == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {len(task.train)} training examples and "
+                         f"drop_remainder=True leaves no batch")
+
+    batched = runs is not None
+    if batched:
+        n = jax.tree.leaves(runs)[0].shape[0]
+        state = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + jnp.shape(x)), state)
+        if setup is not None:
+            state = jax.jit(jax.vmap(setup))(state, runs)
+    programs = _Programs(task, spe, batched)
+
+    ckpt = None
+    position, snapshots, history = (0, -1), {}, []   # -1: the first phase not entered yet
+    if checkpoint_dir is not None:
+        ckpt = Checkpointer(checkpoint_dir, _identity_of(task, phases, runs, identity), keep_checkpoints)
+        if (latest := ckpt.latest_step()) is not None:
+            meta = ckpt.read_meta(latest)
+            saved_at = tuple(meta["position"])
+            target = _structure_at(programs, phases, state, saved_at)
+            sharding = distributed.replicated(mesh)
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                                  target)
+            saved, history = ckpt.restore(latest, target)
+            state, snapshots = saved["state"], host(saved["snapshots"])
+            position = saved_at
+            if log:
+                log(f"resumed from {ckpt.directory} at phase {phases[saved_at[0]].name!r}, "
+                    f"epoch {saved_at[1]}/{phases[saved_at[0]].epochs}")
+    done_epochs = sum(p.epochs for p in phases[:position[0]]) + max(position[1], 0)
+    total_epochs = sum(p.epochs for p in phases)
+    state = distributed.replicate(state, mesh)
+
+    bar = tqdm(total=total_epochs * spe, initial=done_epochs * spe, disable=not progress,
+               desc=title or None, leave=False)
+    try:
+        for p in range(position[0], len(phases)):
+            phase = phases[p]
+            start = position[1] if p == position[0] else -1
+            if start == -1:   # the transition into this phase
+                state = distributed.replicate(_enter(programs, phase, host(state), snapshots), mesh)
+                if 0 in phase.keep:
+                    snapshots[phase.keep[0]] = host(state)
+                start = 0
+            elif start == phase.epochs:
+                continue
+            train_step, eval_step = programs.train_step(phase), programs.eval_step(phase)
+            for e in range(start, phase.epochs):
+                began = time.perf_counter()
+                ctx = _context(phase, e)
+                data_epoch = done_epochs if phase.data_epochs_from is None else phase.data_epochs_from + e
+                sums = None
+                for batch in pdata.iterate_batches(
+                        task.train, batch_size, seed=seed, epoch=data_epoch,
+                        drop_remainder=drop_remainder, augment=task.train_transform,
+                        process_index=jax.process_index(), process_count=jax.process_count()):
+                    state, m = train_step(state, distributed.shard_batch(batch, mesh), ctx)
+                    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+                    bar.update(1)
+                done_epochs += 1
+                row = {"phase": phase.name, "phase_index": p, "epoch": done_epochs,
+                       "phase_epoch": e + 1, **_summarize("train", sums, task.text),
+                       "penalty": _to_row_value(np.asarray(sums["penalty"]) / spe)}
+                if phase.metrics is not None:
+                    row.update({k: _to_row_value(v) for k, v in host(programs.metrics(phase)(
+                        state, ctx)).items()})
+                last = e + 1 == phase.epochs
+                if last or (phase.eval_every and (e + 1) % phase.eval_every == 0):
+                    for prefix, source in task.evals.items():
+                        row.update(_summarize(prefix, _evaluate(eval_step, state, source,
+                                                                eval_batch_size, task, ctx), task.text))
+                row["epoch_time"] = time.perf_counter() - began
+                history.append(row)
+                if e + 1 in phase.keep:
+                    snapshots[phase.keep[e + 1]] = host(state)
+                if jax.process_index() == 0 and workdir is not None:
+                    pmetrics.write_history(os.fspath(workdir), history)
+                if log:
+                    log(_format_row(row))
+                if ckpt and (last or (checkpoint_every and done_epochs % checkpoint_every == 0)):
+                    ckpt.save(done_epochs, {"state": state, "snapshots": snapshots}, history,
+                              position=[p, e + 1])
+                for callback in callbacks:
+                    callback(row, state)
+    finally:
+        bar.close()
+        if ckpt:
+            ckpt.close()
+    if jax.process_index() == 0 and workdir is not None and history:
+        _write_records(os.fspath(workdir), history, title)
+    return PhasesResult(state, snapshots, history, None if workdir is None else os.fspath(workdir))
+
+
+def _format_row(row: dict) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return str(v)
+    return " ".join(f"{k}={fmt(v)}" for k, v in row.items() if k != "phase_index")
+
+
+def _write_records(workdir: str, history: list[dict], title: str) -> None:
+    pmetrics.write_history(workdir, history)
+    pmetrics.plot_history(history, os.path.join(workdir, "curves.png"), title)
+    summary = {}
+    for row in history:
+        summary[f"{row['phase_index']}:{row['phase']}"] = row
+    pmetrics.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+
+
+__all__ = ["OPTIMIZER_STATES", "Phase", "PhasesResult", "Task", "host", "init_state", "make_task",
+           "train_phases"]
