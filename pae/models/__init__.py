@@ -1,7 +1,10 @@
 """Flax models used by the experiments, by name: ``get_model("resnet20", num_classes=10)``.
 
-Every model is called as ``model.apply(variables, inputs, train=...)``; image models take NHWC
-float inputs, text models int tokens ``[B, T]``.
+Every model is called as ``model.apply(variables, inputs, train=..., mask=...)``; image models take
+NHWC float inputs, text models int tokens ``[B, T]``. ``mask`` (optional, ``[B]``, 1 for a real
+example and 0 for a padding row, as ``batch["mask"]`` from :func:`pae.data.iterate_batches`; default
+None = all real) keeps padding rows out of BatchNorm's batch statistics and running averages in
+training; models without BatchNorm accept and ignore it.
 """
 import re
 from typing import Callable

@@ -40,6 +40,51 @@ def batch_norm(train: bool, name: str | None = None, scale_init=nn.initializers.
                         scale_init=scale_init, name=name)
 
 
+def check_mask(mask, x, model: str) -> None:
+    """Raise ValueError unless ``mask`` is None or a ``[B]`` vector for a batch ``x`` of ``B`` rows.
+
+    ``mask`` is the pipeline's ``batch["mask"]``: 1 for a real example, 0 for a padding row.
+    """
+    if mask is None:
+        return
+    shape = tuple(getattr(mask, "shape", ()))
+    if shape != (x.shape[0],):
+        raise ValueError(f"{model}: mask must have shape [batch] = ({x.shape[0]},) (1 for a real "
+                         f"example, 0 for padding), got mask of shape {shape}")
+
+
+def batch_norm_masked(x, train: bool, mask=None, *, name: str | None = None,
+                      scale_init=nn.initializers.ones):
+    """:func:`batch_norm` applied to ``x`` with padding rows left out of the batch statistics.
+
+    In training the mean and variance are taken over the rows with ``mask != 0`` only (over all
+    rows when ``mask`` is None), so padding rows change neither the normalization of the real rows
+    nor the running averages; padding rows are normalized with the real rows' statistics. The
+    per-example ``[B]`` mask is broadcast to ``x.shape`` for ``nn.BatchNorm(...)(x, mask=...)``.
+    At least one row must be real. In evaluation (running averages) ``mask`` has no effect.
+    """
+    module = batch_norm(train, name=name, scale_init=scale_init)
+    if not train or mask is None:
+        return module(x)
+    real = jnp.asarray(mask) != 0
+    real = jnp.broadcast_to(real.reshape(real.shape + (1,) * (x.ndim - 1)), x.shape)
+    return module(x, mask=real)
+
+
+def check_min_size(x, model: str, min_size: int, designed_for: str) -> None:
+    """Raise ValueError unless ``x`` is an NHWC batch whose height and width are >= ``min_size``."""
+    if x.ndim != 4:
+        raise ValueError(f"{model}: inputs must be NHWC images [batch, height, width, channels], "
+                         f"got inputs of shape {tuple(x.shape)}")
+    height, width = x.shape[1:3]
+    if min(height, width) < min_size:
+        raise ValueError(
+            f"{model} needs images of at least {min_size}x{min_size} pixels (it was designed for "
+            f"{designed_for}), got {height}x{width} (inputs of shape {tuple(x.shape)}); use a data "
+            f"set with larger images (e.g. mnist_subset) or a model that takes small ones "
+            f"(e.g. lenet300_100, conv2, resnet20)")
+
+
 def conv(features: int, kernel: int, stride: int = 1, *, kernel_init=kaiming_normal,
          name: str | None = None) -> nn.Conv:
     """A bias-free ``kernel x kernel`` conv with PyTorch's symmetric ``padding=kernel // 2``."""

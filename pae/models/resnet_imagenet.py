@@ -19,10 +19,10 @@ class Basic(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        y = nn.relu(init.batch_norm(train)(_conv(self.features, 3, self.stride)(x)))
-        y = init.batch_norm(train)(_conv(self.features, 3)(y))
-        return nn.relu(y + _shortcut(x, self.features, self.stride, train))
+    def __call__(self, x, train: bool = False, mask=None):
+        y = nn.relu(init.batch_norm_masked(_conv(self.features, 3, self.stride)(x), train, mask))
+        y = init.batch_norm_masked(_conv(self.features, 3)(y), train, mask)
+        return nn.relu(y + _shortcut(x, self.features, self.stride, train, mask))
 
 class Bottleneck(nn.Module):
     features: int
@@ -30,31 +30,34 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
         out = self.features * 4
-        y = nn.relu(init.batch_norm(train)(_conv(self.features, 1)(x)))
-        y = nn.relu(init.batch_norm(train)(_conv(self.features, 3, self.stride)(y)))
-        y = init.batch_norm(train)(_conv(out, 1)(y))
-        return nn.relu(y + _shortcut(x, out, self.stride, train))
+        y = nn.relu(init.batch_norm_masked(_conv(self.features, 1)(x), train, mask))
+        y = nn.relu(init.batch_norm_masked(_conv(self.features, 3, self.stride)(y), train, mask))
+        y = init.batch_norm_masked(_conv(out, 1)(y), train, mask)
+        return nn.relu(y + _shortcut(x, out, self.stride, train, mask))
 
-def _shortcut(x, features, stride, train):
+def _shortcut(x, features, stride, train, mask=None):
     if stride == 1 and x.shape[-1] == features:
         return x
     x = _conv(features, 1, stride, name="shortcut_conv")(x)
-    return init.batch_norm(train, name="shortcut_bn")(x)
+    return init.batch_norm_masked(x, train, mask, name="shortcut_bn")
 
 class ResNet(nn.Module):
+    """ResNet-18/34 (basic blocks) or -50/101/152 (bottlenecks); ``mask`` as in :class:`CifarResNet`."""
+
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     bottleneck: bool = False
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, *, mask=None):
+        init.check_mask(mask, x, "ResNet")
         block = Bottleneck if self.bottleneck else Basic
-        x = nn.relu(init.batch_norm(train)(_conv(64, 7, 2)(x)))
+        x = nn.relu(init.batch_norm_masked(_conv(64, 7, 2)(x), train, mask))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for stage, blocks in enumerate(self.stage_sizes):
             for b in range(blocks):
-                x = block(64 * 2 ** stage, 2 if stage > 0 and b == 0 else 1)(x, train)
+                x = block(64 * 2 ** stage, 2 if stage > 0 and b == 0 else 1)(x, train, mask)
         x = x.mean(axis=(1, 2))
         return init.torch_dense(self.num_classes, x.shape[-1])(x)

@@ -1,6 +1,7 @@
 """Character-level language models: a stacked LSTM and a small decoder-only Transformer.
 
-Both map int tokens ``[B, T]`` to next-token logits ``[B, T, vocab]``.
+Both map int tokens ``[B, T]`` to next-token logits ``[B, T, vocab]``. Neither has BatchNorm:
+``mask`` is accepted (one call signature for every model) and ignored.
 """
 import jax.numpy as jnp
 from flax import linen as nn
@@ -20,7 +21,8 @@ class CharLSTM(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False):
+    def __call__(self, tokens, train: bool = False, *, mask=None):
+        del mask
         x = nn.Embed(self.vocab_size, self.embed)(tokens)
         for _ in range(self.layers):
             x = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(x)
@@ -58,7 +60,8 @@ class TransformerLM(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False):
+    def __call__(self, tokens, train: bool = False, *, mask=None):
+        del mask
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={self.max_len}")
         x = nn.Embed(self.vocab_size, self.width)(tokens)

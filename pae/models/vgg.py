@@ -15,13 +15,18 @@ CONFIGS = {
 
 
 class VGG(nn.Module):
+    """VGG-11/16 for 32x32 inputs (five 2x2 pools); ``mask`` as in :class:`pae.models.CifarResNet`."""
+
     depth: int = 16
     num_classes: int = 10
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, *, mask=None):
         if self.depth not in CONFIGS:
             raise ValueError(f"depth must be one of {sorted(CONFIGS)}, got {self.depth}")
+        init.check_mask(mask, x, "VGG")
+        # five VALID 2x2 pools: a smaller image reaches 0x0 and the mean over it is NaN
+        init.check_min_size(x, f"vgg{self.depth}", 32, "32x32 CIFAR images")
         for item in CONFIGS[self.depth]:
             if item == "M":
                 x = nn.max_pool(x, (2, 2), (2, 2))
@@ -29,6 +34,6 @@ class VGG(nn.Module):
             fan_in = x.shape[-1] * 9
             x = nn.Conv(item, (3, 3), padding=1, kernel_init=init.torch_default,
                         bias_init=init.torch_default_bias(fan_in))(x)
-            x = nn.relu(init.batch_norm(train)(x))
+            x = nn.relu(init.batch_norm_masked(x, train, mask))
         x = x.mean(axis=(1, 2))
         return init.torch_dense(self.num_classes, x.shape[-1])(x)

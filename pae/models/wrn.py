@@ -19,10 +19,10 @@ class WideBlock(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        o = nn.relu(init.batch_norm(train)(x))
+    def __call__(self, x, train: bool = False, mask=None):
+        o = nn.relu(init.batch_norm_masked(x, train, mask))
         y = _conv(self.features, 3, self.stride)(o)
-        y = nn.relu(init.batch_norm(train)(y))
+        y = nn.relu(init.batch_norm_masked(y, train, mask))
         if self.dropout:
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = _conv(self.features, 3)(y)
@@ -31,13 +31,16 @@ class WideBlock(nn.Module):
         return x + y
 
 class WideResNet(nn.Module):
+    """WRN-depth-widen; ``mask`` as in :class:`pae.models.CifarResNet`."""
+
     depth: int = 28
     widen: int = 10
     num_classes: int = 10
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, *, mask=None):
+        init.check_mask(mask, x, "WideResNet")
         if (self.depth - 4) % 6:
             raise ValueError(f"depth must be 6n+4 (16, 22, 28, 40, ...), got {self.depth}")
         blocks = (self.depth - 4) // 6
@@ -45,6 +48,6 @@ class WideResNet(nn.Module):
         for stage, base in enumerate((16, 32, 64)):
             for b in range(blocks):
                 x = WideBlock(base * self.widen, 2 if stage > 0 and b == 0 else 1,
-                              self.dropout)(x, train)
-        x = nn.relu(init.batch_norm(train)(x)).mean(axis=(1, 2))
+                              self.dropout)(x, train, mask)
+        x = nn.relu(init.batch_norm_masked(x, train, mask)).mean(axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=init.kaiming_normal)(x)
