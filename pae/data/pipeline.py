@@ -5,7 +5,15 @@ sees exactly the batches the uninterrupted run saw.
 
 The last partial batch is *padded* to the full batch size and marked with ``mask`` (1 for real
 examples, 0 for padding): the jitted step keeps one shape (no recompilation) and metrics weighted by
-``mask`` stay exact. Pass ``drop_remainder=True`` to drop it instead.
+``mask`` stay exact. Pass ``drop_remainder=True`` to drop it instead. Models take the mask as
+``model.apply(..., mask=batch["mask"])`` so that padding rows stay out of BatchNorm statistics.
+
+A batch larger than its split is refused: :func:`iterate_batches` and :func:`num_batches` raise a
+``ValueError`` (naming the argument, its value and the split's size) when called, before any batch
+is built, since padding 4,000 examples to a batch of 100,000 rows only allocates memory. For
+evaluation, where one batch covering a small split is reasonable, ``clamp=True`` opts in to
+shrinking the batch to the split's size instead (rounded up to a multiple of ``process_count``).
+Training batches are never clamped silently: a changed batch size changes the optimization.
 """
 from __future__ import annotations
 
@@ -31,9 +39,51 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) 
     return epoch_rng(seed, epoch).permutation(num_examples)
 
 
-def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
-    """Batches per epoch: ``floor(n / B)`` when dropping the remainder, else ``ceil(n / B)``."""
+def check_batch_size(batch_size: int, num_examples: int, *, argument: str = "batch_size",
+                     split: str | None = None) -> None:
+    """Raise unless ``1 <= batch_size <= num_examples`` (TypeError for a non-integer).
+
+    Call it where a batch size is chosen (e.g. when a run is configured) to fail before anything is
+    allocated; ``argument`` and ``split`` name the setting and the split in the message.
+    """
+    _check_positive_int(batch_size, argument)
+    if batch_size > num_examples:
+        where = f"the {split!r} split" if split else "the split"
+        raise ValueError(
+            f"{argument}={batch_size} is larger than {where}, which has {num_examples} examples; "
+            f"use {argument} <= {num_examples}")
+
+
+def _check_positive_int(batch_size, argument: str = "batch_size") -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"{argument} must be an int, got {argument}={batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"{argument} must be >= 1, got {argument}={batch_size}")
+
+
+def _clamped(batch_size: int, num_examples: int, process_count: int) -> int:
+    """``batch_size``, or the split's size rounded up to a multiple of ``process_count`` if smaller."""
+    return min(batch_size, math.ceil(num_examples / process_count) * process_count)
+
+
+def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False, *,
+                clamp: bool = False, split: str | None = None) -> int:
+    """Batches per epoch: ``floor(n / B)`` when dropping the remainder, else ``ceil(n / B)``.
+
+    Raises ValueError when ``batch_size > num_examples`` unless ``clamp`` (then 1: see
+    :func:`iterate_batches`); ``split`` names the split in the message.
+    """
+    if clamp:
+        _check_clamp(drop_remainder)
+        _check_positive_int(batch_size)
+        batch_size = min(batch_size, max(num_examples, 1))
+    check_batch_size(batch_size, num_examples, split=split)
     return num_examples // batch_size if drop_remainder else math.ceil(num_examples / batch_size)
+
+
+def _check_clamp(drop_remainder: bool) -> None:
+    if drop_remainder:
+        raise ValueError("clamp=True (for evaluation) cannot be combined with drop_remainder=True")
 
 
 def iterate_batches(
@@ -47,6 +97,8 @@ def iterate_batches(
     augment: Augment | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    clamp: bool = False,
+    split: str | None = None,
 ) -> Iterator[Example]:
     """Yield this process's share of each global batch of one epoch.
 
@@ -54,20 +106,37 @@ def iterate_batches(
     of every global batch (so ``B`` must divide by ``P``). Each batch has ``inputs``, ``targets`` and a
     float32 ``mask``. Per-example decoding and augmentation draw in turn from one generator seeded by
     ``(seed, epoch, batch index)``, so their random choices are independent.
+
+    Arguments are checked when this is called, before any batch is built: ``batch_size`` larger
+    than ``len(source)`` raises ValueError (naming ``split`` if given), unless ``clamp=True``, which
+    uses ``min(batch_size, ceil(n / P) * P)`` rows instead (for evaluation; not with
+    ``drop_remainder``). A clamped batch has a different shape from ``batch_size``: callers that
+    shard it over devices must allow for that.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"source is empty{f' (split {split!r})' if split else ''}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    if clamp:
+        _check_clamp(drop_remainder)
+        _check_positive_int(batch_size)
+        batch_size = _clamped(batch_size, n, process_count)
+    else:
+        check_batch_size(batch_size, n, split=split)
     if batch_size % process_count:
         raise ValueError(
             f"batch_size={batch_size} must be divisible by the number of processes ({process_count})")
+    return _batches(source, batch_size, seed, epoch, shuffle, drop_remainder, augment,
+                    process_index, process_count)
+
+
+def _batches(source, batch_size, seed, epoch, shuffle, drop_remainder, augment, process_index,
+             process_count) -> Iterator[Example]:
     n = len(source)
-    if n == 0:
-        raise ValueError("source is empty")
     order = epoch_order(n, seed, epoch, shuffle)
     local = batch_size // process_count
-    for b in range(num_batches(n, batch_size, drop_remainder)):
+    for b in range(math.ceil(n / batch_size) if not drop_remainder else n // batch_size):
         rows = order[b * batch_size:(b + 1) * batch_size]
         mask = np.zeros(batch_size, np.float32)
         mask[:len(rows)] = 1.0
