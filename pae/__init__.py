@@ -2,13 +2,22 @@
 
 Subpackages are imported on first use (``pae.data``, ``pae.models``, ``pae.train``, ``pae.optim`` ...),
 so ``import pae`` stays cheap and a subpackage's heavy dependencies load only when asked for.
+The subpackages offered are the ones installed (found on ``pae.__path__``), so ``dir(pae)`` lists
+exactly what can be imported. Planned families (quantization, soft sharing, growth) are described
+in ``docs/design.md``.
 """
-import importlib
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("core", "data", "models", "train", "optim", "sparsity", "quant", "sharing", "growth")
+#: the subpackages that exist, found on disk (a new one appears here when its folder is added)
+_SUBPACKAGES = tuple(sorted(
+    info.name for info in _pkgutil.iter_modules(__path__) if info.ispkg and not info.name.startswith("_")))
 
+#: described in docs/design.md but not written yet: a clearer AttributeError, never listed
+_PLANNED = {"quant": "noise-injected mixed-precision quantization",
+            "sharing": "soft parameter sharing", "growth": "network growth"}
 
 #: the transform protocol, re-exported from ``pae.core`` on first use
 _CORE_NAMES = ("Context", "Transform", "chain", "identity", "select")
@@ -16,11 +25,16 @@ _CORE_NAMES = ("Context", "Transform", "chain", "identity", "select")
 
 def __getattr__(name):
     if name in _SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return _importlib.import_module(f"{__name__}.{name}")
     if name in _CORE_NAMES:
-        return getattr(importlib.import_module(f"{__name__}.core"), name)
+        return getattr(_importlib.import_module(f"{__name__}.core"), name)
+    if name in _PLANNED:
+        raise AttributeError(f"module 'pae' has no attribute {name!r}: pae.{name} "
+                             f"({_PLANNED[name]}) is planned but not implemented yet; "
+                             f"see docs/design.md")
     raise AttributeError(f"module 'pae' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_SUBPACKAGES) + list(_CORE_NAMES))
+    public = [name for name in globals() if not name.startswith("_") or name.startswith("__")]
+    return sorted(public + list(_SUBPACKAGES) + list(_CORE_NAMES))
