@@ -6,6 +6,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _dequant as DQ
 from pallas_kernels import _layout as L
 
 
@@ -30,24 +31,26 @@ def piece_codes(load: Callable[[int, int, int], jax.Array], bits: int, piece: L.
 
 def piece_operand(q: jax.Array, bits: int, offset: float, mode: str,
                   scale_row: jax.Array | None) -> jax.Array:
-    """Weight values of a piece before the cast to the MMA dtype.
+    """Weight values of a piece before the cast to the MMA dtype (magic-number int -> float).
 
-    float: (q - o) [* s_group]  as float32;   int: q - 2**(bits-1)  as int32 (fits int8).
+    float, per-channel scales: q - c, c = floor(o), exact in every MMA dtype; the remainder
+    (o - c) * sum_k x is subtracted in the epilogue (``float_corrections``);
+    float, grouped scales: (q - o) * s_group;   int: q - 2**(bits-1) as int32 (fits int8).
     """
     if mode == "int":
         return q - jnp.int32(2 ** (bits - 1))
-    f = q.astype(jnp.float32) - jnp.float32(offset)
-    if scale_row is not None:
-        f = f * scale_row
-    return f
+    if scale_row is None:
+        return DQ.magic32(q, DQ.center(offset))
+    return DQ.with_offset(q, offset, scale_row)
 
 
 def epilogue(accs, scale_rows, mode: str, corrs=None, x_scale=None) -> jax.Array:
-    """y = [x_scale *] sum_s (acc_s [- corr_s]) [* s_s]   in float32 (scale_rows[s] None if grouped)."""
+    """y = [x_scale *] sum_s (acc_s [- corr_s]) [* s_s]   in float32 (scale_rows[s] None if grouped;
+    corrs[s] None where a segment has no row term)."""
     y = None
     for s, acc in enumerate(accs):
         a = acc.astype(jnp.float32)
-        if mode == "int":
+        if corrs is not None and corrs[s] is not None:
             a = a - corrs[s]
         if scale_rows[s] is not None:
             a = a * scale_rows[s]

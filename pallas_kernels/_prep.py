@@ -102,6 +102,22 @@ def row_corrections(x_segs: list[jax.Array], packed: PackedWeight) -> list[jax.A
     return out
 
 
+def float_corrections(x_segs: list[jax.Array], packed: PackedWeight) -> list[jax.Array | None]:
+    """Float path with per-channel scales: per segment, (M, 1) float32 ``(o - c) * sum_k x[m, k]``
+    with c = floor(o) (the MMA sees the exact integers q - c); None where o is an integer or the
+    scales are grouped (grouped operands carry the offset themselves)."""
+    from pallas_kernels._dequant import center
+
+    out = []
+    for xs, seg in zip(x_segs, packed.segments):
+        d = seg.offset - center(seg.offset)
+        if packed.group_size is not None or d == 0:
+            out.append(None)
+        else:
+            out.append(d * jnp.sum(xs.astype(jnp.float32), axis=1, keepdims=True))
+    return out
+
+
 def quantize_activations(x: Any) -> tuple[jax.Array, jax.Array]:
     """Symmetric per-row int8 quantization: ``x ~= x_q * x_scale[:, None]``.
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels import _dequant as DQ
 from pallas_kernels import _kernel_common as KC
 from pallas_kernels import _layout as L
 from pallas_kernels import _prep
@@ -191,7 +192,7 @@ def mosaic_gpu_packed_matmul(x: jax.Array, packed: PackedWeight, *, x_scale: Any
                         srow = None
                         if gs is not None:
                             srow = _row(sc_smem[0].at[pc.group], pc.rows, interpret)
-                        w = KC.piece_operand(q, seg.bits, seg.offset, "float", srow).astype(x.dtype)
+                        w = DQ.with_offset(q, seg.offset, srow).astype(x.dtype)
                         slot = p_idx % 2
                         ring[slot] = w
                         plgpu.commit_smem()

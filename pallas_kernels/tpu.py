@@ -97,7 +97,9 @@ def tpu_packed_matmul(x: jax.Array, packed: PackedWeight, *, x_scale: Any = None
     kt = packed.k_tile
 
     x_segs = _prep.split_segments(x, packed)
-    corrs = _prep.row_corrections(x_segs, packed) if mode == "int" else []
+    corrs = (_prep.row_corrections(x_segs, packed) if mode == "int"
+             else _prep.float_corrections(x_segs, packed))
+    has_corr = [c is not None for c in corrs]
     x_in = [_prep.pad_to(xs, m_pad, packed.k_padded(i)) for i, xs in enumerate(x_segs)]
 
     steps = [packed.k_padded(i) // blocks.kb[i] for i in range(n_seg)]
@@ -121,12 +123,15 @@ def tpu_packed_matmul(x: jax.Array, packed: PackedWeight, *, x_scale: Any = None
             specs.append(pl.BlockSpec((blocks.kb[i] // gs, bn),
                                       lambda n, m, k, i=i: (_clamp(k, starts[i], steps[i]), n)))
         args.append(seg.scales)
+    cols = []
     if mode == "int":
-        xs_col = jnp.reshape(x_scale, (call.m, 1)).astype(jnp.float32)
-        corr = jnp.concatenate(corrs, axis=1)
-        for a in (xs_col, corr):
-            specs.append(pl.BlockSpec((bm, a.shape[1]), lambda n, m, k: (m, 0)))
-            args.append(_prep.pad_to(a, m_pad, a.shape[1]))
+        cols.append(jnp.reshape(x_scale, (call.m, 1)).astype(jnp.float32))
+    if any(has_corr):
+        cols.append(jnp.concatenate([c if c is not None else jnp.zeros((call.m, 1), jnp.float32)
+                                     for c in corrs], axis=1))
+    for a in cols:
+        specs.append(pl.BlockSpec((bm, a.shape[1]), lambda n, m, k: (m, 0)))
+        args.append(_prep.pad_to(a, m_pad, a.shape[1]))
 
     pieces = [L.tile_pieces(s.bits, kt, gs) for s in segs]
     n_words = [len(s.words) for s in segs]
@@ -139,7 +144,9 @@ def tpu_packed_matmul(x: jax.Array, packed: PackedWeight, *, x_scale: Any = None
         s_refs = [next(it) for _ in range(n_seg)]
         xs_ref = corr_ref = None
         if mode == "int":
-            xs_ref, corr_ref = next(it), next(it)
+            xs_ref = next(it)
+        if any(has_corr):
+            corr_ref = next(it)
         o_ref = next(it)
         acc_refs = [next(it) for _ in range(n_seg)]
         k = pl.program_id(2)
@@ -173,7 +180,7 @@ def tpu_packed_matmul(x: jax.Array, packed: PackedWeight, *, x_scale: Any = None
         def _fin():
             accs = [a[...] for a in acc_refs]
             rows = [None if gs is not None else s_refs[i][...] for i in range(n_seg)]
-            cs = [corr_ref[:, i:i + 1] for i in range(n_seg)] if mode == "int" else None
+            cs = [corr_ref[:, i:i + 1] if has_corr[i] else None for i in range(n_seg)]
             y = KC.epilogue(accs, rows, mode, cs, xs_ref[...] if mode == "int" else None)
             o_ref[...] = y.astype(o_ref.dtype)
 

@@ -77,4 +77,10 @@ def test_block_choices_respect_backend_rules():
             for v in (t.bm, t.bn):
                 assert v >= 16 and v & (v - 1) == 0
             assert p.n_padded % t.bn == 0 and t.splits >= 1
-            assert (t.splits > 1) <= (m <= 64)  # split-K only in the memory-bound regime
+            assert gpu_triton.smem_bytes(p, t, jnp.bfloat16) <= gpu_triton.SMEM_LIMIT
+            # split-K fills the GPU: about TARGET_PROGRAMS programs unless K runs out of steps
+            programs = (p.n_padded // t.bn) * -(-m // t.bm)
+            if t.splits > 1:
+                assert programs * (t.splits - 1) < gpu_triton.TARGET_PROGRAMS
+            if m <= 16:
+                assert t.bm == 16 and programs * t.splits >= min(gpu_triton.TARGET_PROGRAMS, 4 * programs)  # >= 4 K-steps here
