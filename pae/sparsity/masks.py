@@ -122,7 +122,9 @@ def density(latent: Any) -> jax.Array:
         total += on.size
     if total == 0:
         raise ValueError("latent has no SoftMask or FixedMask node: nothing is masked")
-    return kept / total
+    # the barrier keeps XLA from turning the division by a constant into a reciprocal product, so
+    # the value is the correctly rounded quotient, jitted or not
+    return kept / jax.lax.optimization_barrier(jnp.float32(total))
 
 
 def layer_densities(latent: Any) -> dict[str, float]:

@@ -95,9 +95,10 @@ class SearchConfig:
                                  f"{self.milestones}")
         if not np.isfinite(self.lr_decay) or self.lr_decay <= 0:
             raise ValueError(f"lr_decay must be finite and > 0, got {self.lr_decay}")
-        if not 0 <= self.rewind_epoch < min(self.epochs, self.imp_epochs or self.epochs):
-            raise ValueError(f"rewind_epoch must be in [0, epochs={self.epochs}) and below imp_epochs, "
-                             f"got {self.rewind_epoch}")
+        if not 0 <= self.rewind_epoch < self.epochs:
+            raise ValueError(f"rewind_epoch must be in [0, epochs={self.epochs}), got {self.rewind_epoch}")
+        if self.rewind_epoch >= self.imp_length:
+            raise ValueError(f"rewind_epoch={self.rewind_epoch} must be below imp_epochs={self.imp_epochs}")
         for name in ("lr", "momentum", "weight_decay", "lmbda", "beta_final"):
             v = getattr(self, name)
             if not np.isfinite(v) or v < 0:
@@ -331,8 +332,8 @@ def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
     first stopped and ends equal to an uninterrupted run. Another driver, model, config or ``s_init``
     in that directory raises :class:`pae.train.CheckpointError`.
     """
-    task = _as_task(task)
     batched = _runs_of("s_init", s_init)
+    task = _as_task(task)
     s_inits = [float(v) for v in np.ravel(s_init)]
     began = time.perf_counter()
     t = pcs.continuous_sparsification(select, s_inits[0], cfg.lmbda, cfg.scaled)

@@ -1,10 +1,11 @@
-"""Training: state, jitted steps, the epoch loop, orbax checkpoints, records and data parallelism."""
+"""Training: state, jitted steps, the one epoch loop (:func:`train_phases` over a list of
+:class:`Phase`), orbax checkpoints, records and data parallelism; :func:`run` is its one-phase case."""
 from pae.train.checkpoint import Checkpointer, CheckpointError, tree_signature
 from pae.train.distributed import (data_mesh, maybe_initialize_distributed, replicate,
                                    shard_batch)
 from pae.train.engine import (OPTIMIZER_STATES, Phase, PhasesResult, Task, host, init_state, make_task,
                               train_phases)
-from pae.train.loop import RunResult, TrainConfig, count_params, evaluate, run, train_epoch
+from pae.train.loop import RunResult, TrainConfig, count_params, run
 from pae.train.optimizers import make_optimizer, make_schedule
 from pae.train.state import TrainState, create_train_state, init_variables
 from pae.train.step import make_eval_step, make_train_step, masked_cross_entropy
@@ -12,7 +13,7 @@ from pae.train.step import make_eval_step, make_train_step, masked_cross_entropy
 __all__ = [
     "OPTIMIZER_STATES", "Phase", "PhasesResult", "Task", "host", "init_state", "make_task", "train_phases",
     "CheckpointError", "Checkpointer", "RunResult", "TrainConfig", "TrainState", "count_params",
-    "create_train_state", "data_mesh", "evaluate", "init_variables", "make_eval_step",
+    "create_train_state", "data_mesh", "init_variables", "make_eval_step",
     "make_optimizer", "make_schedule", "make_train_step", "masked_cross_entropy",
-    "maybe_initialize_distributed", "replicate", "run", "shard_batch", "train_epoch", "tree_signature",
+    "maybe_initialize_distributed", "replicate", "run", "shard_batch", "tree_signature",
 ]

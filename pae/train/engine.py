@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from pae import data as pdata
 from pae.core import Context, Transform, identity
 from pae.train import distributed, metrics as pmetrics
-from pae.train.checkpoint import Checkpointer
+from pae.train.checkpoint import Checkpointer, CheckpointError
 from pae.train.state import TrainState, init_variables
 from pae.train.step import make_eval_step, make_train_step
 
@@ -90,9 +90,10 @@ def make_task(model, data, *, mesh=None, augment: bool | None = None,
     for split, arrays in data.items():
         if not (isinstance(arrays, (tuple, list)) and len(arrays) == 2):
             raise TypeError(f"data[{split!r}] must be a pair (inputs, targets)")
-        sources[split] = pdata.ArraySource(np.asarray(arrays[0]), np.asarray(arrays[1]))
+        sources[split] = pdata.ArraySource({"inputs": np.asarray(arrays[0]),
+                                            "targets": np.asarray(arrays[1])})
     evals = {prefixes.get(s, s): src for s, src in sources.items() if s != "train"}
-    return Task(model, sources["train"], evals, None, None, sources["train"].inputs[:1], mesh)
+    return Task(model, sources["train"], evals, None, None, sources["train"].arrays["inputs"][:1], mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,8 @@ class Phase:
         ``None``: the run's epoch counter (every epoch of the run a new order).
       metrics: ``(state, ctx) -> {name: scalar}`` added to each row (jitted; per run when parallel).
       eval_apply: ``(latent, ctx) -> params`` for evaluation (default ``transform.apply``).
+      model: the model of this phase (default the task's): a phase whose ``enter`` changes shapes
+        (growth) names the model of the new shapes.
     """
 
     name: str
@@ -131,6 +134,7 @@ class Phase:
     data_epochs_from: int | None = None
     metrics: Callable[[TrainState, Any], Mapping[str, jax.Array]] | None = None
     eval_apply: Callable[[Any, Any], Any] | None = None
+    model: Any = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -196,7 +200,8 @@ def host(tree):
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x)), tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", None)
+                                                       or np.result_type(x)), tree)
 
 
 def _zeros(tree):
@@ -214,7 +219,6 @@ class _Programs:
     def __init__(self, task: Task, steps_per_epoch: int, batched: bool):
         self.task, self.spe, self.batched = task, steps_per_epoch, batched
         self._cache: dict = {}
-        self.model_takes_mask = "mask" in inspect.signature(type(task.model).__call__).parameters
 
     def _get(self, key, build):
         if key not in self._cache:
@@ -229,19 +233,23 @@ class _Programs:
         return jax.jit(fn, donate_argnums=(0,) if donate else ())
 
     def train_step(self, phase: Phase):
+        model = phase.model or self.task.model
+
         def build():
             t = phase.transform
-            step = make_train_step(self.task.model, self.tx(phase), reparam=t.apply, penalty=t.penalty,
-                                   donate=False, pass_mask=self.model_takes_mask, jit=False)
+            takes_mask = "mask" in inspect.signature(type(model).__call__).parameters
+            step = make_train_step(model, self.tx(phase), reparam=t.apply, penalty=t.penalty,
+                                   donate=False, pass_mask=takes_mask, jit=False)
             return self._vmap(step, (0, None, None), donate=True)
-        return self._get(("train", phase.transform, phase.optimizer), build)
+        return self._get(("train", model, phase.transform, phase.optimizer), build)
 
     def eval_step(self, phase: Phase):
+        model = phase.model or self.task.model
         apply = phase.eval_apply or phase.transform.apply
 
         def build():
-            return self._vmap(make_eval_step(self.task.model, reparam=apply, jit=False), (0, None, None))
-        return self._get(("eval", apply), build)
+            return self._vmap(make_eval_step(model, reparam=apply, jit=False), (0, None, None))
+        return self._get(("eval", model, apply), build)
 
     def opt_init(self, phase: Phase):
         return self._get(("init", phase.optimizer),
@@ -306,7 +314,7 @@ def _evaluate(eval_step, state, source, batch_size, task, ctx) -> dict:
     total = None
     for batch in pdata.iterate_batches(source, batch_size, shuffle=False, augment=task.eval_transform,
                                        process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
+                                       process_count=jax.process_count(), clamp=True):
         sums = eval_step(state, distributed.shard_batch(batch, task.mesh), ctx)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     return total
@@ -322,11 +330,25 @@ def _summarize(prefix: str, sums, text: bool) -> dict:
     return {k: _to_row_value(v) for k, v in out.items()}
 
 
-def _identity_of(task: Task, phases: Sequence[Phase], runs, extra) -> dict:
+def _identity_of(task: Task, runs, extra) -> dict:
     ident = {"model": type(task.model).__name__,
-             "phases": [[p.name, int(p.epochs)] for p in phases],
              "runs": None if runs is None else int(jax.tree.leaves(runs)[0].shape[0])}
     return json.loads(json.dumps({**ident, **(extra or {})}, default=str))
+
+
+def _phase_list(phases: Sequence[Phase]) -> list:
+    return [[p.name, int(p.epochs)] for p in phases]
+
+
+def _check_extends(saved: list, phases: Sequence[Phase], where: str) -> None:
+    """A checkpoint resumes a run whose phase list starts with the saved one (appending is safe)."""
+    now = _phase_list(phases)
+    if now[:len(saved)] != saved:
+        first = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+        raise CheckpointError(
+            f"checkpoint {where} was written by another phase list: saved phases {saved}, this run "
+            f"has {now} (they first differ at index {first}). A run may only append phases to a "
+            f"saved one; use another checkpoint directory.")
 
 
 def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batch_size: int,
@@ -389,9 +411,14 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
     ckpt = None
     position, snapshots, history = (0, -1), {}, []   # -1: the first phase not entered yet
     if checkpoint_dir is not None:
-        ckpt = Checkpointer(checkpoint_dir, _identity_of(task, phases, runs, identity), keep_checkpoints)
+        ckpt = Checkpointer(checkpoint_dir, _identity_of(task, runs, identity), keep_checkpoints)
         if (latest := ckpt.latest_step()) is not None:
             meta = ckpt.read_meta(latest)
+            if meta.get("identity") != ckpt.identity:
+                raise CheckpointError(
+                    f"checkpoint {ckpt.directory}/{latest} belongs to a different run: saved "
+                    f"{meta.get('identity')}, this run is {ckpt.identity}. Use another directory.")
+            _check_extends(meta.get("phases", []), phases, f"{ckpt.directory}/{latest}")
             saved_at = tuple(meta["position"])
             target = _structure_at(programs, phases, state, saved_at)
             sharding = distributed.replicated(mesh)
@@ -455,7 +482,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                     log(_format_row(row))
                 if ckpt and (last or (checkpoint_every and done_epochs % checkpoint_every == 0)):
                     ckpt.save(done_epochs, {"state": state, "snapshots": snapshots}, history,
-                              position=[p, e + 1])
+                              position=[p, e + 1], phases=_phase_list(phases[:p + 1]))
                 for callback in callbacks:
                     callback(row, state)
     finally:

@@ -41,20 +41,41 @@ def atomic_write(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _series(history: list[dict], key: str) -> np.ndarray:
+    """``[epochs, runs]`` values of ``key`` (NaN where a row lacks it; one column for a single run)."""
+    values = [np.atleast_1d(np.asarray(row.get(key, np.nan), np.float64)) for row in history]
+    runs = max(v.size for v in values)
+    return np.stack([np.broadcast_to(v, (runs,)) if v.size in (1, runs) else np.full(runs, np.nan)
+                     for v in values])
+
+
 def plot_history(history: list[dict], path: str, title: str = "") -> None:
-    """Loss and accuracy per epoch for every split present, side by side."""
+    """Loss and accuracy per epoch for every split present (one line per parallel run), side by side,
+    with the phase boundaries marked and named."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = np.array([row["epoch"] for row in history])
+    starts = [i for i, row in enumerate(history)
+              if i == 0 or row.get("phase_index") != history[i - 1].get("phase_index")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, ("loss", "acc")):
-        for split in ("train", "val", "test"):
+        for n, split in enumerate(("train", "val", "test")):
             key = f"{split}_{metric}"
-            if any(key in row for row in history):
-                ax.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=split)
+            if not any(key in row for row in history):
+                continue
+            values = _series(history, key)
+            shown = ~np.isnan(values[:, 0])
+            for run in range(values.shape[1]):
+                ax.plot(epochs[shown], values[shown, run], marker="o", ms=3, color=f"C{n}",
+                        alpha=1.0 if values.shape[1] == 1 else 0.6, label=split if run == 0 else None)
+        if len(starts) > 1:
+            for i in starts:
+                ax.axvline(epochs[i] - 0.5, color="gray", ls="--", lw=0.8)
+                ax.text(epochs[i] - 0.4, 1.0, history[i].get("phase", ""), rotation=90, va="top",
+                        fontsize=7, color="gray", transform=ax.get_xaxis_transform())
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy")
         ax.grid(alpha=0.3)

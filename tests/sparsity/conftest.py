@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from pae import sparsity as sp
 from pae.data import load_dataset
-from pae.train import data_mesh
+from pae.train import Task, data_mesh
 
 
 class TinyBN(nn.Module):
@@ -23,4 +23,4 @@ def task():
     tf = ds.transform(False)
     train, test = ds["train"].subset(np.arange(320)), ds["test"].subset(np.arange(160))
     example = jnp.asarray(tf(train.take(np.array([0])), None)["inputs"])
-    return sp.Task(TinyBN(), train, test, ds.transform(True), tf, example, data_mesh())
+    return Task(TinyBN(), train, {"test": test}, ds.transform(True), tf, example, data_mesh())

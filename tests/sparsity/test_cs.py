@@ -35,7 +35,8 @@ def test_soft_hard_masks_penalty_and_finalize_match_numpy(scaled, s_init):
     # random logits, with exact zeros to check the strict >
     logits = {k: rng.normal(size=v["kernel"].shape).astype(np.float32) for k, v in params.items()}
     logits["layer0"].flat[::3] = 0.0
-    latent = {k: {"kernel": sp.SoftMask(jnp.asarray(params[k]["kernel"]), jnp.asarray(logits[k])),
+    latent = {k: {"kernel": sp.SoftMask(jnp.asarray(params[k]["kernel"]), jnp.asarray(logits[k]),
+                                        jnp.float32(s_init), scaled),
                   "bias": params[k]["bias"]} for k in params}
     beta = 3.7
     ctx = Context.make(beta=beta)
@@ -96,19 +97,20 @@ def test_between_round_reset(rule):
     rng = np.random.default_rng(1)
     s = rng.normal(scale=0.3, size=(5, 3, 2)).astype(np.float32)
     w = rng.normal(size=s.shape).astype(np.float32)
-    latent = {"a": sp.SoftMask(jnp.asarray(w), jnp.asarray(s)), "b": jnp.ones(2)}
-    out = jax.jit(lambda lat: sp.reset_logits(lat, -0.05, rule, 200.0))(latent)
+    latent = {"a": sp.SoftMask(jnp.asarray(w), jnp.asarray(s), jnp.float32(-0.05)), "b": jnp.ones(2)}
+    out = jax.jit(lambda lat: sp.reset_logits(lat, rule, 200.0))(latent)
     ref = np.minimum((200.0 if rule == "paper" else 1.0) * s, -0.05)
     np.testing.assert_allclose(out["a"].logits, ref, rtol=1e-6)
     np.testing.assert_array_equal(out["a"].weight, w)
     with pytest.raises(ValueError, match="rule must be one of"):
-        sp.reset_logits(latent, 0.0, "both")
+        sp.reset_logits(latent, "both")
 
 
 def test_ticket_and_rewind_keep_masks_and_take_checkpoint_weights():
     rng = np.random.default_rng(2)
     s = rng.normal(size=(4, 3)).astype(np.float32)
-    now = {"k": sp.SoftMask(jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.asarray(s)),
+    now = {"k": sp.SoftMask(jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.asarray(s),
+                            jnp.float32(-0.2)),
            "b": jnp.full(3, 7.0)}
     old = {"k": sp.SoftMask(jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.zeros((4, 3))),
            "b": jnp.full(3, 1.0)}
@@ -116,9 +118,12 @@ def test_ticket_and_rewind_keep_masks_and_take_checkpoint_weights():
     np.testing.assert_array_equal(back["k"].weight, old["k"].weight)
     np.testing.assert_array_equal(back["k"].logits, s)  # s is never rewound
     np.testing.assert_array_equal(back["b"], 1.0)
-    ticket = sp.to_ticket(now, old, s_init=-0.2)
+    ticket = sp.to_ticket(now, old)   # the node's own s_init and scale
     assert isinstance(ticket["k"], sp.FixedMask)
     np.testing.assert_allclose(ticket["k"].mask, (s > 0) / np_sigmoid(-0.2), rtol=1e-6)
+    np.testing.assert_array_equal(sp.to_ticket(now, old, binary=True)["k"].mask, (s > 0))
+    unscaled = {"k": now["k"].replace(scaled=False), "b": now["b"]}
+    np.testing.assert_array_equal(sp.to_ticket(unscaled, old)["k"].mask, (s > 0))
     np.testing.assert_array_equal(ticket["k"].weight, old["k"].weight)
     assert label_roles(ticket)["k"].mask == "frozen"
     np.testing.assert_allclose(sp.masked_params(ticket)["k"], old["k"].weight * ticket["k"].mask)
@@ -236,7 +241,7 @@ def test_beta_and_shapes_are_checked_where_a_context_or_latent_enters():
         sp.to_ticket(latent, {"Dense_0": {"kernel": sp.SoftMask(jnp.ones((2, 2)), jnp.ones((2, 2))),
                                           "bias": jnp.ones(4)}})
     with pytest.raises(ValueError, match="beta_final must be a finite number"):
-        sp.reset_logits(latent, 0.0, "paper", float("nan"))
+        sp.reset_logits(latent, "paper", float("nan"))
     assert Context.make(key=np.int64(3)).key.shape == (2,)  # integer-like seeds become PRNG keys
 
 
@@ -265,3 +270,16 @@ def test_round_schedule_restarts_every_round_and_masks_skip_weight_decay():
     ttx = sp.ticket_optimizer(cfg, 3)
     upd, _ = ttx.update({"k": sp.FixedMask(jnp.ones((2, 2)), jnp.ones((2, 2)))}, ttx.init(ticket), ticket)
     np.testing.assert_array_equal(upd["k"].mask, 0.0)                 # frozen
+
+
+def test_parallel_runs_set_s_init_per_node_and_the_reset_reads_it():
+    t = sp.continuous_sparsification(None, 0.3, scaled=False)
+    latent = t.init({"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}, None)
+    assert float(latent["d"]["kernel"].s_init) == np.float32(0.3) and latent["d"]["kernel"].scaled is False
+    runs = jax.vmap(sp.with_s_init, in_axes=(None, 0))(latent, jnp.array([-0.1, 0.2]))
+    np.testing.assert_array_equal(runs["d"]["kernel"].logits[:, 0, 0], np.float32([-0.1, 0.2]))
+    moved = jax.tree.map(lambda x: x + 0.5, runs)   # logits and s_init up by 0.5
+    reset = jax.vmap(lambda lat: sp.reset_logits(lat, "code"))(moved)
+    np.testing.assert_allclose(reset["d"]["kernel"].logits[:, 0, 0], [0.4, 0.7], rtol=1e-6)
+    with pytest.raises(ValueError, match="s_init must be a finite number"):
+        sp.with_s_init(latent, float("inf"))

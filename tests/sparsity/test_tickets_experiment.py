@@ -124,3 +124,22 @@ def test_finished_seeds_are_reused_when_the_configuration_matches(tmp_path, monk
     assert calls[2:] == [(2, 0.1)] and second["rows"][:len(first["rows"])] == first["rows"]
     tickets.main(argv + ["--lr", "0.05"])  # another configuration: nothing is reused
     assert calls[3:] == [(0, 0.05), (1, 0.05)]
+
+
+def test_engine_port_reproduces_the_pre_engine_drivers_exactly(tmp_path):
+    """The reduced experiment of tests/sparsity/data/tickets_reference.json, computed by the
+    search loops before they moved onto pae.train's engine, comes out the same value for value
+    (float32 values compared as float32: the engine summarizes metric sums in float64)."""
+    ref = json.load(open(os.path.join(ROOT, "tests", "sparsity", "data", "tickets_reference.json")))
+    result = _load().main(ref["argv"] + ["--out-dir", str(tmp_path), "--name", "ref"])
+    assert len(result["rows"]) == len(ref["rows"])
+    for new, old in zip(result["rows"], ref["rows"]):
+        assert set(new) == set(old)
+        for key, value in old.items():
+            if isinstance(value, float):
+                assert np.float32(new[key]) == np.float32(value), (old["method"], key)
+            else:
+                assert new[key] == value
+    for new, old in zip(result["cs_history"][0], ref["cs_history"][0]):
+        for key, value in old.items():
+            np.testing.assert_array_equal(np.float32(new[key]), np.float32(value))

@@ -24,7 +24,10 @@ def test_short_run_learns_and_writes_records(tmp_path):
     assert hist[-1]["test_acc"] > 0.85 and hist[-1]["val_acc"] > 0.85  # chance is 0.10
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows == hist
-    assert open(tmp_path / "metrics.csv").readline().startswith("epoch,step,lr,train_loss")
+    assert open(tmp_path / "metrics.csv").readline().startswith(
+        "phase,phase_index,epoch,phase_epoch,train_loss,train_acc,penalty,lr")
+    assert [r["phase"] for r in hist] == ["train"] * 4
+    assert json.load(open(tmp_path / "summary.json"))["0:train"] == hist[-1]
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     final = json.load(open(tmp_path / "final.json"))
     assert final["num_params"] == 64 * 300 + 300 + 300 * 100 + 100 + 1010
@@ -36,8 +39,8 @@ class _Interrupt(Exception):
 
 
 def _interrupt_after(epochs):
-    def callback(epoch, state, row):
-        if epoch + 1 == epochs:
+    def callback(row, state):
+        if row["epoch"] == epochs:
             raise _Interrupt
     return callback
 
@@ -84,6 +87,8 @@ def test_damaged_or_partial_checkpoints_are_never_loaded(tmp_path):
             with open(path, "r+b") as f:
                 f.truncate(max(os.path.getsize(path) // 3, 1))
     with pytest.raises(CheckpointError, match="damaged or incomplete"):
+        run(_config(epochs=2), workdir=str(tmp_path), progress=False)
+    with pytest.raises(CheckpointError, match="another phase list"):  # 3 epochs: another run
         run(_config(epochs=3), workdir=str(tmp_path), progress=False)
 
 

@@ -1,0 +1,213 @@
+"""The phase engine: transitions (shape-changing and latent-replacing), snapshots, bit-exact resume at
+every kind of boundary, parallel runs equal to sequential ones, one compile per distinct phase."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pae import sparsity as sp
+from pae.core import Transform, identity
+from pae.train import CheckpointError, Phase, TrainState, init_state, make_task, train_phases
+
+
+class MLP(nn.Module):
+    width: int = 6
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Dense(self.width)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(3)(x)
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(150, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
+    return {"train": (x[:100], y[:100]), "test": (x[100:], y[100:])}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(MLP(), _data())
+
+
+def _adam(spe):
+    return optax.adam(1e-2)
+
+
+def _pad(x, shape):
+    """Zero-pad ``x`` up to ``shape`` (a grown leaf; other leaves unchanged)."""
+    x = np.asarray(x)
+    return np.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)])
+
+
+def grow(state: TrainState, snapshots) -> TrainState:
+    """Widen the hidden layer 6 -> 8: new incoming weights random, new outgoing weights zero (the
+    function is preserved); Adam's moments grown the same way with ``optax.tree_map_params``."""
+    p = state.params
+    new_in = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (5, 2)), np.float32) * 0.1
+    shapes = {"Dense_0": {"kernel": (5, 8), "bias": (8,)}, "Dense_1": {"kernel": (8, 3), "bias": (3,)}}
+    grown = jax.tree.map(lambda x, s: _pad(x, s), p, shapes)
+    grown["Dense_0"]["kernel"][:, 6:] = new_in
+    opt = optax.tree_map_params(_adam(1), lambda x, s: _pad(x, s), state.opt_state, shapes,
+                                transform_non_params=lambda x: x)
+    return state.replace(params=grown, opt_state=opt)
+
+
+WIDE = MLP(width=8)
+
+
+def _phases():
+    return [Phase("a", 2, _adam, keep={1: "early"}),
+            Phase("b", 2, _adam, enter=grow, model=WIDE, optimizer_state="keep", keep={2: "grown"}),
+            Phase("c", 2, _adam, model=WIDE,
+                  enter=lambda st, snaps: st.replace(params=snaps["grown"].params))]
+
+
+def _run(task, **kw):
+    return train_phases(task, _phases(), init_state(task.model, task.example, 0), batch_size=32, **kw)
+
+
+def _equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_shape_changing_transition_preserves_function_and_grows_optimizer_state(task):
+    res = _run(task)
+    assert [r["phase"] for r in res.history] == ["a", "a", "b", "b", "c", "c"]
+    assert [r["epoch"] for r in res.history] == [1, 2, 3, 4, 5, 6]
+    assert res.state.params["Dense_0"]["kernel"].shape == (5, 8)
+    mu = res.state.opt_state[0].mu["Dense_1"]["kernel"]
+    assert mu.shape == (8, 3) and np.abs(np.asarray(mu)).max() > 0
+    # growth preserves the function: a run stopped right after the transition has the logits of
+    # the narrow net at the end of phase a
+    narrow = train_phases(task, _phases()[:1], init_state(task.model, task.example, 0), batch_size=32)
+    x = jnp.asarray(_data()[1] if False else _data()["test"][0])
+    before = MLP().apply({"params": narrow.state.params}, x)
+    after = WIDE.apply({"params": grow(narrow.state, {}).params}, x)
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_snapshots_are_the_states_after_their_epochs(task):
+    res = _run(task)
+    one = train_phases(task, [Phase("a", 1, _adam)], init_state(task.model, task.example, 0),
+                       batch_size=32)
+    _equal(res.snapshots["early"].params, one.state.params)
+    # phase c entered by restoring phase b's end: its first epoch starts from the grown snapshot
+    assert set(res.snapshots) == {"early", "grown"}
+    assert res.snapshots["grown"].params["Dense_0"]["kernel"].shape == (5, 8)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3, 4, 5])
+def test_resume_at_every_boundary_is_bit_exact(task, tmp_path, stop_after):
+    # 1, 3, 5: mid-phase; 2: at the shape-changing transition; 4: at the latent-replacing one
+    whole = _run(task)
+
+    def stop(row, state):
+        if row["epoch"] == stop_after:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(task, checkpoint_dir=tmp_path, callbacks=[stop])
+    resumed = _run(task, checkpoint_dir=tmp_path)
+    _equal(resumed.state, whole.state)
+    _equal(resumed.snapshots, whole.snapshots)
+    drop_time = lambda h: [{k: v for k, v in r.items() if k != "epoch_time"} for r in h]  # noqa
+    assert drop_time(resumed.history) == drop_time(whole.history)
+
+
+def test_a_checkpoint_of_another_phase_list_is_refused_and_appending_phases_resumes(task, tmp_path):
+    state = init_state(task.model, task.example, 0)
+    first = train_phases(task, _phases()[:2], state, batch_size=32, checkpoint_dir=tmp_path)
+    whole = _run(task)
+    extended = _run(task, checkpoint_dir=tmp_path)        # one phase appended: continues
+    _equal(extended.state, whole.state)
+    assert extended.history[:4] == first.history
+    with pytest.raises(CheckpointError, match="another phase list"):
+        train_phases(task, [Phase("a", 3, _adam)], state, batch_size=32, checkpoint_dir=tmp_path)
+
+
+def test_latent_replacing_transition_gives_the_new_latent_a_fresh_optimizer(task):
+    cs = sp.continuous_sparsification(None, 0.5, lmbda=0.0, scaled=False)
+
+    def to_cs(state, snapshots):
+        return state.replace(params=cs.init(state.params, None))
+
+    phases = [Phase("dense", 1, _adam),
+              Phase("cs", 1, lambda spe: sp.cs_optimizer(sp.SearchConfig(epochs=1, rewind_epoch=0), spe), cs, enter=to_cs,
+                    metrics=lambda st, ctx: {"density": sp.density(st.params)})]
+    res = train_phases(task, phases, init_state(task.model, task.example, 0), batch_size=32)
+    node = res.state.params["Dense_0"]["kernel"]
+    assert isinstance(node, sp.SoftMask) and float(node.s_init) == 0.5
+    assert 0 < res.history[-1]["density"] <= 1
+    assert not np.allclose(node.logits, 0.5)   # the mask logits trained
+
+
+def test_parallel_runs_equal_sequential_runs(task):
+    lrs = np.array([1e-3, 1e-2, 3e-2], np.float32)
+    opt = lambda spe: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)  # noqa
+
+    def set_lr(state, lr):
+        return state.replace(opt_state=state.opt_state._replace(
+            hyperparams={**state.opt_state.hyperparams, "learning_rate": lr}))
+
+    phases = [Phase("p", 2, opt), Phase("q", 1, opt, optimizer_state="keep",
+                                        enter=lambda st, sn: st.replace(step=st.step * 0))]
+    state = init_state(task.model, task.example, 0)
+    state = state.replace(opt_state=opt(1).init(state.params))
+    par = train_phases(task, phases, state, batch_size=32, runs=jnp.asarray(lrs), setup=set_lr)
+    assert len(par.history[-1]["test_acc"]) == 3
+    for i, lr in enumerate(lrs):
+        seq = train_phases(task, phases, set_lr(state, jnp.asarray(lr)), batch_size=32)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a)[i], b, rtol=1e-5, atol=1e-6),
+                     jax.device_get(par.state.params), jax.device_get(seq.state.params))
+        assert par.history[-1]["test_acc"][i] == seq.history[-1]["test_acc"]
+
+
+def test_one_compiled_step_per_distinct_phase(task):
+    traces = []
+
+    def apply(latent, ctx):
+        traces.append(1)
+        return latent
+
+    t = Transform(identity().init, apply, identity().penalty, identity().finalize)
+    phases = [Phase(f"r{i}", 1, _adam, t, optimizer_state="keep", eval_every=0) for i in range(4)]
+    train_phases(task, phases, init_state(task.model, task.example, 0), batch_size=32)
+    # one trace for the train step and one for the eval step, shared by the four phases
+    assert len(traces) == 2
+
+
+def test_records_are_tagged_by_phase(task, tmp_path):
+    res = _run(task, workdir=tmp_path)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows == json.loads(json.dumps(res.history))
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert list(summary) == ["0:a", "1:b", "2:c"] and summary["2:c"] == rows[-1]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_bad_phases_fail_clearly(task):
+    with pytest.raises(ValueError, match="epochs must be an int >= 0"):
+        Phase("a", -1, _adam)
+    with pytest.raises(ValueError, match="keep epochs must be in \\[0, epochs=2\\]"):
+        Phase("a", 2, _adam, keep={3: "x"})
+    with pytest.raises(ValueError, match="optimizer_state must be one of"):
+        Phase("a", 2, _adam, optimizer_state="reuse")
+    with pytest.raises(TypeError, match="transform must be a pae.Transform"):
+        Phase("a", 2, _adam, transform=lambda p: p)
+    state = init_state(task.model, task.example, 0)
+    with pytest.raises(TypeError, match="phases\\[0\\] must be a pae.train.Phase"):
+        train_phases(task, [("a", 2)], state, batch_size=32)
+    widen = Phase("b", 1, _adam, model=WIDE, optimizer_state="keep",
+                  enter=lambda st, sn: grow(st, sn).replace(opt_state=st.opt_state))
+    with pytest.raises(ValueError, match="keeps the optimizer state"):
+        train_phases(task, [Phase("a", 1, _adam), widen], state, batch_size=32)
