@@ -19,9 +19,9 @@ The report's claim: CSGD matches AdaBound.
 Both use L2 weight decay 5e-4 (the papers' setting), the same initialization for every cell of a
 grid, and the lr schedule of ``--schedule`` (a multiplier on every optimizer's step).
 
-Engines. ``shared`` (default for embedded data): the cells of a grid (or the seeds) are trained in
-turn on the same batch order with one compiled ``pae.train.make_train_step``: lr and eps are
-optimizer *state* (``optax.inject_hyperparams``), so a new cell never recompiles. ``run``: one
+Engines. ``shared`` (default for embedded data): the cells of a grid (or the seeds) are parallel runs
+of one phase on ``pae.train.train_phases``, one vmapped program on the same batch order: lr and eps
+are optimizer *state* (``optax.inject_hyperparams``), the per-run values. ``run``: one
 ``pae.train.run`` per cell (records, checkpoints, resumable); used for CIFAR.
 
 Writes ``<out>grid.json/.png`` and ``<out>bound.json/.png`` (default out prefix
@@ -45,8 +45,8 @@ import optax
 import pae.optim as po
 from pae import data as pdata
 from pae import models as pmodels
-from pae.train import (TrainConfig, create_train_state, make_eval_step, make_schedule,
-                       make_train_step, run)
+from pae.train import (Phase, TrainConfig, create_train_state, host, make_schedule, make_task, run,
+                       train_phases)
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -148,48 +148,25 @@ def set_hyperparams(state, values: dict[str, float]):
 
 
 def train_cells(model, dataset, tx, states: list, setup: Setup, seed: int, log: str = ""):
-    """Train every state in ``states`` on the same batches with ONE compiled step.
+    """Train every state in ``states`` as parallel runs of one phase on the engine
+    (:func:`pae.train.train_phases`): one ``jax.vmap``-ed program over the cells, on the same batches.
 
-    All cells share ``tx`` (hyperparameters that differ between cells live in the optimizer state,
-    via ``optax.inject_hyperparams``), so the jitted step and eval are compiled once. (``jax.vmap``
-    over the cells would also work but is ~3x slower here: XLA:CPU runs a vmapped convolution as
-    a grouped convolution.) Returns the final states and histories of shape ``[epochs, cells]``:
-    ``train_loss`` and ``val_acc`` (test accuracy when there is no validation split).
+    All cells share ``tx``; what differs between them (initial weights, and hyperparameters that
+    live in the optimizer state via ``optax.inject_hyperparams``) is the per-run value, so the phase
+    keeps the optimizer state it is given. Returns the final (stacked) state and histories of shape
+    ``[epochs, cells]``: ``train_loss``, ``val_acc`` (test accuracy when there is no validation
+    split) and ``test_acc``.
     """
-    step = make_train_step(model, tx, donate=False)  # cells may share initial param buffers
-    evaluate = make_eval_step(model)
-    train_tf, eval_tf = dataset.transform(True), dataset.transform(False)
-    eval_split = "validation" if "validation" in dataset.splits else "test"
-    history = {"train_loss": [], "val_acc": []}
-    for epoch in range(setup.epochs):
-        began = time.perf_counter()
-        batches = [jax.tree.map(jnp.asarray, b) for b in pdata.iterate_batches(
-            dataset["train"], setup.batch_size, seed=seed, epoch=epoch, augment=train_tf)]
-        losses, accs = [], []
-        for c, state in enumerate(states):
-            sums = None
-            for batch in batches:
-                state, metrics = step(state, batch, {})
-                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            states[c] = state
-            losses.append(float(sums["loss_sum"] / sums["count"]))
-            accs.append(split_accuracy(evaluate, state, dataset[eval_split], eval_tf,
-                                       setup.batch_size))
-        history["train_loss"].append(np.array(losses))
-        history["val_acc"].append(np.array(accs))
-        if log:
-            print(f"  {log} epoch {epoch + 1}/{setup.epochs}: {eval_split} acc median "
-                  f"{np.median(accs):.3f} max {np.max(accs):.3f} "
-                  f"({time.perf_counter() - began:.1f}s)", flush=True)
-    return states, {k: np.stack(v) for k, v in history.items()}
-
-
-def split_accuracy(evaluate, state, source, transform, batch_size) -> float:
-    sums = None
-    for batch in pdata.iterate_batches(source, batch_size, shuffle=False, augment=transform):
-        metrics = evaluate(state, batch, {})
-        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    return float(sums["correct"] / sums["count"])
+    task = make_task(model, dataset)
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[host(st) for st in states])
+    phase = Phase("train", setup.epochs, lambda spe: tx, optimizer_state="keep")
+    out = train_phases(task, [phase], states[0], batch_size=setup.batch_size, seed=seed, runs=stacked,
+                       setup=lambda state, cell: cell, title=log,
+                       log=(lambda line: print(f"  {log} {line}", flush=True)) if log else None)
+    val = "val_acc" if "val" in task.evals else "test_acc"
+    history = {"train_loss": [r["train_loss"] for r in out.history], "val_acc": [r[val] for r in out.history],
+               "test_acc": [r["test_acc"] for r in out.history]}
+    return out.state, {k: np.asarray(v, np.float64) for k, v in history.items()}
 
 
 def lr_multiplier(setup: Setup, steps_per_epoch: int):
@@ -334,9 +311,7 @@ def bound_shared(setup: Setup, seeds) -> dict:
         states = [create_train_state(model, tx, example, seed) for seed in seeds]
         began = time.perf_counter()
         states, hist = train_cells(model, dataset, tx, states, setup, seeds[0], log=name)
-        evaluate = make_eval_step(model)
-        test = np.array([split_accuracy(evaluate, st, dataset["test"], dataset.transform(False),
-                                        setup.batch_size) for st in states])
+        test = hist["test_acc"][-1]
         out[name] = {"val_acc_curve": hist["val_acc"], "train_loss_curve": hist["train_loss"],
                      "val_acc": hist["val_acc"][-1], "test_acc": test,
                      "seconds": time.perf_counter() - began}

@@ -494,6 +494,23 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
     return PhasesResult(state, snapshots, history, None if workdir is None else os.fspath(workdir))
 
 
+def evaluate(task: Task, state: TrainState, *, batch_size: int, phase: Phase | None = None,
+             epoch: int = 0, runs: bool = False) -> dict:
+    """``{prefix}_loss`` and ``{prefix}_acc`` (and ``_bpc`` for text) on every evaluation split of
+    ``task``, exactly as :func:`train_phases` evaluates at the end of an epoch of ``phase`` (its
+    model, eval transform and the context of ``epoch``; default: the plain model). ``runs``: the
+    state has a leading run axis (values become lists)."""
+    phase = phase or Phase("evaluate", 0, lambda spe: optax.identity())
+    task = task if task.mesh is not None else dataclasses.replace(task, mesh=distributed.data_mesh())
+    eval_step = _Programs(task, 1, runs).eval_step(phase)
+    ctx = _context(phase, epoch)
+    state = distributed.replicate(state, task.mesh)
+    out = {}
+    for prefix, source in task.evals.items():
+        out.update(_summarize(prefix, _evaluate(eval_step, state, source, batch_size, task, ctx), task.text))
+    return out
+
+
 def _format_row(row: dict) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -513,5 +530,5 @@ def _write_records(workdir: str, history: list[dict], title: str) -> None:
     pmetrics.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
 
 
-__all__ = ["OPTIMIZER_STATES", "Phase", "PhasesResult", "Task", "host", "init_state", "make_task",
-           "train_phases"]
+__all__ = ["OPTIMIZER_STATES", "Phase", "PhasesResult", "Task", "evaluate", "host", "init_state",
+           "make_task", "train_phases"]
