@@ -232,7 +232,9 @@ def row_context(info: dict) -> dict:
 def path_taken(path: str, m: int, packed) -> str:
     """The kernel path ``packed_matmul(backend=path)`` runs for this M (the dispatch may send large
     M to dequantize + XLA dot)."""
-    return path
+    from pallas_kernels.dispatch import plan
+
+    return plan(path, m, packed).describe()
 
 
 def run_accelerator(args, info: dict) -> list[dict]:

@@ -5,9 +5,17 @@
                      run by the Pallas interpreter.
     backend="tpu" | "triton" | "mosaic_gpu" | "reference" forces one path ("mosaic_gpu": the Hopper
     wgmma kernel, opt-in, see ``gpu_mosaic``).
+
+Large M on a GPU: weight-only quantization cannot beat bf16 once the GEMM is compute-bound, so at
+M >= ``LARGE_M_CROSSOVER`` (float activations) the GPU kernels hand over to *dequantize once + XLA
+bf16 GEMM* (``reference_packed_matmul``: one fused unpack of the weight, then cuBLAS).  The
+threshold is a named constant, **not measured yet** (no GPU was available to this package's
+authors); ``experiments/bench_kernels.py`` prints which path ran for every row, and the GPU
+session sets the constant from its crossover.  ``plan`` says which path a call takes.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,6 +27,37 @@ from pallas_kernels.reference import reference_packed_matmul
 BACKENDS = ("auto", "reference", "tpu", "triton", "mosaic_gpu")
 _KERNELS = ("tpu", "triton", "mosaic_gpu")
 _NATIVE = {"tpu": "tpu", "triton": "gpu", "mosaic_gpu": "gpu"}
+LARGE_M_CROSSOVER = 1024  # GPU, float x: M at or above which dequantize + XLA GEMM runs (UNMEASURED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What ``packed_matmul`` runs: ``path`` is a backend name or "xla_dequant" (large M on a GPU);
+    ``blocks`` the kernel's block sizes (None for XLA paths)."""
+
+    path: str
+    blocks: Any = None
+
+    def describe(self) -> str:
+        return self.path if self.blocks is None else f"{self.path} {self.blocks}"
+
+
+def plan(backend: str, m: int, packed: PackedWeight, x_dtype: Any = jax.numpy.bfloat16, *,
+         interpret: bool = False, blocks: Any = None, platform: str | None = None,
+         large_m: int | None = None) -> Plan:
+    """The path and blocks for an (m, K) x (K, N) call (``backend`` as in ``packed_matmul``).
+
+    GPU kernels with float x and ``m >= large_m`` (default ``LARGE_M_CROSSOVER``) -> "xla_dequant",
+    unless ``blocks`` were given (an explicit kernel configuration is honoured)."""
+    path = resolve_backend(backend, interpret, platform)
+    threshold = LARGE_M_CROSSOVER if large_m is None else large_m
+    is_float = jax.numpy.dtype(x_dtype) != jax.numpy.int8
+    if path in ("triton", "mosaic_gpu") and is_float and blocks is None and m >= threshold:
+        return Plan("xla_dequant")
+    if path == "triton" and blocks is None:
+        from pallas_kernels.gpu_triton import choose_blocks
+        blocks = choose_blocks(m, packed, x_dtype)
+    return Plan(path, blocks)
 
 
 def _platform() -> str:
@@ -65,18 +104,22 @@ def resolve_backend(backend: str = "auto", interpret: bool = False, platform: st
 
 def packed_matmul(x: Any, packed: PackedWeight, *, x_scale: Any = None, out_dtype: Any = None,
                   backend: str = "auto", interpret: bool = False, blocks: Any = None,
-                  _platform: str | None = None) -> Any:
+                  _platform: str | None = None, _large_m: int | None = None) -> Any:
     """y = x @ W for a packed low-bit W (weight-only, or int8 activations with ``x_scale``).
 
     x: (M, K) bfloat16 / float16 / float32, or int8 with x_scale (M,) (``quantize_activations``);
     packed: a ``PackedWeight``; returns (M, N) in ``out_dtype`` (default x.dtype; float32 for int8).
     y = sum_s (x[:, perm]_s @ ((q_s - o_s) * s_s))   — see ``reference_packed_matmul`` for the exact math.
     ``blocks`` overrides the kernel's block sizes (``TpuBlocks`` / ``TritonBlocks`` / ``MosaicBlocks``).
-    (``_platform`` is for ``lowering.export_kernel``: lower for a platform this machine lacks.)
+    On a GPU, float x with M >= ``LARGE_M_CROSSOVER`` runs dequantize + XLA GEMM (see ``plan``).
+    (``_platform`` / ``_large_m`` are for ``lowering.export_kernel``: lower for a platform this machine
+    lacks / move the large-M hand-over.)
     """
-    _prep.check_call(x, packed, x_scale, out_dtype)
-    path = resolve_backend(backend, interpret, _platform)
-    if path == "reference":
+    call = _prep.check_call(x, packed, x_scale, out_dtype)
+    p = plan(backend, call.m, packed, x.dtype, interpret=interpret, blocks=blocks, platform=_platform,
+             large_m=_large_m)
+    path, blocks = p.path, p.blocks
+    if path in ("reference", "xla_dequant"):
         return reference_packed_matmul(x, packed, x_scale=x_scale, out_dtype=out_dtype)
     if path == "tpu":
         from pallas_kernels.tpu import tpu_packed_matmul

@@ -227,13 +227,17 @@ def _pack_segment(codes: np.ndarray, bits: int, scales: np.ndarray, offset: floa
 
 def pack_mixed(codes: Sequence[Any], bits: Sequence[int], scales: Sequence[Any], *,
                offsets: Sequence[float] | None = None, group_size: int | None = None,
-               input_perm: Any = None, k_tile: int = 512, n_tile: int = 128) -> PackedWeight:
+               input_perm: Any = None, k_tile: int = 512, n_tile: int = 128,
+               fold_perm: bool = True) -> PackedWeight:
     """Pack K-segments of different bit widths into one ``PackedWeight`` (host side, NumPy).
 
     y = x[:, input_perm] @ concat_s(W_s),   W_s[k, n] = (codes[s][k, n] - offsets[s]) * scales[s][g(k), n]
 
     codes[s]: integer (K_s, N) in [0, 2**bits[s] - 1]; scales[s]: (N,) or (ceil(K_s/group_size), N);
     offsets[s]: default (2**bits - 1)/2; input_perm: a permutation of range(sum K_s) or None.
+    fold_perm: a single segment with per-channel scales stores its rows in input-channel order
+    (row ``input_perm[i]`` holds ``codes[0][i]``) and ``input_perm=None``: the same y, and no
+    gather of x at run time.  (Several segments keep the permutation: one gather of x per call.)
     """
     if isinstance(codes, (np.ndarray, jax.Array)) or not isinstance(codes, Sequence):
         raise TypeError("codes must be a sequence of 2-D code arrays (one per segment); "
@@ -247,6 +251,8 @@ def pack_mixed(codes: Sequence[Any], bits: Sequence[int], scales: Sequence[Any],
     k_tile = _check_tile(k_tile, SUPPORTED_K_TILES, "k_tile")
     n_tile = _check_tile(n_tile, SUPPORTED_N_TILES, "n_tile")
     group_size = _check_group_size(group_size, k_tile)
+    if not isinstance(fold_perm, bool):
+        raise TypeError(f"fold_perm must be a bool, got {type(fold_perm).__name__}")
 
     b = [check_bits(bi, f"bits[{i}]") for i, bi in enumerate(bits)]
     c = [_check_codes(ci, bi, f"codes[{i}]") for i, (ci, bi) in enumerate(zip(codes, b))]
@@ -269,6 +275,10 @@ def pack_mixed(codes: Sequence[Any], bits: Sequence[int], scales: Sequence[Any],
             raise ValueError(f"input_perm must be a permutation of range(K)=range({k_total}) "
                              f"as a 1-D integer array")
         perm = jnp.asarray(p.astype(np.int32))
+        if fold_perm and len(c) == 1 and group_size is None:
+            folded = np.empty_like(c[0])
+            folded[p] = c[0]          # x[:, p] @ W == x @ W' with W'[p[i]] = W[i]
+            c, perm = [folded], None
 
     n_pad = L.round_up(n, n_tile)
     segs = tuple(_pack_segment(ci, bi, si, oi, n_pad, k_tile, group_size)

@@ -61,8 +61,10 @@ def abstract_packed(bits: list[int], ks: list[int], n: int, *, group_size: int |
 
 
 def export_kernel(backend: str, x: Any, packed: PackedWeight, x_scale: Any = None,
-                  blocks: Any = None) -> jax.export.Exported:
-    """Export ``packed_matmul(backend=...)`` for the backend's platform (arguments may be abstract)."""
+                  blocks: Any = None, dispatch: bool = False) -> jax.export.Exported:
+    """Export ``packed_matmul(backend=...)`` for the backend's platform (arguments may be abstract).
+
+    The kernel itself at every M, unless ``dispatch=True`` (then large M may take the XLA path)."""
     from pallas_kernels.dispatch import packed_matmul
 
     if backend not in PLATFORM:
@@ -70,7 +72,8 @@ def export_kernel(backend: str, x: Any, packed: PackedWeight, x_scale: Any = Non
 
     def f(x, packed, x_scale):
         return packed_matmul(x, packed, x_scale=x_scale, backend=backend, interpret=False,
-                             blocks=blocks, _platform=_DEVICE[backend])
+                             blocks=blocks, _platform=_DEVICE[backend],
+                             _large_m=None if dispatch else 2 ** 62)
 
     disabled = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)] if backend == "triton" else []
     ctx = gpu_target() if PLATFORM[backend] == "cuda" else contextlib.nullcontext()
