@@ -200,3 +200,40 @@ def test_shared_memory_is_checked_before_launch():
     with pytest.raises(ValueError, match="blocks.bn=48 must be a power of two"):
         triton_packed_matmul(jnp.ones((2, 4096), jnp.float32), p, blocks=TritonBlocks(16, 48, 1, 4, 2),
                              interpret=True)
+
+
+@pytest.mark.parametrize("case", ["per-channel-f32", "grouped-bf16", "int8"])
+def test_tpu_nkm_order_dequantizes_once_and_matches(case, npref):
+    """Grid (N, K, M): several M blocks reuse one dequantized weight tile held in VMEM."""
+    from pallas_kernels.tpu import TpuBlocks, tpu_packed_matmul
+    group = 64 if case == "grouped-bf16" else None
+    rng, packed, w64 = _layer(91, [4, 8], [1030, 500], 200, group_size=group, npref=npref)
+    dtype = jnp.bfloat16 if case == "grouped-bf16" else jnp.float32
+    x = jnp.asarray(rng.standard_normal((45, 1530)), dtype)
+    xs = None
+    if case == "int8":
+        x, xs = pk.quantize_activations(x)
+    blocks = TpuBlocks(bm=16, bn=128, kb=(512, 512), order="nkm")
+    _check(tpu_packed_matmul, x, packed, w64, npref, x_scale=xs, blocks=blocks,
+           tol=1e-2 if dtype == jnp.bfloat16 else 2e-6)
+
+
+def test_tpu_nkm_under_the_tpu_semantics_interpreter(npref):
+    from jax.experimental.pallas import tpu as pltpu
+
+    from pallas_kernels.tpu import TpuBlocks, tpu_packed_matmul
+    rng, packed, w64 = _layer(92, [2], [700], 130, npref=npref)
+    x = jnp.asarray(rng.standard_normal((40, 700)), jnp.float32)
+    y = tpu_packed_matmul(x, packed, interpret=pltpu.InterpretParams(out_of_bounds_reads="raise"),
+                          blocks=TpuBlocks(bm=16, bn=128, kb=(512,), order="nkm"))
+    assert npref.rel_err(y, np.asarray(x, np.float64) @ w64) < 2e-6
+
+
+def test_tpu_block_choice_by_m():
+    from pallas_kernels import tpu
+    p = abstract_packed([4], [4096], 4096)
+    assert tpu.choose_blocks(16, p, jnp.bfloat16).order == "nmk"        # one M block already
+    big = tpu.choose_blocks(1000, p, jnp.bfloat16)
+    assert big.order == "nkm" and big.bm == 256
+    assert tpu.nkm_vmem(1024, big.bn, big.kb, 1) <= tpu.NKM_VMEM_BUDGET
+    assert tpu.choose_blocks(65536, p, jnp.bfloat16).order == "nmk"     # accumulators too big
