@@ -58,6 +58,11 @@ def parse_args(argv=None):
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per timed sample")
     ap.add_argument("--cpu-m", type=int, nargs="+", default=[1, 16, 128],
                     help="M values timed on CPU (reference path)")
+    ap.add_argument("--triton-blocks", nargs="+", default=[], metavar="BM,BN,SPLITS,WARPS,STAGES[,ROWS]",
+                    help="extra Triton block configurations timed side by side (to tune BLOCK_TABLE)")
+    ap.add_argument("--triton-jnp-dequant", action="store_true",
+                    help="also time the Triton kernel with the jnp magic-number dequantization "
+                         "instead of the inline PTX (A/B of the bit tricks)")
     ap.add_argument("--timer", choices=sorted(TIMERS), default="loop",
                     help="loop: n chained calls in one executable; calls: n host dispatches")
     ap.add_argument("--out", default=None,
@@ -229,12 +234,42 @@ def row_context(info: dict) -> dict:
     return {k: info[k] for k in ("device", "platform", "jax", "jaxlib", "command", "timer")}
 
 
-def path_taken(path: str, m: int, packed) -> str:
-    """The kernel path ``packed_matmul(backend=path)`` runs for this M (the dispatch may send large
-    M to dequantize + XLA dot)."""
+def path_taken(kw: dict, m: int, packed) -> str:
+    """The kernel path and blocks ``packed_matmul(**kw)`` runs for this M (the dispatch may send
+    large M to dequantize + XLA dot)."""
     from pallas_kernels.dispatch import plan
 
-    return plan(path, m, packed).describe()
+    return plan(kw["backend"], m, packed, blocks=kw.get("blocks")).describe()
+
+
+def parse_blocks(spec: str):
+    from pallas_kernels.gpu_triton import TritonBlocks
+
+    vals = [int(v) for v in spec.split(",")]
+    if len(vals) not in (5, 6):
+        raise SystemExit(f"--triton-blocks {spec!r}: want BM,BN,SPLITS,WARPS,STAGES[,ROWS]")
+    return TritonBlocks(*vals[:5], rows=vals[5] if len(vals) == 6 else None)
+
+
+def variants(args, paths: list[str], m: int, packed) -> list[tuple[str, dict]]:
+    """(name, packed_matmul keyword arguments) of every packed path timed for this shape."""
+    import dataclasses
+
+    from pallas_kernels.gpu_triton import choose_blocks
+
+    out = [(p, dict(backend=p)) for p in paths]
+    for spec in args.triton_blocks:
+        out.append((f"triton[{spec}]", dict(backend="triton", blocks=parse_blocks(spec))))
+    if args.triton_jnp_dequant and m < LARGE_M():
+        b = dataclasses.replace(choose_blocks(m, packed), asm=False)
+        out.append(("triton[jnp-dq]", dict(backend="triton", blocks=b)))
+    return out
+
+
+def LARGE_M() -> int:  # noqa: N802
+    from pallas_kernels.dispatch import LARGE_M_CROSSOVER
+
+    return LARGE_M_CROSSOVER
 
 
 def run_accelerator(args, info: dict) -> list[dict]:
@@ -261,8 +296,9 @@ def run_accelerator(args, info: dict) -> list[dict]:
             for m in args.m:
                 x = jnp.asarray(rng.standard_normal((m, kn)), jnp.bfloat16)
                 fns, inputs = {"dense": dense_fn}, {"dense": (x, w_dense)}
-                for path in paths:
-                    f = functools.partial(lambda x, p, path: pk.packed_matmul(x, p, backend=path), path=path)
+                kwargs = dict(variants(args, paths, m, packed))
+                for path, kw in kwargs.items():
+                    f = functools.partial(lambda x, p, kw: pk.packed_matmul(x, p, **kw), kw=kw)
                     try:
                         jax.eval_shape(f, x, packed)
                     except ValueError as e:  # e.g. a width the opt-in Mosaic GPU kernel does not cover
@@ -278,11 +314,11 @@ def run_accelerator(args, info: dict) -> list[dict]:
                 for path in fns:
                     if path == "dense":
                         continue
-                    y = jax.jit(lambda x, p, path=path: pk.packed_matmul(
-                        x, p, backend=path, out_dtype=jnp.float32))(x, packed)
+                    y = jax.jit(lambda x, p, kw=kwargs[path]: pk.packed_matmul(
+                        x, p, out_dtype=jnp.float32, **kw))(x, packed)
                     err = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
                     goal = target(m, label)
-                    taken = path_taken(path, m, packed)
+                    taken = path_taken(kwargs[path], m, packed)
                     row = dict(ctx, kn=kn, m=m, bits=label, backend=path, path=taken,
                                dense_s=t["dense"], packed_s=t[path],
                                ratio=t["dense"] / t[path], ideal_ratio=2 * kn * kn / packed.nbytes,

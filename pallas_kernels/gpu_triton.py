@@ -48,7 +48,7 @@ SMEM_LIMIT = 227 * 1024    # bytes of shared memory per block on H100 / H200 (sm
 MAX_STEP_ROWS = 64         # word rows per step by default
 
 # (largest M, bm, bn, num_warps, num_stages): unmeasured starting points for the GPU session to tune
-# (``experiments/bench_kernels.py --blocks``).  bn = 32 at M <= 16 gives N/32 programs before split-K.
+# (``experiments/bench_kernels.py --triton-blocks``).  bn = 32 at M <= 16 gives N/32 programs before split-K.
 BLOCK_TABLE = (
     (16, 16, 32, 4, 3),
     (32, 32, 64, 4, 3),

@@ -87,8 +87,12 @@ def test_accelerator_code_path_runs_end_to_end(bench, monkeypatch):
     orig = bench.copy_bandwidth
     monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: orig(*a, nbytes=1 << 20, **k))
     args = bench.parse_args(["--kn", "256", "--m", "1", "--bits", "4", "--backend", "reference",
-                             "--repeats", "1", "--min-time", "0.001"])
+                             "--repeats", "1", "--min-time", "0.001", "--triton-blocks", "16,32,2,4,2,16",
+                             "--triton-jnp-dequant"])
     info = dict(bench.header(), timer=args.timer)
     rows = bench.run_accelerator(args, info)
+    # the Triton variants need a GPU: recorded as skipped here, timed on a device
+    assert [r["backend"] for r in rows if "skipped" in r] == ["triton[16,32,2,4,2,16]", "triton[jnp-dq]"]
+    rows = [r for r in rows if "skipped" not in r]
     assert len(rows) == 1 and rows[0]["backend"] == "reference" and rows[0]["rel_err"] < 1e-2
     assert rows[0]["copy_bandwidth_GBps"] > 0 and rows[0]["loop_overhead_s"] > 0
