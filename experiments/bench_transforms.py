@@ -9,7 +9,7 @@
    the embedded default of ``experiments/tickets.py`` (LeNet-300-100, mnist_subset). Reported as
    wall time of whole searches (compilation included) and as steady-state step time.
 
-Writes ``experiments/results/transforms_bench.json``.
+Writes ``runs/bench/transforms_bench.json`` (``--out experiments/results/transforms_bench.json`` records it).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pae import sparsity as sp
 from pae.core import Context, select as S
 from pae.data import load_dataset
 from pae.models import get_model
-from pae.train import create_train_state, data_mesh, make_train_step
+from pae.train import create_train_state, data_mesh, make_task, make_train_step
 
 
 def _batch(shape, batch, seed=0):
@@ -70,7 +70,7 @@ def step_ratio(name, select, shape, batch=128, repeats=15):
 
 def search_ratio(s_inits, cfg, repeats_steps=30):
     ds = load_dataset("mnist_subset")
-    task = sp.make_task(get_model("lenet300_100", 10), ds, data_mesh(jax.devices()[:1]))
+    task = make_task(get_model("lenet300_100", 10), ds, mesh=data_mesh(jax.devices()[:1]))
     began = time.perf_counter()
     sp.cs_search(task, cfg, list(s_inits))
     parallel = time.perf_counter() - began
@@ -103,7 +103,7 @@ def steady_state_search_step(n, repeats=30):
 
     par = jax.jit(pstep, donate_argnums=0)
     stn = jax.tree.map(lambda x: jnp.stack([x] * n), st1)
-    stn = jax.tree.map(jnp.copy, stn)
+    stn = stn.replace(params=jax.vmap(sp.with_s_init)(stn.params, s_arr))  # one s_init per run
     ctx = Context.make(2.0)
     for _ in range(3):
         st1, _ = single(st1, data, ctx)
@@ -141,7 +141,7 @@ def main():
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--search-epochs", type=int, default=10)
     p.add_argument("--search-rounds", type=int, default=2)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+    p.add_argument("--out", default=os.path.join("runs", "bench",
                                                  "transforms_bench.json"))
     args = p.parse_args()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "

@@ -25,7 +25,7 @@ are optimizer *state* (``optax.inject_hyperparams``), the per-run values. ``run`
 ``pae.train.run`` per cell (records, checkpoints, resumable); used for CIFAR.
 
 Writes ``<out>grid.json/.png`` and ``<out>bound.json/.png`` (default out prefix
-``experiments/results/optim_``).
+``runs/optimizers/optim_``; the recorded results used ``--out experiments/results/optim_``).
 """
 from __future__ import annotations
 
@@ -427,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--grid-seeds", type=int, default=1)
     parser.add_argument("--bound-seeds", type=int, default=3)
     parser.add_argument("--workdir", default="runs/optimizers", help="run engine: run directories")
-    parser.add_argument("--out", default="experiments/results/optim_", help="output path prefix")
+    parser.add_argument("--out", default="runs/optimizers/optim_",
+                        help="output path prefix (the recorded results: --out experiments/results/optim_)")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the figures from the JSON files of an earlier run")
     args = parser.parse_args(argv)

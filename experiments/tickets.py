@@ -16,9 +16,13 @@ depth for Conv-2), then ``DEFAULTS``; with ``--paper``, from ``PAPER_FLAGS``.
 Masks are unscaled (``sigmoid(beta*s)``, the paper's form) unless ``--scaled``/``--paper``: these nets
 have no BatchNorm to absorb the official ``1/sigmoid(s_init)`` factor.
 
-Writes ``experiments/results/tickets_<name>.{json,png}`` (mean and spread over ``--seeds``) and prints
-a table; each finished seed is kept in ``tickets_<name>.seed<k>.json`` and reused by a rerun with the
-same configuration; ``--checkpoint-dir`` also resumes a seed interrupted mid-search.
+Writes ``runs/tickets/tickets_<name>.{json,png}`` (mean and spread over ``--seeds``; ``--out-dir``
+elsewhere) and prints a table; each finished seed is kept in ``tickets_<name>.seed<k>.json`` and, with
+``--reuse``, reused by a rerun with the same configuration; ``--checkpoint-dir`` also resumes a seed
+interrupted mid-search.
+
+Between search rounds the logits are reset with the paper's ``min(beta_T*s, s_init)`` by default
+(``--reset code``: the official script's ``min(s, s_init)``); ``--paper`` uses the official rule.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ SELECTORS = {"kernels": S.kernels, "conv3x3": lambda: S.conv_kernels((3, 3))}
 
 #: defaults of every flag a preset may change; ``None`` for a flag means "not given on the command line"
 DEFAULTS = dict(model="lenet300_100", dataset="mnist_subset", val_size=0, rounds=3, epochs=10,
-                rewind_epoch=2, batch_size=64, lr=0.1, mask_lr=None, momentum=0.9,
+                ticket_epochs=None, imp_epochs=None, rewind_epoch=2, batch_size=64, lr=0.1, mask_lr=None, momentum=0.9,
                 weight_decay=1e-4, milestones=[7], beta_final=200.0, lmbda=1e-8, reset="paper",
                 scaled=False, ticket_mask="binary", s_inits=[-0.04, -0.02, -0.01, -0.005, 0.0, 0.01],
                 imp_levels=22, imp_scope="global", select="kernels")
@@ -71,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="default mnist_subset (digits for conv2)")
     p.add_argument("--val-size", type=int)
     p.add_argument("--rounds", type=int)
-    p.add_argument("--epochs", type=int, help="per round, per IMP round, per ticket")
+    p.add_argument("--epochs", type=int, help="per search round (and, unless given, per ticket and IMP level)")
+    p.add_argument("--ticket-epochs", type=int, help="ticket and random re-init training (default --epochs)")
+    p.add_argument("--imp-epochs", type=int, help="per IMP level (default --epochs)")
     p.add_argument("--rewind-epoch", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -101,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the CS search (every epoch) and IMP (every level) under DIR/seed<k>/ "
                         "and resume from there after an interruption")
     p.add_argument("--name", default="")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--out-dir", default=os.path.join("runs", "tickets"),
+                   help="where the results go (default runs/tickets; the recorded results were written "
+                        "with --out-dir experiments/results)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the finished seeds saved in --out-dir by a run with the same configuration "
+                        "(each reuse is reported); by default every seed is run")
     p.add_argument("--paper", action="store_true",
                    help="CIFAR-10 ResNet-20: 3 rounds x 85 epochs, SGD 0.1 Nesterov, decays at 56/71, "
                         "beta 1->200, 45k/5k split, masks on 3x3 convs only")
@@ -127,12 +138,14 @@ RESULTS_VERSION = 2
 
 def _config(args) -> dict:
     return {"version": RESULTS_VERSION,
-            **{k: v for k, v in vars(args).items() if k not in ("seeds", "out_dir", "name", "checkpoint_dir")}}
+            **{k: v for k, v in vars(args).items()
+               if k not in ("seeds", "out_dir", "name", "checkpoint_dir", "reuse")}}
 
 
 def run_seed(args, seed: int) -> dict:
     """The whole experiment for one seed: dense, CS search + tickets, re-init control, IMP."""
-    cfg = sp.SearchConfig(rounds=args.rounds, epochs=args.epochs, rewind_epoch=args.rewind_epoch,
+    cfg = sp.SearchConfig(rounds=args.rounds, epochs=args.epochs, ticket_epochs=args.ticket_epochs,
+                          imp_epochs=args.imp_epochs, rewind_epoch=args.rewind_epoch,
                           batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr,
                           momentum=args.momentum, weight_decay=args.weight_decay,
                           milestones=tuple(args.milestones), beta_final=args.beta_final,
@@ -205,7 +218,7 @@ def run(args, base: str | None = None) -> dict:
     per_seed = []
     for seed in args.seeds:
         path = _seed_path(base, seed) if base else None
-        if path and os.path.exists(path):
+        if path and getattr(args, "reuse", False) and os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
             if saved.get("config") == json.loads(json.dumps(_config(args), default=float)):

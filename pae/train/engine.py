@@ -29,6 +29,7 @@ import dataclasses
 import inspect
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pae import data as pdata
 from pae.core import Context, Transform, identity
@@ -373,6 +374,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
       checkpoint_dir: orbax checkpoints every ``checkpoint_every`` epochs and at every phase end
         (last ``keep_checkpoints`` kept); an existing one is resumed. ``identity``: extra values that
         must match for a checkpoint to be resumed (e.g. the method's config).
+      progress: one progress bar over the run's steps, on stderr and only when it is a terminal.
       log: called with one line per epoch (and on resume). ``callbacks``: ``fn(row, state)`` after
         each epoch's checkpoint.
     """
@@ -434,8 +436,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
     total_epochs = sum(p.epochs for p in phases)
     state = distributed.replicate(state, mesh)
 
-    bar = tqdm(total=total_epochs * spe, initial=done_epochs * spe, disable=not progress,
-               desc=title or None, leave=False)
+    bar = tqdm(total=total_epochs * spe, initial=done_epochs * spe, file=sys.stderr, leave=False,
+               disable=not (progress and sys.stderr.isatty()), desc=title or None)
     try:
         for p in range(position[0], len(phases)):
             phase = phases[p]

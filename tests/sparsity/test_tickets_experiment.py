@@ -52,6 +52,7 @@ def test_flags_given_win_over_model_presets_and_paper_flags():
                                                              preset["imp_levels"])
     assert conv.s_inits == [0.5] and conv.epochs == tickets.DEFAULTS["epochs"]
     paper = parse("--paper", "--epochs", "5", "--milestones")
+    assert paper.reset == "code" and parse().reset == "paper"  # the official script's rule
     assert (paper.model, paper.dataset, paper.rounds, paper.scaled) == ("resnet20", "cifar10", 3, True)
     assert paper.epochs == 5 and paper.milestones == []
     assert parse("--no-scaled", "--paper").scaled is False
@@ -117,13 +118,15 @@ def test_finished_seeds_are_reused_when_the_configuration_matches(tmp_path, monk
                 "masked_weights": 10, "cs_history": [], "targets": tickets.check_targets(rows)}
 
     monkeypatch.setattr(tickets, "run_seed", fake_run_seed)
-    argv = ["--dataset", "digits", "--out-dir", str(tmp_path), "--name", "r", "--seeds", "0", "1"]
+    argv = ["--dataset", "digits", "--out-dir", str(tmp_path), "--name", "r", "--reuse", "--seeds", "0", "1"]
     first = tickets.main(argv)
     assert calls == [(0, 0.1), (1, 0.1)] and (tmp_path / "tickets_r.seed1.json").exists()
     second = tickets.main(argv + ["2"])  # seeds 0 and 1 are on disk: only seed 2 runs
     assert calls[2:] == [(2, 0.1)] and second["rows"][:len(first["rows"])] == first["rows"]
     tickets.main(argv + ["--lr", "0.05"])  # another configuration: nothing is reused
     assert calls[3:] == [(0, 0.05), (1, 0.05)]
+    tickets.main(argv[:6] + ["--seeds", "0", "1"])  # without --reuse every seed runs again
+    assert calls[5:] == [(0, 0.1), (1, 0.1)]
 
 
 def test_engine_port_reproduces_the_pre_engine_drivers_exactly(tmp_path):
