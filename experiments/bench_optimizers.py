@@ -1,7 +1,7 @@
 """Jitted optimizer-update time on a ResNet-50 parameter pytree, as ratios to optax.adam.
 
     python experiments/bench_optimizers.py [--rounds 7] [--iters 5] \
-        [--out experiments/results/optim_bench.json]
+        [--out experiments/results/optim_bench.json]   (default runs/bench/optim_bench.json)
 
 The pytree is the real ``pae.models.get_model("resnet50", 1000)`` parameter tree (161 leaves,
 25.6M float32 parameters; shapes from ``jax.eval_shape``, values random). Each optimizer's
@@ -103,7 +103,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=5, help="updates per optimizer per round")
     parser.add_argument("--only", nargs="*", default=None, help="subset of optimizers (adam always)")
-    parser.add_argument("--out", default="experiments/results/optim_bench.json")
+    parser.add_argument("--out", default="runs/bench/optim_bench.json")
     args = parser.parse_args()
 
     names = list(OPTIMIZERS) if not args.only else ["adam"] + [n for n in args.only if n != "adam"]
