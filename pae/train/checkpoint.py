@@ -1,7 +1,10 @@
 """orbax checkpoints of the whole train state: periodic, atomic, keep-last-N, exactly resumable.
 
 Each checkpoint is a step directory holding two items: ``state`` (the :class:`TrainState` arrays) and
-``meta`` (JSON: run identity, a signature of every array's path/shape/dtype, and the metric history).
+``meta`` (JSON: run identity, a signature of every array's path/shape/dtype, the metric history, and a
+checksum of every array and of the history, computed from the values being saved). Restoring
+verifies them: bytes damaged on disk raise :class:`DamagedCheckpointError` naming the step and the
+item, instead of loading.
 orbax writes a step into a temporary directory and renames it when complete, so an interrupted save
 leaves no step behind that looks finished. Restoring first checks ``meta`` against the run asking for
 it, so a checkpoint of a different model is refused with a message naming the difference, and a
@@ -9,15 +12,44 @@ damaged checkpoint raises :class:`CheckpointError` instead of loading.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not belong to this run, or that cannot be read back whole."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are damaged: unreadable, or not matching the checksums saved with it."""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def tree_checksums(tree: Any) -> dict[str, str]:
+    """``{path: checksum}`` of every array leaf (its bytes, dtype and shape)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        x = np.asarray(jax.device_get(leaf))
+        out[jax.tree_util.keystr(path)] = _digest(f"{x.dtype}{x.shape}".encode() + x.tobytes())
+    return out
+
+
+def history_checksum(history: list) -> str:
+    return _digest(json.dumps(history, sort_keys=True, default=str).encode())
+
+
+def _first_line(err: Exception, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def tree_signature(tree: Any) -> dict[str, str]:
@@ -52,9 +84,13 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.identity = dict(identity)
-        self._manager = ocp.CheckpointManager(
+        self.max_to_keep = max_to_keep
+        self._manager = self._make_manager()
+
+    def _make_manager(self):
+        return ocp.CheckpointManager(
             self.directory, item_names=("state", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True,
                                                  enable_async_checkpointing=False))
 
     def all_steps(self) -> list[int]:
@@ -66,8 +102,10 @@ class Checkpointer:
     def save(self, step: int, state: Any, history: list[dict] | None = None, **extra: Any) -> None:
         """Write ``state`` (and the metric ``history``, and JSON ``extra`` values such as the
         engine's position) as checkpoint ``step``; blocks until on disk."""
-        meta = {"identity": self.identity, "signature": tree_signature(state),
-                "history": history or [], **extra}
+        history = history or []
+        meta = {"identity": self.identity, "signature": tree_signature(state), "history": history,
+                "checksums": tree_checksums(state), "history_checksum": history_checksum(history),
+                **extra}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
@@ -79,7 +117,8 @@ class Checkpointer:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             return meta["meta"]
         except Exception as err:
-            raise CheckpointError(f"checkpoint {where} has no readable metadata: {err}") from err
+            raise DamagedCheckpointError(f"checkpoint {where} (step {step}) has no readable metadata: "
+                                         f"{_first_line(err)}") from None
 
     def restore(self, step: int, target: Any) -> tuple[Any, list[dict]]:
         """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target`` (arrays
@@ -99,14 +138,43 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} does not fit this model/state: {mismatch}")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        others = [s for s in self.all_steps() if s < step]
+        advice = (f"Delete {where} to resume from the previous checkpoint (step {max(others)}), or resume "
+                  f"with on_damaged_checkpoint='previous' (--resume-intact), which does that and says "
+                  f"so." if others else f"No other checkpoint is here; delete {where} to start over.")
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))
+                state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as err:
-            raise CheckpointError(
-                f"checkpoint {where} is damaged or incomplete and was not loaded ({err}). Other "
-                f"steps here: {[s for s in self.all_steps() if s != step]}") from err
-        return restored["state"], meta.get("history", [])
+            raise DamagedCheckpointError(
+                f"checkpoint {where} (step {step}) is damaged or incomplete and was not loaded: "
+                f"{_first_line(err)}. {advice}") from None
+        history = meta.get("history", [])
+        saved = meta.get("checksums")
+        if saved is not None:
+            now = tree_checksums(restored)
+            bad = [k for k in saved if now.get(k) != saved[k]]
+            if bad:
+                raise DamagedCheckpointError(
+                    f"checkpoint {where} (step {step}) is damaged: {len(bad)} array(s) do not match "
+                    f"the checksums written with them, first {bad[0]}. {advice}")
+            if meta.get("history_checksum") != history_checksum(history):
+                raise DamagedCheckpointError(
+                    f"checkpoint {where} (step {step}) is damaged: its metric history does not match "
+                    f"the checksum written with it. {advice}")
+        return restored, history
+
+    def quarantine(self, step: int) -> str:
+        """Move a damaged step aside (``<step>.damaged``: kept, no longer a checkpoint); its new path."""
+        where = os.path.join(self.directory, str(step))
+        target = where + ".damaged"
+        n = 1
+        while os.path.exists(target):
+            target, n = f"{where}.damaged{n}", n + 1
+        os.rename(where, target)
+        self._manager.close()
+        self._manager = self._make_manager()
+        return target
 
     def close(self) -> None:
         self._manager.close()

@@ -42,11 +42,16 @@ from tqdm import tqdm
 from pae import data as pdata
 from pae.core import Context, Transform, identity
 from pae.train import distributed, metrics as pmetrics
-from pae.train.checkpoint import Checkpointer, CheckpointError
+from pae.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError
 from pae.train.state import TrainState, init_variables
 from pae.train.step import make_eval_step, make_train_step
 
 OPTIMIZER_STATES = ("fresh", "keep")
+ON_DAMAGED = ("raise", "previous")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss (or penalty) of an epoch was not finite; nothing of that epoch was kept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +316,19 @@ def _structure_at(programs, phases, state, position: tuple[int, int]):
     return {"state": state, "snapshots": snapshots}
 
 
+def _check_finite(sums, phase: Phase, epoch: int, ckpt) -> None:
+    """TrainingDiverged when an epoch's loss or penalty sum is not finite (in any run)."""
+    for key in ("loss_sum", "penalty"):
+        values = np.asarray(sums[key], np.float64)
+        if not np.all(np.isfinite(values)):
+            last = ckpt.latest_step() if ckpt else None
+            kept = f"the newest checkpoint is step {last} in {ckpt.directory}" if last else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"phase {phase.name!r}, epoch {epoch + 1}: the training {key.replace('_sum', '')} is "
+                f"{values.tolist()} (not finite); the run stopped without recording or checkpointing "
+                f"this epoch ({kept}). Lower the learning rate, or check the data and the transform.")
+
+
 def _evaluate(eval_step, state, source, batch_size, task, ctx) -> dict:
     total = None
     for batch in pdata.iterate_batches(source, batch_size, shuffle=False, augment=task.eval_transform,
@@ -341,15 +359,36 @@ def _phase_list(phases: Sequence[Phase]) -> list:
     return [[p.name, int(p.epochs)] for p in phases]
 
 
-def _check_extends(saved: list, phases: Sequence[Phase], where: str) -> None:
-    """A checkpoint resumes a run whose phase list starts with the saved one (appending is safe)."""
+def _check_extends(saved: list, phases: Sequence[Phase], where: str, extend_last: bool) -> None:
+    """A checkpoint resumes a run whose phase list starts with the saved one (appending is safe);
+    ``extend_last``: the saved list's last phase may have fewer epochs than the same-named phase now."""
     now = _phase_list(phases)
+    if extend_last and saved and len(now) >= len(saved):
+        (name, epochs), (now_name, now_epochs) = saved[-1], now[len(saved) - 1]
+        if name == now_name and epochs <= now_epochs:
+            saved = saved[:-1] + [[now_name, now_epochs]]
     if now[:len(saved)] != saved:
         first = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
         raise CheckpointError(
             f"checkpoint {where} was written by another phase list: saved phases {saved}, this run "
             f"has {now} (they first differ at index {first}). A run may only append phases to a "
-            f"saved one; use another checkpoint directory.")
+            f"saved one (or, when asked, lengthen its last phase); use another checkpoint directory.")
+
+
+def _resume(ckpt, step, programs, phases, state, mesh, extend_last):
+    """``(position, state, snapshots, history)`` of checkpoint ``step`` of this run."""
+    meta = ckpt.read_meta(step)
+    where = f"{ckpt.directory}/{step}"
+    if meta.get("identity") != ckpt.identity:
+        raise CheckpointError(f"checkpoint {where} belongs to a different run: saved "
+                              f"{meta.get('identity')}, this run is {ckpt.identity}. Use another directory.")
+    _check_extends(meta.get("phases", []), phases, where, extend_last)
+    position = tuple(meta["position"])
+    sharding = distributed.replicated(mesh)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          _structure_at(programs, phases, state, position))
+    saved, history = ckpt.restore(step, target)
+    return position, saved["state"], host(saved["snapshots"]), history
 
 
 def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batch_size: int,
@@ -358,6 +397,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                  workdir: str | os.PathLike | None = None,
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
                  keep_checkpoints: int = 3, identity: Mapping[str, Any] | None = None,
+                 extend_last_phase: bool = False, on_damaged_checkpoint: str = "raise",
                  progress: bool = False, log: Callable[[str], None] | None = None,
                  callbacks: Sequence[Callable[[dict, TrainState], None]] = (),
                  title: str = "") -> PhasesResult:
@@ -373,7 +413,12 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
       workdir: write ``metrics.jsonl``/``.csv``, ``curves.png`` and ``summary.json`` there.
       checkpoint_dir: orbax checkpoints every ``checkpoint_every`` epochs and at every phase end
         (last ``keep_checkpoints`` kept); an existing one is resumed. ``identity``: extra values that
-        must match for a checkpoint to be resumed (e.g. the method's config).
+        must match for a checkpoint to be resumed (e.g. the method's config). A saved run resumes
+        when ``phases`` starts with its phase list (appended phases are safe); ``extend_last_phase``
+        also lets its last phase have more epochs now. ``on_damaged_checkpoint``: ``"raise"`` a
+        :class:`~pae.train.checkpoint.DamagedCheckpointError` naming the step and item, or
+        ``"previous"``: move the damaged step aside (``<step>.damaged``) and resume from the newest
+        intact one, saying which.
       progress: one progress bar over the run's steps, on stderr and only when it is a terminal.
       log: called with one line per epoch (and on resume). ``callbacks``: ``fn(row, state)`` after
         each epoch's checkpoint.
@@ -393,6 +438,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if on_damaged_checkpoint not in ON_DAMAGED:
+        raise ValueError(f"on_damaged_checkpoint must be one of {ON_DAMAGED}, got {on_damaged_checkpoint!r}")
     mesh = task.mesh if task.mesh is not None else distributed.data_mesh()
     task = dataclasses.replace(task, mesh=mesh)
     distributed.check_batch_size(batch_size, mesh)
@@ -414,24 +461,22 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
     position, snapshots, history = (0, -1), {}, []   # -1: the first phase not entered yet
     if checkpoint_dir is not None:
         ckpt = Checkpointer(checkpoint_dir, _identity_of(task, runs, identity), keep_checkpoints)
-        if (latest := ckpt.latest_step()) is not None:
-            meta = ckpt.read_meta(latest)
-            if meta.get("identity") != ckpt.identity:
-                raise CheckpointError(
-                    f"checkpoint {ckpt.directory}/{latest} belongs to a different run: saved "
-                    f"{meta.get('identity')}, this run is {ckpt.identity}. Use another directory.")
-            _check_extends(meta.get("phases", []), phases, f"{ckpt.directory}/{latest}")
-            saved_at = tuple(meta["position"])
-            target = _structure_at(programs, phases, state, saved_at)
-            sharding = distributed.replicated(mesh)
-            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                                  target)
-            saved, history = ckpt.restore(latest, target)
-            state, snapshots = saved["state"], host(saved["snapshots"])
-            position = saved_at
+        while (latest := ckpt.latest_step()) is not None:
+            try:
+                position, state_, snapshots, history = _resume(ckpt, latest, programs, phases, state,
+                                                               mesh, extend_last_phase)
+            except DamagedCheckpointError as err:
+                if on_damaged_checkpoint == "raise":
+                    raise
+                moved = ckpt.quarantine(latest)
+                if log:
+                    log(f"checkpoint step {latest} is damaged and was moved to {moved}: {err}")
+                continue
+            state = state_
             if log:
-                log(f"resumed from {ckpt.directory} at phase {phases[saved_at[0]].name!r}, "
-                    f"epoch {saved_at[1]}/{phases[saved_at[0]].epochs}")
+                log(f"resumed from {ckpt.directory} step {latest}: phase {phases[position[0]].name!r}, "
+                    f"epoch {position[1]}/{phases[position[0]].epochs}")
+            break
     done_epochs = sum(p.epochs for p in phases[:position[0]]) + max(position[1], 0)
     total_epochs = sum(p.epochs for p in phases)
     state = distributed.replicate(state, mesh)
@@ -462,6 +507,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                     state, m = train_step(state, distributed.shard_batch(batch, mesh), ctx)
                     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
                     bar.update(1)
+                _check_finite(sums, phase, e, ckpt)
                 done_epochs += 1
                 row = {"phase": phase.name, "phase_index": p, "epoch": done_epochs,
                        "phase_epoch": e + 1, **_summarize("train", sums, task.text),
@@ -529,8 +575,9 @@ def _write_records(workdir: str, history: list[dict], title: str) -> None:
     summary = {}
     for row in history:
         summary[f"{row['phase_index']}:{row['phase']}"] = row
-    pmetrics.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    pmetrics.atomic_write(os.path.join(workdir, "summary.json"),
+                          json.dumps(pmetrics.json_safe(summary), indent=2, allow_nan=False))
 
 
-__all__ = ["OPTIMIZER_STATES", "Phase", "PhasesResult", "Task", "evaluate", "host", "init_state",
+__all__ = ["ON_DAMAGED", "OPTIMIZER_STATES", "Phase", "TrainingDiverged", "PhasesResult", "Task", "evaluate", "host", "init_state",
            "make_task", "train_phases"]

@@ -20,17 +20,31 @@ def summarize(prefix: str, sums: Mapping[str, float], text: bool = False) -> dic
     return out
 
 
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_history(workdir: str, history: list[dict]) -> None:
-    """(Re)write ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic replace)."""
+    """(Re)write ``metrics.jsonl`` and ``metrics.csv`` from the full history (atomic replace).
+
+    Always valid: a non-finite value is ``null`` in JSON and an empty cell in CSV."""
     os.makedirs(workdir, exist_ok=True)
+    rows = [json_safe(row) for row in history]
     atomic_write(os.path.join(workdir, "metrics.jsonl"),
-                 "".join(json.dumps(row) + "\n" for row in history))
-    columns = list(dict.fromkeys(k for row in history for k in row))
+                 "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     tmp = os.path.join(workdir, "metrics.csv.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
     os.replace(tmp, os.path.join(workdir, "metrics.csv"))
 
 

@@ -1,0 +1,130 @@
+"""Training you can trust: damaged checkpoints are refused (or skipped when asked), a diverged run stops
+without recording or checkpointing its bad epoch, metrics files stay valid JSON, padded rows stay out
+of BatchNorm statistics."""
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pae import models
+from pae.train import (DamagedCheckpointError, Phase, TrainingDiverged, create_train_state, init_state,
+                       make_task, make_train_step, train_phases)
+from pae.train.metrics import write_history
+
+
+def _task():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    return make_task(models.get_model("lenet300_100", 2), {"train": (x[:96], y[:96]), "test": (x[96:], y[96:])})
+
+
+def _phases(lr=0.05, epochs=4):
+    return [Phase("train", epochs, lambda spe: optax.sgd(lr, 0.9))]
+
+
+def _flip_bytes(step_dir: str, count: int = 64) -> str:
+    """Flip ``count`` bytes in the middle of the largest array data file of a checkpoint step."""
+    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+             if os.path.isfile(p) and "METADATA" not in p.upper() and "manifest" not in p]
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        middle = len(data) // 2
+        for i in range(middle, min(middle + count, len(data))):
+            data[i] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+    return path
+
+
+def _equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_flipped_bytes_raise_naming_the_step_and_previous_resumes_from_the_newest_intact(tmp_path):
+    task = _task()
+    state = init_state(task.model, task.example, 0)
+    whole = train_phases(task, _phases(), state, batch_size=32)
+    ckpt = tmp_path / "ckpt"
+    train_phases(task, _phases(epochs=3), state, batch_size=32, checkpoint_dir=ckpt)
+    _flip_bytes(str(ckpt / "3"))
+    with pytest.raises(DamagedCheckpointError, match=r"step 3\) is damaged.*previous checkpoint \(step 2\)"):
+        train_phases(task, _phases(), state, batch_size=32, checkpoint_dir=ckpt, extend_last_phase=True)
+    assert sorted(os.listdir(ckpt)) == ["1", "2", "3"]   # a refused run moves nothing
+    lines = []
+    resumed = train_phases(task, _phases(), state, batch_size=32, checkpoint_dir=ckpt,
+                           extend_last_phase=True, on_damaged_checkpoint="previous", log=lines.append)
+    assert "checkpoint step 3 is damaged and was moved to" in lines[0]
+    assert "step 2" in lines[1] and (ckpt / "3.damaged").is_dir()
+    _equal(resumed.state, whole.state)   # epochs 3 and 4 trained again from the intact step 2
+
+
+def test_a_damaged_history_is_refused(tmp_path):
+    from pae.train import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, {"run": 1})
+    ckpt.save(1, {"w": np.arange(4.0, dtype=np.float32)}, [{"epoch": 1, "loss": 0.5}])
+    meta_files = [p for p in glob.glob(str(tmp_path / "1" / "meta" / "**"), recursive=True)
+                  if os.path.isfile(p) and p.endswith(".json") or "metadata" in p and os.path.isfile(p)]
+    path = next(p for p in meta_files if '"loss": 0.5' in open(p).read())
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace('"loss": 0.5', '"loss": 0.25'))
+    with pytest.raises(DamagedCheckpointError, match="metric history does not match"):
+        ckpt.restore(1, {"w": jnp.zeros(4)})
+
+
+def test_a_non_finite_loss_stops_the_run_without_recording_or_checkpointing_it(tmp_path):
+    task = _task()
+    state = init_state(task.model, task.example, 0)
+    phases = [Phase("ok", 1, lambda spe: optax.sgd(0.01)),
+              Phase("diverges", 2, lambda spe: optax.sgd(1e30))]
+    with pytest.raises(TrainingDiverged, match=r"phase 'diverges', epoch \d: the training loss is .*not "
+                                               r"finite.*newest checkpoint is step \d"):
+        train_phases(task, phases, state, batch_size=32, workdir=tmp_path, checkpoint_dir=tmp_path / "c")
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for line in open(tmp_path / "metrics.jsonl")]
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
+    saved = sorted(int(p) for p in os.listdir(tmp_path / "c") if p.isdigit())
+    assert saved == [r["epoch"] for r in rows]   # no checkpoint of the bad epoch
+
+
+def test_metrics_files_are_valid_json_and_csv_with_non_finite_values(tmp_path):
+    write_history(str(tmp_path), [{"epoch": 1, "val_loss": float("nan"), "acc": [0.5, float("inf")]}])
+    row = json.loads(open(tmp_path / "metrics.jsonl").read(),
+                     parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert row == {"epoch": 1, "val_loss": None, "acc": [0.5, None]}
+    assert open(tmp_path / "metrics.csv").read().splitlines()[1].startswith("1,,")
+
+
+def test_padded_rows_change_no_batchnorm_statistic_in_a_train_step():
+    model = models.get_model("resnet20", 10, widths=(4, 8, 8))
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
+    garbage = 50 * rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
+    targets = rng.integers(0, 10, 10).astype(np.int32)
+    tx = optax.sgd(0.1, 0.9)
+    step = make_train_step(model, tx, pass_mask=True, donate=False)
+    state = create_train_state(model, tx, jnp.asarray(real[:1]), 0)
+    padded = {"inputs": jnp.asarray(np.concatenate([real, garbage])), "targets": jnp.asarray(targets),
+              "mask": jnp.asarray([1.0] * 6 + [0.0] * 4)}
+    only_real = {"inputs": jnp.asarray(real), "targets": jnp.asarray(targets[:6]), "mask": jnp.ones(6)}
+    a, ma = step(state, padded, {})
+    b, mb = step(state, only_real, {})
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5),
+                 jax.device_get(a.batch_stats), jax.device_get(b.batch_stats))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5),
+                 jax.device_get(a.params), jax.device_get(b.params))
+    assert float(ma["loss_sum"]) == pytest.approx(float(mb["loss_sum"]), rel=1e-5)
+    # without the mask the garbage rows do move the statistics
+    c, _ = make_train_step(model, tx, donate=False)(state, padded, {})
+    moved = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
+                         jax.device_get(c.batch_stats), jax.device_get(b.batch_stats))
+    assert max(jax.tree.leaves(moved)) > 1e-2
