@@ -208,7 +208,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
             f"Prepare it once on a machine with network access, e.g. `pip install tensorflow && "
             f"tfds build {name} --file_format=array_record"
             f"{' --data_dir=' + data_dir if data_dir else ''}`.{manual} Or use an embedded data set: "
-            f"{', '.join(EMBEDDED)}.") from err
+            f"{', '.join(EMBEDDED)}.") from None   # tfds's own trace adds nothing to this
 
 
 def _tfds_images(name: str, data_dir: str | None, mean, std, augment: bool, **_) -> Dataset:
