@@ -412,6 +412,8 @@ def replot(out: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    from pae.train.cli import one_line_errors
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", choices=("grid", "bound", "all"), default="all")
     parser.add_argument("--paper-cifar", type=int, choices=(10, 100), default=None,
@@ -431,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="output path prefix (the recorded results: --out experiments/results/optim_)")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the figures from the JSON files of an earlier run")
-    args = parser.parse_args(argv)
+    args = one_line_errors(parser).parse_args(argv)
     if args.plot_only:
         return replot(args.out)
 
@@ -495,4 +497,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pae.train.cli import run_script
+
+    run_script(main)  # a user error: one "error: ..." line, exit 2 (--traceback: the trace)

@@ -396,7 +396,9 @@ def plot(summary, path, title):
 
 
 def main(argv=None) -> dict:
-    args = resolve(build_parser().parse_args(argv))
+    from pae.train.cli import one_line_errors
+
+    args = resolve(one_line_errors(build_parser()).parse_args(argv))
     name = args.name or f"{args.model}_{args.dataset}"
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"tickets_{name}")
@@ -415,4 +417,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from pae.train.cli import run_script
+
+    run_script(main, sys.argv[1:])  # a user error: one "error: ..." line, exit 2 (--traceback: the trace)
