@@ -1,0 +1,276 @@
+"""Precision learning by noise injection (phase 1) and the fixed-palette quantizer (phase 2).
+
+Phase 1 (SMOL, NeurIPS 2022 "Not All Bits have Equal Value"; SONIQ, arXiv 2311.14114): every
+selected weight ``w`` (a dense or conv kernel, output channels last) gets a trainable bit width per
+channel, ``b = b_min + (b_max - b_min) * sigmoid(theta)``, and in training the model sees
+
+    w~ = clip(w, -R, R) + delta(b, R) * u,     u ~ U(-1/2, 1/2) i.i.d. from ctx.key,
+    delta(b, R) = 2 R / (2**b - 1)                 (exactly the deployed quantizer's step at width b)
+
+with ``R`` per output channel (max-abs of the column, stop-gradient; or a learned clip
+``R = exp(r)``). Uniform rounding error on that grid is ``U(-delta/2, delta/2)`` (the classic
+additive-noise model), so the noise is "calibrated to the hardware": the same step, the same range.
+The gradient reaches ``theta`` through ``delta`` (reparameterization); the penalty charges size.
+
+Granularity: ``"input"`` (default): one width per input channel (axis -2 of the kernel, the GEMM's
+contraction axis; a conv's ``Cin``), so at export a channel's rows go to one K-segment;
+``"output"``: one per output channel (axis -1).
+
+Evaluation (``ctx.train`` false), ``eval_mode``: ``"quantize"`` (default): the deployed quantizer at
+each channel's width rounded to the nearest integer, ``floor(b + 1/2)``, i.e. what the learned
+widths would deliver if deployed now; ``"clean"``: the noise-free weights.
+
+Penalty, on the average width over every selected weight (``n_c`` weights in channel ``c``):
+
+    avg = sum_c n_c b_c / sum_c n_c
+    penalty = lmbda * avg + budget_weight * max(0, avg - target_bits)
+
+``lmbda * avg`` is the SMOL-style size charge (``lmbda / N`` per bit of the model's size, so ``lmbda``
+does not scale with the model); the hinge is the budget form: no charge at or below the budget, a
+constant pull down above it (a linear hinge: with Adam the average settles at the budget).
+
+Phase 2 (:func:`palette_quantizer`): the deployed quantizer ``Q`` of :mod:`pae.quant.quantizer` with
+each channel's fixed palette width (:class:`QuantWeight`), straight-through gradients, fine-tuning
+the weights (and a learned clip, if any).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pae.core import Transform, check_finite, latent_node, map_nodes, nodes, select as pselect
+from pae.quant import quantizer as qz
+
+GRANULARITIES = ("input", "output")
+EVAL_MODES = ("quantize", "clean")
+_AXIS = {"input": -2, "output": -1}
+
+
+@latent_node({"weight": "weights", "logits": "bits", "log_range": "range"})
+class NoisyWeight:
+    """A kernel with trainable per-channel bit logits (phase 1).
+
+    ``logits`` (C,) float32: ``b = b_min + (b_max - b_min) * sigmoid(logits)``; ``log_range``: (N,)
+    float32 log of the learned clip, or None for the max-abs range; ``axis`` (static): -2 per input
+    channel, -1 per output channel; ``b_min``, ``b_max`` (static) the bounds.
+    """
+
+    weight: Any
+    logits: Any
+    log_range: Any = None
+    axis: int = flax.struct.field(pytree_node=False, default=-2)
+    b_min: float = flax.struct.field(pytree_node=False, default=1.0)
+    b_max: float = flax.struct.field(pytree_node=False, default=8.0)
+
+
+@latent_node({"weight": "weights", "bits": "frozen", "levels": "frozen", "log_range": "range"})
+class QuantWeight:
+    """A kernel with a fixed per-channel palette width (phase 2).
+
+    ``bits`` (C,) float32 holding integers, one palette level per channel; ``levels`` (L,) float32,
+    the layer's levels in use, ascending (L = 2, or 1 for a uniform palette; a two-level palette
+    whose channels all took one level repeats it);
+    ``log_range`` and ``axis`` as in :class:`NoisyWeight`.
+    """
+
+    weight: Any
+    bits: Any
+    levels: Any
+    log_range: Any = None
+    axis: int = flax.struct.field(pytree_node=False, default=-2)
+
+
+def expand(bits: jax.Array, axis: int) -> jax.Array:
+    """Per-channel ``bits`` (C,) shaped to broadcast against a kernel (``(C, 1)`` for ``axis=-2``)."""
+    bits = jnp.asarray(bits, jnp.float32)
+    return bits[:, None] if axis == -2 else bits
+
+
+def channel_range(node) -> jax.Array:
+    """``R`` per output channel: ``exp(log_range)`` (learned) or the stop-gradient max-abs."""
+    if node.log_range is not None:
+        return jnp.exp(jnp.asarray(node.log_range, jnp.float32))
+    return jax.lax.stop_gradient(qz.max_abs_range(node.weight))
+
+
+def learned_bits(node: NoisyWeight) -> jax.Array:
+    """The channel widths ``b`` (C,) of a phase-1 node."""
+    return qz.bits_from_logits(node.logits, node.b_min, node.b_max)
+
+
+def rounded_bits(node: NoisyWeight) -> jax.Array:
+    """``floor(b + 1/2)``: the nearest whole width (halves round up), within ``[b_min, b_max]``."""
+    return jnp.clip(jnp.floor(learned_bits(node) + 0.5), np.ceil(node.b_min), np.floor(node.b_max))
+
+
+def channel_sizes(node) -> tuple[int, int]:
+    """``(C, n)``: channels and weights per channel of a node's kernel."""
+    shape = np.shape(node.weight)
+    c = shape[node.axis]
+    return c, int(np.prod(shape)) // c
+
+
+def _quantized(node, bits) -> jax.Array:
+    return qz.quantize(node.weight, expand(bits, node.axis), channel_range(node),
+                       learned_range=node.log_range is not None)
+
+
+def _size(latent) -> tuple[jax.Array, int]:
+    """``(sum_c n_c b_c, sum_c n_c)`` over phase-1 (continuous b) and phase-2 (palette) nodes."""
+    total, count = jnp.zeros((), jnp.float32), 0
+    for n in nodes(latent, (NoisyWeight, QuantWeight)):
+        _, per = channel_sizes(n)
+        b = learned_bits(n) if isinstance(n, NoisyWeight) else jnp.asarray(n.bits, jnp.float32)
+        total = total + per * jnp.sum(b)
+        count += per * int(np.size(b))
+    return total, count
+
+
+def average_bits(latent: Any) -> jax.Array:
+    """Average width over every quantized weight: ``sum_c n_c b_c / sum_c n_c`` (continuous ``b`` of
+    :class:`NoisyWeight`, palette widths of :class:`QuantWeight`); ValueError if there are none."""
+    total, count = _size(latent)
+    if count == 0:
+        raise ValueError("latent has no NoisyWeight or QuantWeight node: nothing is quantized")
+    return total / jax.lax.optimization_barrier(jnp.float32(count))
+
+
+def size_penalty(latent: Any, lmbda: Any = 0.0, target_bits: float | None = None,
+                 budget_weight: Any = 1.0) -> jax.Array:
+    """``lmbda * avg + budget_weight * max(0, avg - target_bits)`` (module doc), ``avg`` from
+    :func:`average_bits` over the phase-1 nodes."""
+    total, count = jnp.zeros((), jnp.float32), 0
+    for n in nodes(latent, NoisyWeight):
+        _, per = channel_sizes(n)
+        total = total + per * jnp.sum(learned_bits(n))
+        count += per * int(np.size(n.logits))
+    if count == 0:
+        return jnp.zeros((), jnp.float32)
+    avg = total / count
+    out = lmbda * avg
+    if target_bits is not None:
+        out = out + budget_weight * jnp.maximum(avg - target_bits, 0.0)
+    return jnp.asarray(out, jnp.float32)
+
+
+def _check_context(ctx) -> None:
+    if not (hasattr(ctx, "key") and hasattr(ctx, "train")):
+        raise TypeError(f"ctx must carry a PRNG key and a train flag (pae.Context.make(...)), got "
+                        f"{type(ctx).__name__}")
+
+
+def _check_nonneg(name: str, value) -> None:
+    check_finite(name, value)
+    if not isinstance(value, jax.core.Tracer) and float(value) < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.0,
+                    b_max: float = 8.0, b_init: float = 6.0, granularity: str = "input",
+                    learned_range: bool = False, lmbda: float = 0.0,
+                    target_bits: float | None = None, budget_weight: float = 1.0,
+                    eval_mode: str = "quantize") -> Transform:
+    """The phase-1 transform: per-channel learned bit widths under quantization-matched noise.
+
+    Args:
+      select: which leaves (default ``pae.select.kernels()``); each must be a float array with
+        ``ndim >= 2`` whose last axis is the output channels (Dense ``(K, N)``, Conv ``(..., Cin, N)``).
+      b_min, b_max: the bounds of the learned width, ``1 <= b_min < b_max <= 8`` (continuous).
+      b_init: the initial width of every channel, strictly inside ``(b_min, b_max)``.
+      granularity: ``"input"`` (per input channel, default) or ``"output"``.
+      learned_range: learn a clip ``R = exp(r)`` per output channel (role ``"range"``; initialized
+        at the max-abs) instead of the max-abs range.
+      lmbda, target_bits, budget_weight: the penalty (module doc); ``target_bits`` in ``[b_min, b_max]``.
+      eval_mode: ``"quantize"`` or ``"clean"`` (module doc).
+
+    Roles: ``weight`` "weights", ``logits`` "bits", ``log_range`` "range", so
+    ``pae.core.role_optimizer({"weights": ..., "bits": optax.adam(1e-3)})`` gives the widths their
+    own optimizer and no weight decay (SMOL: Adam, lr 1e-3, no decay).
+    """
+    select = pselect.kernels() if select is None else select
+    qz.check_bits("b_min", b_min, integer=False)
+    qz.check_bits("b_max", b_max, integer=False)
+    if not b_min < b_max:
+        raise ValueError(f"b_min must be < b_max, got b_min={b_min}, b_max={b_max}")
+    theta0 = qz.logits_for_bits(float(b_init), float(b_min), float(b_max))
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if eval_mode not in EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+    _check_nonneg("lmbda", lmbda)
+    _check_nonneg("budget_weight", budget_weight)
+    if target_bits is not None:
+        qz.check_bits("target_bits", target_bits, integer=False, lo=b_min, hi=b_max)
+    axis = _AXIS[granularity]
+    b_min, b_max = float(b_min), float(b_max)
+
+    def init(params, key):
+        del key
+
+        def wrap(path, w):
+            if not hasattr(w, "shape") or np.ndim(w) < 2 or not jnp.issubdtype(jnp.asarray(w).dtype,
+                                                                                  jnp.floating):
+                raise ValueError(f"select matched {path!r} (shape {np.shape(w)}), but only float "
+                                 f"kernels with ndim >= 2 (output channels last) can be quantized; "
+                                 f"narrow the selector (e.g. pae.select.kernels())")
+            w = jnp.asarray(w)
+            log_range = None
+            if learned_range:
+                log_range = jnp.log(jnp.maximum(qz.max_abs_range(w), 1e-8))
+            return NoisyWeight(w, jnp.full((w.shape[axis],), theta0, jnp.float32), log_range,
+                               axis, b_min, b_max)
+
+        return pselect.map_selected(params, select, wrap, what="select")
+
+    def apply(latent, ctx):
+        _check_context(ctx)
+        counter = itertools.count()
+
+        def one(n: NoisyWeight):
+            key = jax.random.fold_in(ctx.key, next(counter))
+            w = jnp.asarray(n.weight)
+            wf = w.astype(jnp.float32)
+            r = channel_range(n)
+            learned = n.log_range is not None
+            delta = qz.step_size(expand(learned_bits(n), n.axis), r)
+            u = jax.random.uniform(key, w.shape, jnp.float32, -0.5, 0.5)
+            noisy = (jnp.clip(wf, -r, r) if learned else wf) + delta * u
+            held = wf if eval_mode == "clean" else _quantized(n, rounded_bits(n)).astype(jnp.float32)
+            return jnp.where(jnp.asarray(ctx.train), noisy, held).astype(w.dtype)
+
+        return map_nodes(one, latent, NoisyWeight)
+
+    def penalty(latent, ctx):
+        del ctx
+        return size_penalty(latent, lmbda, target_bits, budget_weight)
+
+    def finalize(latent, ctx):
+        del ctx
+        return map_nodes(lambda n: _quantized(n, rounded_bits(n)), latent, NoisyWeight)
+
+    return Transform(init, apply, penalty, finalize)
+
+
+def quantize_params(latent: Any) -> Any:
+    """Ordinary params: every :class:`QuantWeight` replaced by ``Q(weight)`` at its palette widths."""
+    return map_nodes(lambda n: _quantized(n, n.bits), latent, QuantWeight)
+
+
+def palette_quantizer() -> Transform:
+    """The phase-2 transform: the deployed quantizer with each channel's fixed palette width, STE
+    gradients (train and evaluation alike). ``init`` expects a latent that already holds
+    :class:`QuantWeight` nodes (:func:`pae.quant.assign_palette` makes them)."""
+    return Transform(init=lambda latent, key: latent,
+                     apply=lambda latent, ctx: quantize_params(latent),
+                     penalty=lambda latent, ctx: jnp.zeros((), jnp.float32),
+                     finalize=lambda latent, ctx: quantize_params(latent))
+
+
+__all__ = ["EVAL_MODES", "GRANULARITIES", "NoisyWeight", "QuantWeight", "average_bits",
+           "channel_range", "channel_sizes", "expand", "learned_bits", "noise_injection",
+           "palette_quantizer", "quantize_params", "rounded_bits", "size_penalty"]
