@@ -17,12 +17,15 @@ def _load():
     return module
 
 
-def test_reduced_ticket_experiment_learns_and_reaches_sparsity(tmp_path):
+def test_reduced_ticket_experiment_learns_and_reaches_sparsity(tmp_path, monkeypatch):
     tickets = _load()
+    monkeypatch.chdir(tmp_path)   # results go under ./runs/tickets by default
     result = tickets.main(["--dataset", "digits", "--epochs", "3", "--rounds", "2",
                            "--rewind-epoch", "1", "--milestones",
                            "--s-inits", "0.0", "0.05", "--batch-size", "64", "--lr", "0.05",
-                           "--beta-final", "10", "--imp-levels", "2", "--out-dir", str(tmp_path), "--name", "ci"])
+                           "--beta-final", "10", "--imp-levels", "2", "--name", "ci"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    tmp_path = tmp_path / "runs" / "tickets"
     rows = result["rows"]
     dense = next(r for r in rows if r["method"] == "dense")
     cs = [r for r in rows if r["method"] == "CS"]
