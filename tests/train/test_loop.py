@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pae.train import CheckpointError, Checkpointer, TrainConfig, data_mesh, make_schedule, run
+from pae.train.loop import ConfigChangedError
 from pae.train.cli import build_parser
 
 
@@ -66,6 +67,10 @@ def test_checkpoints_keep_last_n_and_refuse_other_models(tmp_path):
     run(_config(epochs=3, keep_checkpoints=2), workdir=str(tmp_path), progress=False)
     ckpt_dir = tmp_path / "checkpoints"
     assert sorted(int(os.path.basename(p)) for p in glob.glob(str(ckpt_dir / "[0-9]*"))) == [2, 3]
+    with pytest.raises(CheckpointError, match="model: 'lenet300_100' -> 'lenet5'"):
+        run(_config(model="lenet5", dataset="mnist_subset", epochs=3), workdir=str(tmp_path),
+            progress=False)
+    os.remove(tmp_path / "config.json")   # without it the checkpoint's identity still refuses
     with pytest.raises(CheckpointError, match="different run.*lenet300_100"):
         run(_config(model="lenet5", dataset="mnist_subset", epochs=3), workdir=str(tmp_path),
             progress=False)
@@ -88,8 +93,66 @@ def test_damaged_or_partial_checkpoints_are_never_loaded(tmp_path):
                 f.truncate(max(os.path.getsize(path) // 3, 1))
     with pytest.raises(CheckpointError, match="damaged or incomplete"):
         run(_config(epochs=2), workdir=str(tmp_path), progress=False)
-    with pytest.raises(CheckpointError, match="another phase list"):  # 3 epochs: another run
+    with pytest.raises(CheckpointError, match="epochs: 2 -> 3"):  # 3 epochs: another run
         run(_config(epochs=3), workdir=str(tmp_path), progress=False)
+
+
+def _snapshot(directory):
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+def test_a_changed_config_is_refused_naming_old_and_new_and_changes_nothing(tmp_path):
+    lines = []
+    first = run(_config(epochs=2), workdir=str(tmp_path), progress=False, log=lines.append)
+    before = _snapshot(tmp_path)
+    assert "config.json" in before and "metrics.jsonl" in before
+    with pytest.raises(ConfigChangedError, match="learning_rate: 0.05 -> 0.1, batch_size: 64 -> 32"):
+        run(_config(epochs=2, learning_rate=0.1, batch_size=32), workdir=str(tmp_path), progress=False)
+    with pytest.raises(ConfigChangedError, match="epochs: 2 -> 1.*cannot be shortened"):
+        run(_config(epochs=1), workdir=str(tmp_path), progress=False)
+    with pytest.raises(ConfigChangedError, match="epochs: 2 -> 4.*extend=True"):   # not without extend
+        run(_config(epochs=4), workdir=str(tmp_path), progress=False)
+    with pytest.raises(ConfigChangedError, match="optimizer: 'nesterov' -> 'adam'.*milestones: \\[\\] -> \\[1\\]"):
+        run(_config(epochs=4, optimizer="adam", milestones=(1,)), workdir=str(tmp_path), progress=False,
+            extend=True)   # extend allows more epochs, nothing else
+    assert _snapshot(tmp_path) == before
+
+    # extend: the saved run trains on from its saved epoch (its rows and state are kept)
+    lines.clear()
+    longer = run(_config(epochs=4, keep_checkpoints=5), workdir=str(tmp_path), progress=False,
+                 log=lines.append, extend=True)
+    assert lines[0].startswith("resumed from") and "epoch 2/4" in lines[0]
+    assert [r["epoch"] for r in longer.history] == [1, 2, 3, 4]
+    assert longer.history[:2] == first.history
+    assert len(lines) == 3   # the resume line and epochs 3 and 4: epochs 1-2 were not trained again
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["epochs"] == 4 and saved["keep_checkpoints"] == 5   # a safe change is recorded
+    # the same config again resumes the finished run; a shorter one is refused
+    assert run(_config(epochs=4, keep_checkpoints=5), workdir=str(tmp_path), quiet=True).history == \
+        longer.history
+    with pytest.raises(ConfigChangedError, match="epochs: 4 -> 3"):
+        run(_config(epochs=3), workdir=str(tmp_path), quiet=True)
+
+
+def test_epoch_lines_go_to_stdout_without_the_bar_and_quiet_silences_them(tmp_path, capsys):
+    run(_config(epochs=2), workdir=str(tmp_path / "a"), progress=False)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out] == [["phase=train", "epoch=1"], ["phase=train", "epoch=2"]]
+    run(_config(epochs=2), workdir=str(tmp_path / "a"), progress=False)
+    assert capsys.readouterr().out.startswith("resumed from")
+    lines = []
+    run(_config(epochs=1), workdir=str(tmp_path / "b"), quiet=True, log=lines.append)
+    assert lines == [] and capsys.readouterr() == ("", "")
+    with pytest.raises(TypeError, match="log must be"):
+        run(_config(), workdir=str(tmp_path / "c"), log="stdout")
+    with pytest.raises(TypeError, match="config must be a pae.train.TrainConfig"):
+        run({"model": "lenet5"}, workdir=str(tmp_path / "c"))
 
 
 def test_schedules_per_epoch():
@@ -113,6 +176,8 @@ def test_bad_configs_fail_clearly(tmp_path):
         TrainConfig(optimizer="adagrad2")
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; known: constant, cosine, step"):
+        TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig(learning_rate=float("nan"))
     with pytest.raises(ValueError, match="divisible by the number of devices"):
