@@ -11,15 +11,16 @@ Activations are not quantized yet (weights only; see ``docs`` of :func:`noise_in
 from pae.quant.noise import (EVAL_MODES, GRANULARITIES, NoisyWeight, QuantWeight, average_bits,
                              channel_range, learned_bits, noise_injection, palette_quantizer,
                              quantize_params, rounded_bits, size_penalty)
+from pae.quant.export import Exported, PackedLayer, export, size_bytes
 from pae.quant.palette import assign_palette, choose_palette, level_cost
 from pae.quant.phases import QuantConfig, assign, noise_transform, quant_optimizer, quant_phases
 from pae.quant.quantizer import (MAX_BITS, MIN_BITS, bits_from_logits, codes, max_abs_range, offset,
                                  quantize, step_size)
 
 __all__ = [
-    "EVAL_MODES", "GRANULARITIES", "MAX_BITS", "MIN_BITS", "NoisyWeight", "QuantConfig", "QuantWeight",
+    "EVAL_MODES", "Exported", "GRANULARITIES", "PackedLayer", "MAX_BITS", "MIN_BITS", "NoisyWeight", "QuantConfig", "QuantWeight",
     "assign", "assign_palette", "average_bits", "bits_from_logits", "channel_range",
-    "choose_palette", "codes", "learned_bits", "level_cost", "max_abs_range", "noise_injection",
+    "choose_palette", "codes", "export", "learned_bits", "level_cost", "max_abs_range", "noise_injection",
     "noise_transform", "offset", "palette_quantizer", "quant_optimizer", "quant_phases",
-    "quantize", "quantize_params", "rounded_bits", "size_penalty", "step_size",
+    "quantize", "quantize_params", "rounded_bits", "size_bytes", "size_penalty", "step_size",
 ]

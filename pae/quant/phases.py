@@ -20,7 +20,6 @@ import optax
 from pae.core import Context, role_optimizer, select as pselect
 from pae.quant import noise as qn
 from pae.quant import palette as qp
-from pae.train.engine import Phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +117,11 @@ def assign(cfg: QuantConfig):
     return enter
 
 
-def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None) -> list[Phase]:
+def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None) -> list:
     """``[noise, finetune]`` (module doc). Keeps the snapshot ``"noise"`` (the end of phase 1).
 
     Rows carry ``weight_bits``: the average learned width (phase 1) or palette width (phase 2)."""
+    from pae.train.engine import Phase   # imported here: the quantizer pieces need no engine
     t = noise_transform(cfg, select)
 
     def context(epoch):

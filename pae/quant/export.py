@@ -1,0 +1,279 @@
+"""Export a phase-2 model to ``pallas_kernels``'s packed format, with a pure forward function.
+
+Every :class:`~pae.quant.QuantWeight` kernel becomes packed codes. Per input channel (default
+granularity) the layer's input channels are permuted into a low-bit and a high-bit K-segment, so
+
+    y = X[:, perm] @ concat(W_lo, W_hi) = X[:, lo] @ W_lo + X[:, hi] @ W_hi
+
+is one ``pallas_kernels.pack_mixed`` object and one ``packed_matmul`` call (a layer whose channels
+all took one level is a single ``pack``-ed segment, no permutation). Per output channel the columns
+split instead: two packed weights, ``y = concat(X @ W_lo, X @ W_hi)[:, inverse_perm]``. The codes
+and scales are exactly the phase-2 quantizer's (:func:`pae.quant.codes`; scale ``= delta = R / o``,
+offset ``o = (2**b - 1) / 2``), so the logits equal the phase-2 model's to float tolerance.
+
+Storage: ``pallas_kernels`` stores 1, 2, 3, 4 and 8-bit codes; a 5, 6 or 7-bit level is stored in
+8-bit words (its codes use ``2**b`` of the 256 values, offset ``(2**b - 1)/2``), and
+:func:`size_bytes` counts those 8 bits. Convolutions (``flax.linen.Conv``, zero padding, any
+strides/dilations, ``feature_group_count=1``) are lowered to patches with
+``lax.conv_general_dilated_patches``, whose features are ordered (Cin, kh, kw), so the kernel is
+transposed to that row order and an input channel owns ``kh * kw`` consecutive rows.
+
+The forward function runs the model's own ``__call__`` under ``flax.linen.intercept_methods``: each
+``nn.Dense``/``nn.Conv`` whose kernel was quantized computes through ``packed_matmul`` instead
+(its float kernel is not in the exported tree); everything else (biases, BatchNorm, unquantized
+layers) runs as in the float model, in inference mode (``train=False``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import pallas_kernels as pk
+from pae.core import is_node
+from pae.quant import noise as qn
+from pae.quant import quantizer as qz
+
+#: widths ``pallas_kernels`` stores natively; the others go into 8-bit words
+NATIVE_BITS = (1, 2, 3, 4, 8)
+
+
+def container_bits(bits: int) -> int:
+    """The stored width of a ``bits``-bit code: itself if native, else 8."""
+    return int(bits) if int(bits) in NATIVE_BITS else 8
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayer:
+    """One exported kernel: ``packed`` (one ``PackedWeight``; two for output-channel widths, low
+    then high), ``out_perm`` (int32 (N,) inverse column permutation, or None), static
+    ``kernel_shape`` and ``bits`` (the stored levels, for reporting)."""
+
+    packed: tuple
+    out_perm: Any
+    kernel_shape: tuple
+    bits: tuple
+
+
+jax.tree_util.register_dataclass(PackedLayer, data_fields=["packed", "out_perm"],
+                                 meta_fields=["kernel_shape", "bits"])
+
+
+class Exported(NamedTuple):
+    """``tree``: ``{"params": float leaves left, "batch_stats": ..., "layers": {path: PackedLayer}}``
+    (a pytree: jit over it, save its arrays); ``apply(tree, x) -> logits``: the pure forward."""
+
+    tree: dict
+    apply: Callable
+
+
+def _rows(w: np.ndarray) -> np.ndarray:
+    """The (K, N) GEMM matrix of a kernel: Dense as is, Conv ``(..., Cin, N)`` in (Cin, kh, kw) row order."""
+    if w.ndim == 2:
+        return w
+    w = np.moveaxis(w, -2, 0)
+    return w.reshape(-1, w.shape[-1])
+
+
+def _finite(path: str, value, what: str = "weights") -> None:
+    if not np.all(np.isfinite(np.asarray(value, np.float64))):
+        raise ValueError(f"export: leaf {path!r} has NaN or Inf {what}; refusing to export it")
+
+
+@jax.jit
+def _codes_and_scales(w, bits, r):
+    o = qz.offset(bits)
+    return qz.codes(w, bits, r), r / o
+
+
+def _pack_layer(path: str, node: qn.QuantWeight, k_tile: int, n_tile: int) -> PackedLayer:
+    w = np.asarray(node.weight, np.float32)
+    _finite(path, w)
+    if node.log_range is not None:
+        _finite(path + "/log_range", node.log_range, "clip ranges")
+    bits = np.asarray(node.bits, np.float64)
+    qz.check_bits(f"bits of {path!r}", bits)
+    if w.ndim < 2:
+        raise ValueError(f"export: leaf {path!r} has shape {w.shape}; kernels need ndim >= 2")
+    r = np.asarray(qn.channel_range(node), np.float32)
+    codes, scale = _codes_and_scales(w, qn.expand(bits, node.axis), r)
+    codes = _rows(np.asarray(codes).astype(np.uint8))
+    scale = np.broadcast_to(np.asarray(scale, np.float32), w.shape)
+    scale = _rows(np.ascontiguousarray(scale))
+    k, n = codes.shape
+    levels = sorted({int(b) for b in bits})
+    if node.axis == -2:
+        per = k // bits.size
+        row_bits = np.repeat(bits, per)          # (Cin, kh, kw) row order: a channel's rows are consecutive
+        segs = [np.flatnonzero(row_bits == lv) for lv in levels]
+        parts = dict(codes=[codes[s] for s in segs], bits=[container_bits(lv) for lv in levels],
+                     scales=[scale[s[0]] for s in segs],
+                     offsets=[(2.0 ** lv - 1) / 2 for lv in levels])
+        perm = None if len(segs) == 1 else np.concatenate(segs).astype(np.int32)
+        packed = pk.pack_mixed(parts["codes"], parts["bits"], parts["scales"], offsets=parts["offsets"],
+                               input_perm=perm, k_tile=k_tile, n_tile=n_tile)
+        return PackedLayer((packed,), None, tuple(w.shape), tuple(levels))
+    cols = [np.flatnonzero(bits == lv) for lv in levels]
+    packed = tuple(pk.pack(codes[:, c], container_bits(lv), scale[0, c], offset=(2.0 ** lv - 1) / 2,
+                           k_tile=k_tile, n_tile=n_tile) for c, lv in zip(cols, levels))
+    out_perm = None if len(cols) == 1 else jnp.asarray(np.argsort(np.concatenate(cols)).astype(np.int32))
+    return PackedLayer(packed, out_perm, tuple(w.shape), tuple(levels))
+
+
+def _split(tree: Any, prefix: str, layers: dict, k_tile: int, n_tile: int) -> Any:
+    if isinstance(tree, qn.QuantWeight):
+        layers[prefix] = _pack_layer(prefix, tree, k_tile, n_tile)
+        return None
+    if is_node(tree):
+        raise ValueError(f"export: leaf {prefix!r} is a {type(tree).__name__} node; export takes the "
+                         f"phase-2 latent (QuantWeight nodes, see pae.quant.assign_palette) and plain "
+                         f"parameters")
+    if isinstance(tree, Mapping):
+        out = {}
+        for key, value in tree.items():
+            sub = _split(value, f"{prefix}/{key}" if prefix else str(key), layers, k_tile, n_tile)
+            if sub is not None:
+                out[key] = sub
+        return out
+    _finite(prefix, tree, "values")
+    return jnp.asarray(tree)
+
+
+def matmul(x: jax.Array, layer: PackedLayer, backend: str = "auto") -> jax.Array:
+    """``x (M, K) @ W`` of an exported layer through ``pallas_kernels.packed_matmul``."""
+    ys = [pk.packed_matmul(x, p, backend=backend) for p in layer.packed]
+    if layer.out_perm is None:
+        return ys[0]
+    return jnp.take(jnp.concatenate(ys, axis=-1), layer.out_perm, axis=-1)
+
+
+def _dense(x, layer: PackedLayer, backend: str):
+    lead = x.shape[:-1]
+    return matmul(x.reshape(-1, x.shape[-1]), layer, backend).reshape(lead + (layer.kernel_shape[-1],))
+
+
+def _conv(path: str, mod: nn.Conv, x, layer: PackedLayer, backend: str):
+    ks = tuple(layer.kernel_shape[:-2])
+    nd = len(ks)
+    if mod.feature_group_count != 1:
+        raise NotImplementedError(f"export: {path!r} has feature_group_count="
+                                  f"{mod.feature_group_count}; only 1 is supported")
+    padding = nn.linear.canonicalize_padding(mod.padding, nd)
+    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+        raise NotImplementedError(f"export: {path!r} uses padding {padding!r}; only zero padding "
+                                  f"(SAME, VALID or explicit) is supported")
+
+    def tup(v):
+        return (1,) * nd if v is None else ((v,) * nd if isinstance(v, int) else tuple(v))
+
+    batch = x.shape[:x.ndim - nd - 1]
+    x = x.reshape((-1,) + x.shape[len(batch):])
+    spatial = "DHW"[-nd:] if nd <= 3 else None
+    if spatial is None:
+        raise NotImplementedError(f"export: {path!r} has {nd} spatial dims; at most 3 are supported")
+    dn = lax.conv_dimension_numbers(x.shape, layer.kernel_shape,
+                                    (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+    patches = lax.conv_general_dilated_patches(
+        x, ks, tup(mod.strides), padding, lhs_dilation=tup(mod.input_dilation),
+        rhs_dilation=tup(mod.kernel_dilation), dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+    out_sp = patches.shape[:-1]
+    y = matmul(patches.reshape(-1, patches.shape[-1]), layer, backend)
+    return y.reshape(batch + out_sp[1:] + (layer.kernel_shape[-1],))
+
+
+def export(model: nn.Module, latent: Any, batch_stats: Any = None, *, k_tile: int = 512,
+           n_tile: int = 128, backend: str = "auto") -> Exported:
+    """Pack every :class:`~pae.quant.QuantWeight` of a phase-2 ``latent`` and return the inference
+    model (module doc). ``backend`` goes to ``packed_matmul`` (CPU: its jnp reference path).
+
+    Raises ValueError naming the leaf for NaN/Inf weights, nodes other than QuantWeight, and at the
+    first call of ``apply`` for a quantized kernel that no ``nn.Dense``/``nn.Conv`` consumed."""
+    layers: dict = {}
+    params = _split(latent, "", layers, k_tile, n_tile)
+    if not layers:
+        raise ValueError("export: latent has no QuantWeight node: nothing to pack (run the phase-2 "
+                         "transition pae.quant.assign_palette first)")
+    stats = {} if batch_stats is None else jax.tree.map(jnp.asarray, batch_stats)
+    tree = {"params": params, "batch_stats": stats, "layers": layers}
+
+    def apply(tree, x):
+        layers = tree["layers"]
+        used = set()
+
+        def intercept(next_fun, args, kwargs, context):
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
+                return next_fun(*args, **kwargs)
+            path = "/".join(mod.path) + "/kernel"
+            if path not in layers:
+                return next_fun(*args, **kwargs)
+            used.add(path)
+            x = args[0]
+            layer = layers[path]
+            y = (_dense(x, layer, backend) if isinstance(mod, nn.Dense)
+                 else _conv(path, mod, x, layer, backend))
+            if mod.use_bias:
+                y = y + mod.get_variable("params", "bias")
+            return y
+
+        variables = {"params": tree["params"]}
+        if tree["batch_stats"]:
+            variables["batch_stats"] = tree["batch_stats"]
+        def unconsumed(err=None):
+            missing = sorted(set(layers) - used)
+            if missing:
+                raise ValueError(f"export: quantized leaves {missing} were not consumed by an nn.Dense "
+                                 f"or nn.Conv of the model; only those layers can run packed") from err
+
+        try:
+            with nn.intercept_methods(intercept):
+                out = model.apply(variables, x, train=False)
+        except flax.errors.FlaxError as err:   # a module asked for a kernel that was packed away
+            unconsumed(err)
+            raise
+        unconsumed()
+        return out
+
+    return Exported(tree, apply)
+
+
+def size_bytes(exported: Exported) -> dict:
+    """Bytes of the exported model, counted honestly (host integers).
+
+    ``codes``: the packed words as stored (padded to ``k_tile``/``n_tile``); ``scales``: float32 scales
+    as stored (padded); ``perms``: input and output permutations; ``float``: every float leaf left
+    (biases, BatchNorm parameters and statistics, unquantized layers); ``total``: their sum.
+    ``codes_unpadded`` / ``scales_unpadded`` / ``total_unpadded``: the same without tile padding
+    (``ceil(K_s * N * stored_bits / 8)`` per segment, 4 bytes per scale), what a tight format would
+    hold. ``fp32``: the same model with every parameter and statistic in float32.
+    """
+    out = dict.fromkeys(("codes", "scales", "perms", "float", "codes_unpadded", "scales_unpadded",
+                         "fp32"), 0)
+    for layer in exported.tree["layers"].values():
+        out["fp32"] += 4 * int(np.prod(layer.kernel_shape))
+        if layer.out_perm is not None:
+            out["perms"] += int(np.asarray(layer.out_perm).nbytes)
+        for p in layer.packed:
+            for seg in p.segments:
+                out["codes"] += sum(int(np.asarray(w).nbytes) for w in seg.words)
+                out["scales"] += int(np.asarray(seg.scales).nbytes)
+                out["codes_unpadded"] += -(-seg.k * p.n * seg.bits // 8)
+                out["scales_unpadded"] += 4 * p.n
+            if p.input_perm is not None:
+                out["perms"] += int(np.asarray(p.input_perm).nbytes)
+    for leaf in jax.tree.leaves((exported.tree["params"], exported.tree["batch_stats"])):
+        leaf = np.asarray(leaf)
+        out["float"] += int(leaf.nbytes)
+        out["fp32"] += 4 * int(leaf.size)
+    out["total"] = out["codes"] + out["scales"] + out["perms"] + out["float"]
+    out["total_unpadded"] = out["codes_unpadded"] + out["scales_unpadded"] + out["perms"] + out["float"]
+    return out
+
+
+__all__ = ["Exported", "NATIVE_BITS", "PackedLayer", "container_bits", "export", "matmul", "size_bytes"]

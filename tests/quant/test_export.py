@@ -1,0 +1,144 @@
+"""Export: packed logits == phase-2 logits (dense and conv, both segments and one-level layers, both
+granularities), the permutation and codes against NumPy, honest sizes, bad input."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pae
+import pallas_kernels as pk
+from pae import quant as q
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(5, (3, 3), strides=(1, 2), padding="SAME")(x))
+        x = nn.Conv(6, (2, 3), padding=((1, 0), (2, 1)), kernel_dilation=(1, 2), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(37)(x))
+        return nn.Dense(7)(x)
+
+
+class Odd(nn.Module):
+    """A kernel used outside nn.Dense/nn.Conv: export cannot run it packed."""
+    @nn.compact
+    def __call__(self, x, train=False):
+        k = self.param("kernel", nn.initializers.normal(), (x.shape[-1], 3))
+        return x @ k
+
+
+def _phase2(model, x, granularity, learned_range, seed):
+    v = model.init(jax.random.PRNGKey(seed), x)
+    t = q.noise_injection(granularity=granularity, learned_range=learned_range)
+    latent = t.init(v["params"], None)
+    key = jax.random.PRNGKey(seed + 1)
+
+    def widths(n):
+        nonlocal key
+        key, sub = jax.random.split(key)
+        return n.replace(logits=jax.random.normal(sub, n.logits.shape) * 3.0)
+
+    latent = pae.core.map_nodes(widths, latent, q.NoisyWeight)
+    # the first conv gets one width for every channel: a one-level layer
+    latent["Conv_0"]["kernel"] = latent["Conv_0"]["kernel"].replace(
+        logits=jnp.full_like(latent["Conv_0"]["kernel"].logits, -1.0))
+    if learned_range:
+        latent = pae.core.map_nodes(lambda n: n.replace(log_range=n.log_range - 0.2), latent, q.NoisyWeight)
+    stats = v.get("batch_stats", {})
+    stats = jax.tree.map(lambda s: s + 0.3 * jax.random.uniform(jax.random.PRNGKey(9), s.shape), stats)
+    return q.assign_palette(jax.device_get(latent)), stats
+
+
+@pytest.mark.parametrize("granularity,learned_range", [("input", False), ("output", True)])
+def test_export_logits_equal_the_phase_two_model(granularity, learned_range):
+    model = Net()
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 9, 11, 3))
+    latent, stats = _phase2(model, x, granularity, learned_range, seed=3)
+    ref = jax.jit(lambda lat, s, x: model.apply({"params": q.palette_quantizer().apply(lat, None),
+                                                 "batch_stats": s}, x))(latent, stats, x)
+    ex = q.export(model, latent, stats)
+    got = jax.jit(ex.apply)(ex.tree, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    layers = ex.tree["layers"]
+    assert set(layers) == {"Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel", "Dense_1/kernel"}
+    assert len(layers["Conv_0/kernel"].bits) == 1                      # one-level layer
+    assert sum(len(lay.bits) == 2 for lay in layers.values()) >= 2     # both segments non-empty
+    assert "kernel" not in ex.tree["params"]["Dense_0"] and "bias" in ex.tree["params"]["Dense_0"]
+    # leading batch dims are flattened and restored like flax does
+    got2 = ex.apply(ex.tree, x[:2])
+    np.testing.assert_allclose(got2, ref[:2], rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_permutation_codes_and_scales_match_numpy():
+    w = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (3, 2, 6, 10)), np.float32)   # conv HWIO
+    bits = np.array([2, 7, 2, 7, 7, 2], np.float32)
+    node = q.QuantWeight(jnp.asarray(w), jnp.asarray(bits), jnp.asarray([2.0, 7.0]))
+    ex = q.export(Odd(), {"Conv_0": {"kernel": node}})
+    packed = ex.tree["layers"]["Conv_0/kernel"].packed[0]
+    # rows in (Cin, kh, kw) order; low channels (0, 2, 5) first, then high (1, 3, 4)
+    rows = np.arange(36).reshape(6, 6)
+    want_perm = np.concatenate([rows[[0, 2, 5]].ravel(), rows[[1, 3, 4]].ravel()])
+    np.testing.assert_array_equal(packed.input_perm, want_perm)
+    assert packed.bits == (2, 8) and [s.k for s in packed.segments] == [18, 18]
+    assert [s.offset for s in packed.segments] == [1.5, 63.5]          # 7-bit codes in 8-bit words
+    w_rows = np.moveaxis(w, 2, 0).reshape(36, 10).astype(np.float64)
+    r = np.abs(w_rows).max(0)
+    for seg, lv, idx in zip(pk.unpack(packed), (2, 7), (want_perm[:18], want_perm[18:])):
+        o = (2 ** lv - 1) / 2
+        x = w_rows[idx] / (r / o) + o
+        ok = np.abs(x - np.floor(x) - 0.5) > 1e-3
+        np.testing.assert_array_equal(np.asarray(seg.codes)[ok], np.clip(np.round(x), 0, 2 * o)[ok])
+        np.testing.assert_allclose(seg.scales, r / o, rtol=1e-6)
+    # the dense weight the kernel computes with is the phase-2 quantized kernel, in row order
+    want = np.moveaxis(np.asarray(q.quantize_params({"k": node})["k"]), 2, 0).reshape(36, 10)
+    np.testing.assert_allclose(pk.dequantize(packed), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sizes_are_counted_honestly():
+    model = Net()
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 11, 3))
+    latent, stats = _phase2(model, x, "input", False, seed=5)
+    ex = q.export(model, latent, stats)
+    size = q.size_bytes(ex)
+    leaves = jax.tree.leaves(ex.tree)
+    assert size["total"] == sum(np.asarray(a).nbytes for a in leaves)     # every stored array
+    v = model.init(jax.random.PRNGKey(0), x)
+    assert size["fp32"] == 4 * sum(np.size(a) for a in jax.tree.leaves(v))
+    want_codes = want_perm = 0
+    for lay in ex.tree["layers"].values():
+        p = lay.packed[0]
+        for seg in p.segments:
+            want_codes += -(-seg.k * p.n * seg.bits // 8)
+        want_perm += 0 if p.input_perm is None else 4 * p.k
+    assert size["codes_unpadded"] == want_codes and size["perms"] == want_perm
+    assert size["total_unpadded"] < size["fp32"] / 3
+
+
+def test_bad_input_is_refused_naming_the_leaf():
+    model = Net()
+    x = jnp.ones((1, 9, 11, 3))
+    latent, stats = _phase2(model, x, "input", False, seed=7)
+    bad = jax.tree.map(lambda a: a, latent)
+    w = np.array(bad["Dense_0"]["kernel"].weight)
+    w[3, 2] = np.nan
+    bad["Dense_0"]["kernel"] = bad["Dense_0"]["kernel"].replace(weight=jnp.asarray(w))
+    with pytest.raises(ValueError, match="'Dense_0/kernel' has NaN or Inf"):
+        q.export(model, bad, stats)
+    bad = dict(latent, Dense_1=dict(latent["Dense_1"], bias=jnp.full((7,), jnp.inf)))
+    with pytest.raises(ValueError, match="'Dense_1/bias' has NaN or Inf"):
+        q.export(model, bad, stats)
+    phase1 = q.noise_injection().init(model.init(jax.random.PRNGKey(0), x)["params"], None)
+    with pytest.raises(ValueError, match="NoisyWeight"):
+        q.export(model, phase1, stats)
+    with pytest.raises(ValueError, match="no QuantWeight"):
+        q.export(model, model.init(jax.random.PRNGKey(0), x)["params"], stats)
+    node = q.QuantWeight(jnp.ones((4, 3)), jnp.full((4,), 4.0), jnp.array([4.0, 4.0]))
+    ex = q.export(Odd(), {"kernel": node})
+    with pytest.raises(ValueError, match=r"\['kernel'\] were not consumed"):
+        ex.apply(ex.tree, jnp.ones((2, 4)))
+    node = q.QuantWeight(jnp.ones((4, 3)), jnp.full((4,), 9.0), jnp.array([4.0, 9.0]))
+    with pytest.raises(ValueError, match="bits"):
+        q.export(Odd(), {"kernel": node})
