@@ -8,7 +8,7 @@ with a ``"bits"`` role); the transition :func:`assign_palette`; phase 2 :func:`p
 and :func:`export` to ``pallas_kernels``'s packed format with a pure forward function.
 Activations are not quantized yet (weights only; see ``docs`` of :func:`noise_injection`).
 """
-from pae.quant.noise import (EVAL_MODES, GRANULARITIES, NoisyWeight, QuantWeight, average_bits,
+from pae.quant.noise import (BUDGET_FORMS, EVAL_MODES, GRANULARITIES, NoisyWeight, QuantWeight, average_bits,
                              channel_range, learned_bits, noise_injection, palette_quantizer,
                              quantize_params, rounded_bits, size_penalty)
 from pae.quant.export import Exported, PackedLayer, export, size_bytes
@@ -18,7 +18,7 @@ from pae.quant.quantizer import (MAX_BITS, MIN_BITS, bits_from_logits, codes, ma
                                  quantize, step_size)
 
 __all__ = [
-    "EVAL_MODES", "Exported", "GRANULARITIES", "PackedLayer", "MAX_BITS", "MIN_BITS", "NoisyWeight", "QuantConfig", "QuantWeight",
+    "BUDGET_FORMS", "EVAL_MODES", "Exported", "GRANULARITIES", "PackedLayer", "MAX_BITS", "MIN_BITS", "NoisyWeight", "QuantConfig", "QuantWeight",
     "assign", "assign_palette", "average_bits", "bits_from_logits", "channel_range",
     "choose_palette", "codes", "export", "learned_bits", "level_cost", "max_abs_range", "noise_injection",
     "noise_transform", "offset", "palette_quantizer", "quant_optimizer", "quant_phases",

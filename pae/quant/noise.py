@@ -23,11 +23,15 @@ widths would deliver if deployed now; ``"clean"``: the noise-free weights.
 Penalty, on the average width over every selected weight (``n_c`` weights in channel ``c``):
 
     avg = sum_c n_c b_c / sum_c n_c
-    penalty = lmbda * avg + budget_weight * max(0, avg - target_bits)
+    penalty = lmbda * avg + budget_weight * |avg - target_bits|          (budget_form="two_sided")
+    penalty = lmbda * avg + budget_weight * max(0, avg - target_bits)    (budget_form="hinge")
 
 ``lmbda * avg`` is the SMOL-style size charge (``lmbda / N`` per bit of the model's size, so ``lmbda``
-does not scale with the model); the hinge is the budget form: no charge at or below the budget, a
-constant pull down above it (a linear hinge: with Adam the average settles at the budget).
+does not scale with the model). The budget form pulls the average toward ``target_bits``: the
+default two-sided form holds it there (a budget is met exactly: the task loss alone always wants
+more bits, so an average below the budget only wastes accuracy, and Adam's momentum otherwise
+carries the widths past the budget when the task loss barely resists); the hinge charges only an
+average above the budget (a pure constraint ``avg <= target_bits``).
 
 Phase 2 (:func:`palette_quantizer`): the deployed quantizer ``Q`` of :mod:`pae.quant.quantizer` with
 each channel's fixed palette width (:class:`QuantWeight`), straight-through gradients, fine-tuning
@@ -48,6 +52,7 @@ from pae.quant import quantizer as qz
 
 GRANULARITIES = ("input", "output")
 EVAL_MODES = ("quantize", "clean")
+BUDGET_FORMS = ("two_sided", "hinge")
 _AXIS = {"input": -2, "output": -1}
 
 
@@ -141,9 +146,11 @@ def average_bits(latent: Any) -> jax.Array:
 
 
 def size_penalty(latent: Any, lmbda: Any = 0.0, target_bits: float | None = None,
-                 budget_weight: Any = 1.0) -> jax.Array:
-    """``lmbda * avg + budget_weight * max(0, avg - target_bits)`` (module doc), ``avg`` from
-    :func:`average_bits` over the phase-1 nodes."""
+                 budget_weight: Any = 1.0, budget_form: str = "two_sided") -> jax.Array:
+    """``lmbda * avg + budget_weight * |avg - target_bits|`` (``"two_sided"``) or ``* max(0, avg -
+    target_bits)`` (``"hinge"``) (module doc), ``avg`` over the phase-1 nodes."""
+    if budget_form not in BUDGET_FORMS:
+        raise ValueError(f"budget_form must be one of {BUDGET_FORMS}, got {budget_form!r}")
     total, count = jnp.zeros((), jnp.float32), 0
     for n in nodes(latent, NoisyWeight):
         _, per = channel_sizes(n)
@@ -154,7 +161,9 @@ def size_penalty(latent: Any, lmbda: Any = 0.0, target_bits: float | None = None
     avg = total / count
     out = lmbda * avg
     if target_bits is not None:
-        out = out + budget_weight * jnp.maximum(avg - target_bits, 0.0)
+        excess = avg - target_bits
+        out = out + budget_weight * (jnp.abs(excess) if budget_form == "two_sided"
+                                     else jnp.maximum(excess, 0.0))
     return jnp.asarray(out, jnp.float32)
 
 
@@ -174,7 +183,7 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
                     b_max: float = 8.0, b_init: float = 6.0, granularity: str = "input",
                     learned_range: bool = False, lmbda: float = 0.0,
                     target_bits: float | None = None, budget_weight: float = 1.0,
-                    eval_mode: str = "quantize") -> Transform:
+                    budget_form: str = "two_sided", eval_mode: str = "quantize") -> Transform:
     """The phase-1 transform: per-channel learned bit widths under quantization-matched noise.
 
     Args:
@@ -185,7 +194,8 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
       granularity: ``"input"`` (per input channel, default) or ``"output"``.
       learned_range: learn a clip ``R = exp(r)`` per output channel (role ``"range"``; initialized
         at the max-abs) instead of the max-abs range.
-      lmbda, target_bits, budget_weight: the penalty (module doc); ``target_bits`` in ``[b_min, b_max]``.
+      lmbda, target_bits, budget_weight, budget_form: the penalty (module doc); ``target_bits`` in
+        ``[b_min, b_max]``; ``budget_form`` ``"two_sided"`` (default) or ``"hinge"``.
       eval_mode: ``"quantize"`` or ``"clean"`` (module doc).
 
     Roles: ``weight`` "weights", ``logits`` "bits", ``log_range`` "range", so
@@ -200,6 +210,8 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
     theta0 = qz.logits_for_bits(float(b_init), float(b_min), float(b_max))
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if budget_form not in BUDGET_FORMS:
+        raise ValueError(f"budget_form must be one of {BUDGET_FORMS}, got {budget_form!r}")
     if eval_mode not in EVAL_MODES:
         raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
     _check_nonneg("lmbda", lmbda)
@@ -247,7 +259,7 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
 
     def penalty(latent, ctx):
         del ctx
-        return size_penalty(latent, lmbda, target_bits, budget_weight)
+        return size_penalty(latent, lmbda, target_bits, budget_weight, budget_form)
 
     def finalize(latent, ctx):
         del ctx
@@ -271,6 +283,6 @@ def palette_quantizer() -> Transform:
                      finalize=lambda latent, ctx: quantize_params(latent))
 
 
-__all__ = ["EVAL_MODES", "GRANULARITIES", "NoisyWeight", "QuantWeight", "average_bits",
+__all__ = ["BUDGET_FORMS", "EVAL_MODES", "GRANULARITIES", "NoisyWeight", "QuantWeight", "average_bits",
            "channel_range", "channel_sizes", "expand", "learned_bits", "noise_injection",
            "palette_quantizer", "quantize_params", "rounded_bits", "size_penalty"]

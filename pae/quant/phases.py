@@ -47,6 +47,7 @@ class QuantConfig:
     lmbda: float = 0.0
     target_bits: float | None = None
     budget_weight: float = 1.0
+    budget_form: str = "two_sided"
     eval_mode: str = "quantize"
     levels: int = 2
     low: tuple[int, int] = (1, 4)
@@ -82,7 +83,8 @@ def noise_transform(cfg: QuantConfig, select: pselect.Selector | None = None):
     return qn.noise_injection(select, b_min=cfg.b_min, b_max=cfg.b_max, b_init=cfg.b_init,
                               granularity=cfg.granularity, learned_range=cfg.learned_range,
                               lmbda=cfg.lmbda, target_bits=cfg.target_bits,
-                              budget_weight=cfg.budget_weight, eval_mode=cfg.eval_mode)
+                              budget_weight=cfg.budget_weight, budget_form=cfg.budget_form,
+                              eval_mode=cfg.eval_mode)
 
 
 def _weights_tx(lr: float, weight_decay: float):

@@ -102,10 +102,20 @@ def test_penalty_lambda_and_budget_forms_match_numpy():
     avg = total / count
     np.testing.assert_allclose(float(q.average_bits(latent)), avg, rtol=1e-5)
     ctx = pae.Context.make()
-    for lmbda, target, mu in ((0.01, None, 1.0), (0.0, 2.0, 0.5), (0.003, 3.0, 2.0), (0.0, 8.0, 1.0)):
-        t = q.noise_injection(lmbda=lmbda, target_bits=target, budget_weight=mu)
-        want = lmbda * avg + (mu * max(0.0, avg - target) if target is not None else 0.0)
-        np.testing.assert_allclose(float(jax.jit(t.penalty)(latent, ctx)), want, rtol=1e-5, atol=1e-8)
+    assert 2.0 < avg < 7.0
+    for lmbda, target, mu in ((0.01, None, 1.0), (0.0, 2.0, 0.5), (0.003, 3.0, 2.0), (0.0, 8.0, 1.0),
+                              (0.02, 7.0, 3.0)):
+        for form in ("two_sided", "hinge"):
+            t = q.noise_injection(lmbda=lmbda, target_bits=target, budget_weight=mu, budget_form=form)
+            excess = 0.0 if target is None else avg - target
+            want = lmbda * avg + mu * (abs(excess) if form == "two_sided" else max(0.0, excess))
+            np.testing.assert_allclose(float(jax.jit(t.penalty)(latent, ctx)), want, rtol=1e-5,
+                                       atol=1e-8)
+    # below the budget the two-sided form pushes the widths up, the hinge leaves them alone
+    for form, sign in (("two_sided", -1), ("hinge", 0)):
+        t = q.noise_injection(target_bits=7.9, budget_form=form)
+        g = np.asarray(jax.grad(lambda lat: t.penalty(lat, ctx))(latent)["Dense_0"]["kernel"].logits)
+        assert np.all(np.sign(g) == sign)
     # the penalty pulls every width down (its gradient on the logits is positive) above the budget
     t = q.noise_injection(target_bits=1.5)
     g = jax.grad(lambda lat: t.penalty(lat, ctx))(latent)
@@ -142,7 +152,7 @@ def test_bad_input_raises_clear_errors():
     for kwargs, match in (({"b_min": 0}, "b_min"), ({"b_max": 9}, "b_max"),
                           ({"b_min": 4, "b_max": 3}, "b_min must be < b_max"),
                           ({"b_init": 8.0}, "b_init"), ({"granularity": "row"}, "granularity"),
-                          ({"eval_mode": "noisy"}, "eval_mode"), ({"lmbda": -1}, "lmbda"),
+                          ({"eval_mode": "noisy"}, "eval_mode"), ({"budget_form": "soft"}, "budget_form"), ({"lmbda": -1}, "lmbda"),
                           ({"target_bits": 0.5}, "target_bits"), ({"budget_weight": np.nan}, "budget_weight")):
         with pytest.raises(ValueError, match=match):
             q.noise_injection(**kwargs)

@@ -1,0 +1,74 @@
+"""The two phases on the engine: a tiny MLP learns, its average learned width reaches the budget,
+the palette transition snaps it, and the exported packed model reproduces the phase-2 logits."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pae import quant as q
+from pae.train import init_state, make_task, train_phases
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(4)(x)
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(4, 12)) * 1.5
+    def split(n):
+        y = rng.integers(0, 4, n)
+        return (means[y] + rng.normal(size=(n, 12))).astype(np.float32), y.astype(np.int32)
+    return {"train": split(384), "test": split(192)}
+
+
+CFG = q.QuantConfig(noise_epochs=8, finetune_epochs=2, lr=3e-3, bits_lr=0.05, b_init=6.0,
+                    target_bits=3.0, seed=1)
+
+
+def test_phases_learn_reach_the_budget_and_export_matches():
+    task = make_task(MLP(), _data())
+    t = q.noise_transform(CFG)
+    state = init_state(task.model, task.example, CFG.seed, t.init)
+    assert float(q.average_bits(state.params)) == pytest.approx(6.0, rel=1e-5)
+    res = train_phases(task, q.quant_phases(CFG), state, batch_size=64)
+    noise = res.rows("noise")
+    assert [r["phase"] for r in res.history] == ["noise"] * 8 + ["finetune"] * 2
+    assert noise[-1]["train_loss"] < 0.7 * noise[0]["train_loss"]
+    assert noise[-1]["weight_bits"] == pytest.approx(3.0, abs=0.3)          # the budget is reached
+    assert noise[0]["weight_bits"] > 4.5                                      # ... from 6 bits
+    searched = res.snapshots["noise"].params
+    assert float(q.average_bits(searched)) == pytest.approx(noise[-1]["weight_bits"], rel=1e-5)
+    fin = res.last("finetune")
+    assert fin["test_acc"] > 0.85                                             # chance is 0.25
+    assert 1.5 <= fin["weight_bits"] <= 4.5
+    latent = jax.device_get(res.state.params)
+    for name in ("Dense_0", "Dense_1"):
+        node = latent[name]["kernel"]
+        assert isinstance(node, q.QuantWeight)
+        assert set(np.unique(node.bits)) <= set(np.asarray(node.levels).tolist())
+        lv = np.asarray(node.levels)
+        assert 1 <= lv[0] <= 4 and 4 <= lv[-1] <= 8 or lv[0] == lv[-1]
+    # the widths did not move in phase 2 (frozen); the weights did
+    np.testing.assert_array_equal(latent["Dense_0"]["kernel"].bits,
+                                  q.assign_palette(searched)["Dense_0"]["kernel"].bits)
+    assert not np.allclose(latent["Dense_0"]["kernel"].weight, searched["Dense_0"]["kernel"].weight)
+    # export: the packed model's logits are the phase-2 model's
+    x = jnp.asarray(_data()["test"][0][:50])
+    ref = task.model.apply({"params": q.palette_quantizer().apply(latent, None)}, x)
+    ex = q.export(task.model, latent)
+    np.testing.assert_allclose(jax.jit(ex.apply)(ex.tree, x), ref, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_config_is_validated():
+    for kwargs, match in (({"b_init": 9.0}, "b_init"), ({"target_bits": 0.5}, "target_bits"),
+                          ({"palette": (5, 6)}, "outside its range"), ({"levels": 3}, "levels"),
+                          ({"noise_epochs": -1}, "noise_epochs"), ({"bits_lr": -1.0}, "bits_lr"),
+                          ({"granularity": "x"}, "granularity")):
+        with pytest.raises(ValueError, match=match):
+            q.QuantConfig(**kwargs)
