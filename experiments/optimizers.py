@@ -241,7 +241,7 @@ def run_one(setup: Setup, tx, seed: int, name: str) -> dict:
     config = TrainConfig(model=setup.model, dataset=setup.dataset, learning_rate=0.0,
                          epochs=setup.epochs, batch_size=setup.batch_size, val_size=setup.val_size,
                          seed=seed, data_dir=setup.data_dir, name=name)
-    result = run(config, tx=tx, workdir=os.path.join(setup.workdir, name), progress=False)
+    result = run(config, tx=tx, workdir=os.path.join(setup.workdir, name), progress=False, quiet=True)
     return result.final
 
 

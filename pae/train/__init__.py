@@ -5,15 +5,15 @@ from pae.train.distributed import (data_mesh, maybe_initialize_distributed, repl
                                    shard_batch)
 from pae.train.engine import (ON_DAMAGED, OPTIMIZER_STATES, Phase, PhasesResult, Task, TrainingDiverged,
                               evaluate, host, init_state, make_task, train_phases)
-from pae.train.loop import RunResult, TrainConfig, count_params, run
-from pae.train.optimizers import make_optimizer, make_schedule
+from pae.train.loop import ConfigChangedError, RunResult, TrainConfig, count_params, run
+from pae.train.optimizers import SCHEDULES, make_optimizer, make_schedule
 from pae.train.state import TrainState, create_train_state, init_variables
 from pae.train.step import make_eval_step, make_train_step, masked_cross_entropy
 
 __all__ = [
     "DamagedCheckpointError", "ON_DAMAGED", "OPTIMIZER_STATES", "Phase", "PhasesResult", "Task",
     "TrainingDiverged", "evaluate", "host", "init_state", "make_task", "train_phases",
-    "CheckpointError", "Checkpointer", "RunResult", "TrainConfig", "TrainState", "count_params",
+    "CheckpointError", "ConfigChangedError", "SCHEDULES", "Checkpointer", "RunResult", "TrainConfig", "TrainState", "count_params",
     "create_train_state", "data_mesh", "init_variables", "make_eval_step",
     "make_optimizer", "make_schedule", "make_train_step", "masked_cross_entropy",
     "maybe_initialize_distributed", "replicate", "run", "shard_batch", "tree_signature",

@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extend", action="store_true",
                         help="let a saved run train on to a larger --epochs from its saved epoch; "
                              "the lr schedule is rebuilt for the new length (default: off)")
+    parser.add_argument("--resume-intact", action="store_true",
+                        help="if the newest checkpoint is damaged, move it aside (<step>.damaged) and "
+                             "resume from the newest intact one, saying which (default: off: refuse)")
     parser.add_argument("--no-progress", action="store_true",
                         help="hide the progress bar (it is shown on stderr only when stderr is a "
                              "terminal); the per-epoch lines still go to stdout (default: off)")
@@ -208,10 +211,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     Errors raise; ``python experiments/train.py`` runs this through :func:`run_script`."""
     args = vars(build_parser().parse_args(argv))
     args.pop("traceback", None)
-    workdir, extend = args.pop("workdir"), args.pop("extend")
+    workdir, extend, intact = args.pop("workdir"), args.pop("extend"), args.pop("resume_intact")
     progress, quiet = not args.pop("no_progress"), args.pop("quiet")
     args["milestones"] = tuple(args["milestones"])
-    result = run(TrainConfig(**args), workdir=workdir, progress=progress, quiet=quiet, extend=extend)
+    result = run(TrainConfig(**args), workdir=workdir, progress=progress, quiet=quiet, extend=extend,
+                 resume_intact=intact)
     print(json.dumps({"workdir": result.workdir, "num_params": result.num_params, **result.final},
                      indent=2), flush=True)
     return result.final

@@ -36,12 +36,8 @@ from pae.train import distributed, metrics as pmetrics
 from pae.train.checkpoint import CheckpointError
 from pae.train.engine import Phase, init_state, make_task, train_phases
 from pae.train.optimizers import NAMES as OPTIMIZERS
-from pae.train.optimizers import make_optimizer, make_schedule
+from pae.train.optimizers import SCHEDULES, make_optimizer, make_schedule
 from pae.train.state import TrainState
-
-
-#: The lr schedule kinds of :func:`pae.train.optimizers.make_schedule`.
-SCHEDULES = ("constant", "cosine", "step")
 
 
 def _field(default=dataclasses.MISSING, help: str = "", choices=None, *, default_factory=dataclasses.MISSING,
@@ -210,7 +206,8 @@ def _print_line(line: str) -> None:
 def run(config: TrainConfig, *, transform: Transform | None = None,
         tx: optax.GradientTransformation | None = None, context: Callable[[int], Any] | None = None,
         workdir: str | None = None, progress: bool = True, quiet: bool = False,
-        log: Callable[[str], None] | None = _print_line, extend: bool = False, mesh=None,
+        log: Callable[[str], None] | None = _print_line, extend: bool = False,
+        resume_intact: bool = False, mesh=None,
         callbacks: Sequence[Callable[[dict, TrainState], None]] = ()) -> RunResult:
     """Train ``config.model`` on ``config.dataset``: the one-phase case of :func:`train_phases`.
 
@@ -230,6 +227,8 @@ def run(config: TrainConfig, *, transform: Transform | None = None,
       log: called with one line per epoch and "resumed from ..." (default: print to stdout, flushed,
         whatever ``progress`` says); ``None`` or ``quiet=True``: no lines (``quiet`` also hides the bar).
       extend: allow a larger ``epochs`` than the saved run's (see above).
+      resume_intact: when the newest checkpoint is damaged, move it aside and resume from the newest
+        intact one, saying which (default: refuse with :class:`DamagedCheckpointError`).
       mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis (default: all devices).
       callbacks: called as ``fn(row, state)`` after each epoch (and its checkpoint).
     """
@@ -298,7 +297,8 @@ def run(config: TrainConfig, *, transform: Transform | None = None,
         checkpoint_dir=os.path.join(workdir, "checkpoints") if config.checkpoint_every else None,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         identity=identity_, progress=progress and not quiet, log=engine_log, callbacks=callbacks,
-        title=config.run_name, extend_last_phase=extend)
+        title=config.run_name, extend_last_phase=extend,
+        on_damaged_checkpoint="previous" if resume_intact else "raise")
     if pending[0]:
         write_config()
     if main_process and result.history:

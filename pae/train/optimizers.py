@@ -58,6 +58,10 @@ def make_optimizer(name: str, learning_rate: Schedule, *, weight_decay: float = 
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(NAMES)}")
 
 
+#: The lr schedule kinds of :func:`make_schedule`.
+SCHEDULES = ("constant", "cosine", "step")
+
+
 def make_schedule(kind: str, base_lr: float, steps_per_epoch: int, epochs: int, *,
                   milestones: tuple[int, ...] = (), decay: float = 0.1,
                   warmup_epochs: int = 0) -> optax.Schedule:
@@ -81,7 +85,7 @@ def make_schedule(kind: str, base_lr: float, steps_per_epoch: int, epochs: int, 
         main = optax.piecewise_constant_schedule(
             base_lr, {m * steps_per_epoch - warmup: decay for m in milestones})
     else:
-        raise ValueError(f"unknown schedule {kind!r}; known: constant, cosine, step")
+        raise ValueError(f"unknown schedule {kind!r}; known: {', '.join(SCHEDULES)}")
     if not warmup:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), main], [warmup])

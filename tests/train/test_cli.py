@@ -63,7 +63,7 @@ def test_help_shows_help_default_and_choices_of_every_flag():
     entries = _help_entries(proc.stdout)
     assert _help_entries(build_parser().format_help()).keys() == entries.keys()
     flags = [f for f in entries if f not in ("-h", "--help")]
-    assert len(flags) == len(dataclasses.fields(TrainConfig)) + 5   # + workdir extend no-progress quiet traceback
+    assert len(flags) == len(dataclasses.fields(TrainConfig)) + 6   # + workdir extend resume-intact no-progress quiet traceback
     for flag in flags:
         assert re.search(r"\S+ \S.*\(.*default: ", entries[flag]), f"{flag}: {entries[flag]}"
     shown = {"lenet5": "--model", "mnist_subset": "--dataset", "nesterov": "--optimizer",
@@ -73,7 +73,7 @@ def test_help_shows_help_default_and_choices_of_every_flag():
         assert f"default: {default}" in entries[flag], entries[flag]
     from pae.data import NAMES as DATASETS
     from pae.models import NAMES as MODELS
-    from pae.train.loop import SCHEDULES
+    from pae.train import SCHEDULES
     from pae.train.optimizers import NAMES as OPTIMIZERS
     for flag, names in (("--model", MODELS), ("--dataset", DATASETS), ("--optimizer", OPTIMIZERS),
                         ("--schedule", SCHEDULES), ("--augment", ("true", "false"))):

@@ -128,3 +128,19 @@ def test_padded_rows_change_no_batchnorm_statistic_in_a_train_step():
     moved = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()),
                          jax.device_get(c.batch_stats), jax.device_get(b.batch_stats))
     assert max(jax.tree.leaves(moved)) > 1e-2
+
+
+def test_run_refuses_a_damaged_checkpoint_and_resume_intact_continues_from_the_previous(tmp_path):
+    from pae.train import TrainConfig, run
+
+    config = TrainConfig(model="lenet300_100", dataset="digits", epochs=2, batch_size=64)
+    whole = run(config, workdir=str(tmp_path / "whole"), quiet=True)
+    run(config, workdir=str(tmp_path / "cut"), quiet=True)
+    _flip_bytes(str(tmp_path / "cut" / "checkpoints" / "2"))
+    with pytest.raises(DamagedCheckpointError, match=r"\(step 2\) is damaged.*--resume-intact"):
+        run(config, workdir=str(tmp_path / "cut"), quiet=True)
+    lines = []
+    resumed = run(config, workdir=str(tmp_path / "cut"), resume_intact=True, log=lines.append)
+    assert any("checkpoint step 2 is damaged" in line for line in lines)
+    _equal(resumed.state, whole.state)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
