@@ -206,8 +206,10 @@ def host(tree):
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", None)
-                                                       or np.result_type(x)), tree)
+    def spec(x):
+        dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+        return jax.ShapeDtypeStruct(np.shape(x), dtype)
+    return jax.tree.map(spec, tree)
 
 
 def _zeros(tree):
