@@ -25,7 +25,6 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

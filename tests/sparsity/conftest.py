@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from pae import sparsity as sp
 from pae.data import load_dataset
 from pae.train import Task, data_mesh
 

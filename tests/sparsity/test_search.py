@@ -5,7 +5,7 @@ import pytest
 
 from pae import sparsity as sp
 from pae.core import Context, select as S
-from pae.train import PhasesResult, create_train_state, make_train_step
+from pae.train import create_train_state, make_train_step
 from pae.train import engine
 
 
