@@ -72,3 +72,19 @@ def test_config_is_validated():
                           ({"granularity": "x"}, "granularity")):
         with pytest.raises(ValueError, match=match):
             q.QuantConfig(**kwargs)
+
+
+def test_resume_across_the_palette_transition_is_exact(tmp_path):
+    import dataclasses
+    cfg = dataclasses.replace(CFG, noise_epochs=2, finetune_epochs=1)
+    task = make_task(MLP(), _data())
+    state = init_state(task.model, task.example, cfg.seed, q.noise_transform(cfg).init)
+    train_phases(task, q.quant_phases(cfg), state, batch_size=64, checkpoint_dir=tmp_path)
+    longer = dataclasses.replace(cfg, finetune_epochs=2)
+    # resumes inside phase 2: the engine replays the (host-side) palette transition for the structure
+    resumed = train_phases(task, q.quant_phases(longer), state, batch_size=64,
+                           checkpoint_dir=tmp_path, extend_last_phase=True)
+    full = train_phases(task, q.quant_phases(longer), state, batch_size=64)
+    assert [r["phase"] for r in resumed.history] == ["noise", "noise", "finetune", "finetune"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+                 jax.device_get(full.state.params))
