@@ -7,10 +7,12 @@ configurations (a :class:`pae.models.WideResNet` and its transform with the offi
 from pae.sharing.bank import (COEFFICIENTS, SharedKernel, SharedParams, build, coefficient_matrices,
                               combine, find_groups, group_by_shape, layer_paths, num_parameters,
                               pull_penalty, template_init, templates)
+from pae.sharing.fold import MERGES, Folded, fold, with_repeats
 from pae.sharing.similarity import layer_similarity, plot_similarity, similarity_matrix
 from pae.sharing.swrn import STAGES, SWRN, swrn, wrn_groups
 
-__all__ = ["COEFFICIENTS", "STAGES", "SWRN", "SharedKernel", "SharedParams", "build",
+__all__ = ["COEFFICIENTS", "Folded", "MERGES", "STAGES", "SWRN", "SharedKernel", "SharedParams", "build",
            "coefficient_matrices", "combine", "find_groups", "group_by_shape", "layer_paths",
            "layer_similarity", "num_parameters", "plot_similarity", "pull_penalty",
-           "similarity_matrix", "swrn", "template_init", "templates", "wrn_groups"]
+           "similarity_matrix", "swrn", "template_init", "templates", "with_repeats", "wrn_groups",
+           "fold"]
