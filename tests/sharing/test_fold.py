@@ -87,8 +87,11 @@ def test_conv2_scale_is_not_free_conv1_scale_moves_into_its_batchnorm():
 
     # conv1 scaled: merged only with absorb_scale, and then the eval output is the soft one up to eps
     lat1 = _set_rows(latent, lambda s, i, a: scaled(s, i, a, 0))
-    with pytest.warns(UserWarning, match="stage1 merges nothing at tol=0.001"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         apart = sh.fold(cfg, lat1, stats)
+    assert [str(w.message).split(" merges")[0] for w in caught] == [f"fold: {s}" for s in sh.STAGES]
+    assert "merges nothing at tol=0.001" in str(caught[0].message)
     assert apart.model.stage_loops() == ((1, 1),) * 3
     folded = sh.fold(cfg, lat1, stats, absorb_scale=True, merge="first")
     assert folded.model.stage_loops() == ((2,),) * 3
@@ -99,8 +102,10 @@ def test_conv2_scale_is_not_free_conv1_scale_moves_into_its_batchnorm():
                                rtol=1e-5, atol=1e-5)   # unmerged folding changes nothing either
     # conv2 scaled (feeds the residual sum): never merged
     lat2 = _set_rows(latent, lambda s, i, a: scaled(s, i, a, 1))
-    with pytest.warns(UserWarning, match="merges nothing"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         f2 = sh.fold(cfg, lat2, stats, absorb_scale=True)
+    assert len(caught) == 3 and all(issubclass(w.category, UserWarning) for w in caught)
     assert f2.model.stage_loops() == ((1, 1),) * 3
     np.testing.assert_allclose(f2.distances["stage2"][1], abs(c - 1), rtol=1e-5)
 
