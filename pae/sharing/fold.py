@@ -147,8 +147,8 @@ def fold(cfg: SWRN, latent: SharedParams, batch_stats: Any, *, tol: float = 1e-3
                 body_p["BatchNorm_1"] = {**body_p["BatchNorm_1"],
                                          "scale": body_p["BatchNorm_1"]["scale"] * jnp.sign(cc)}
             name = f"Loop_{s}_{j}"
-            out_p[name] = {"kernel1": combine(merged1, banks[stage]), "kernel2": combine(merged2, banks[stage]),
-                           "body": body_p}
+            out_p[name] = {"kernel1": combine(merged1, banks[stage]),
+                           "kernel2": combine(merged2, banks[stage]), "body": body_p}
             out_s[name] = {"body": body_s}
     loops = tuple(tuple(len(r) for r in runs) for runs in all_runs)
     model = LoopedWideResNet(cfg.depth, cfg.widen, cfg.num_classes, loops)
@@ -163,7 +163,8 @@ def with_repeats(folded: Folded, loops) -> Folded:
     loops = tuple(tuple(int(r) for r in stage) for stage in loops)
     old = folded.model.stage_loops()
     if len(loops) != 3 or any(len(a) != len(b) for a, b in zip(loops, old)):
-        raise ValueError(f"loops must have the folded net's structure {old} (one count per loop), got {loops}")
+        raise ValueError(f"loops must have the folded net's structure {old} (one count per loop), "
+                         f"got {loops}")
     if any(r < 1 for stage in loops for r in stage):
         raise ValueError(f"every loop needs >= 1 repeat, got {loops}")
     variables = jax.tree.map(lambda x: x, folded.variables)

@@ -53,12 +53,14 @@ class SharingConfig:
             v = getattr(self, name)
             if not np.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
-        if self.coefficient_lr is not None and (not np.isfinite(self.coefficient_lr) or self.coefficient_lr < 0):
+        c_lr = self.coefficient_lr
+        if c_lr is not None and (not np.isfinite(c_lr) or c_lr < 0):
             raise ValueError(f"coefficient_lr must be finite and >= 0 or None, got {self.coefficient_lr!r}")
         if self.milestones is not None:
             object.__setattr__(self, "milestones", tuple(self.milestones))
             if not all(isinstance(m, numbers.Integral) and 0 < m < self.epochs for m in self.milestones):
-                raise ValueError(f"milestones must be epochs in (0, epochs={self.epochs}), got {self.milestones}")
+                raise ValueError(f"milestones must be epochs in (0, epochs={self.epochs}), got "
+                                 f"{self.milestones}")
 
     @property
     def decay_epochs(self) -> tuple[int, ...]:

@@ -106,9 +106,9 @@ def test_coefficients_have_their_own_role_and_no_weight_decay():
     latent = sh.templates(GROUPS, 2).init(params, jax.random.PRNGKey(0))
     roles = label_roles(latent)
     assert sorted(set(jax.tree.leaves(roles))) == ["coefficients", "weights"]
-    assert all(r == "coefficients" for r in jax.tree.leaves(
-        [n.coefficients for n in jax.tree.leaves(roles.params, is_leaf=lambda x: isinstance(x, sh.SharedKernel))
-         if isinstance(n, sh.SharedKernel)]))
+    shared = [n for n in jax.tree.leaves(roles.params, is_leaf=lambda x: isinstance(x, sh.SharedKernel))
+              if isinstance(n, sh.SharedKernel)]
+    assert len(shared) == 5 and all(n.coefficients == "coefficients" for n in shared)
     tx = role_optimizer({"weights": optax.chain(optax.add_decayed_weights(0.5), optax.sgd(0.1)),
                          "coefficients": optax.sgd(0.1)})
     zeros = jax.tree.map(jnp.zeros_like, latent)
@@ -182,7 +182,8 @@ def test_swrn_names_and_bad_configs():
 def test_bad_input_names_the_group_or_leaf():
     params = _tree(np.random.default_rng(6))
     key = jax.random.PRNGKey(0)
-    with pytest.raises(ValueError, match=r"group 'mix' mixes kernels of different shapes.*head/kernel: \(13, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"group 'mix' mixes kernels of different shapes.*head/kernel: \(13, 4\)"):
         sh.templates({"mix": S.path(r"(head|Block_2/conv)/kernel")}, 2).init(params, key)
     with pytest.raises(ValueError, match="num_templates must be >= 1, got 0"):
         sh.templates(GROUPS, 0)

@@ -40,7 +40,7 @@ def test_optimizer_decays_weights_not_coefficients_and_steps_the_lr():
         sh.sharing_phases(cfg, "templates")
 
 
-def test_a_short_swrn_run_on_the_engine_trains_templates_and_coefficients():
+def test_a_short_swrn_run_on_the_engine_trains_templates_and_coefficients(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(48, 8, 8, 3)).astype(np.float32)
     y = (x[:, :4].mean(axis=(1, 2, 3)) > 0).astype(np.int32)
@@ -50,7 +50,7 @@ def test_a_short_swrn_run_on_the_engine_trains_templates_and_coefficients():
     cfg = sh.SharingConfig(epochs=2, batch_size=16, lr=0.05)
     start = init_state(swrn.model, task.example, 0, t.init)
     first = jax.tree.map(np.asarray, start.params)
-    out = train_phases(task, sh.sharing_phases(cfg, t), start, batch_size=16)
+    out = train_phases(task, sh.sharing_phases(cfg, t), start, batch_size=16, checkpoint_dir=tmp_path / "ck")
     rows = out.rows("train")
     assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)
     for stage in sh.STAGES:   # one shared block per stage: 2 layers, LSM off-diagonal in [0, 1]
@@ -59,4 +59,11 @@ def test_a_short_swrn_run_on_the_engine_trains_templates_and_coefficients():
     assert isinstance(new, sh.SharedParams)
     for stage in sh.STAGES:
         assert not np.allclose(new.banks[stage], first.banks[stage])
-        assert not np.allclose(sh.coefficient_matrices(new)[stage][1], sh.coefficient_matrices(first)[stage][1])
+        assert not np.allclose(sh.coefficient_matrices(new)[stage][1],
+                               sh.coefficient_matrices(first)[stage][1])
+    # the latent (custom nodes with static fields) round-trips through the engine's checkpoints
+    again = train_phases(task, sh.sharing_phases(cfg, t), start, batch_size=16,
+                         checkpoint_dir=tmp_path / "ck")
+    assert len(again.history) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again.state.params),
+                 jax.tree.map(np.asarray, new))
