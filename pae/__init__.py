@@ -3,8 +3,7 @@
 Subpackages are imported on first use (``pae.data``, ``pae.models``, ``pae.train``, ``pae.optim`` ...),
 so ``import pae`` stays cheap and a subpackage's heavy dependencies load only when asked for.
 The subpackages offered are the ones installed (found on ``pae.__path__``), so ``dir(pae)`` lists
-exactly what can be imported. Planned families (quantization, soft sharing, growth) are described
-in ``docs/design.md``.
+exactly what can be imported. ``docs/design.md`` says what each family covers so far.
 """
 import importlib as _importlib
 import pkgutil as _pkgutil
@@ -15,10 +14,6 @@ __version__ = "0.1.0"
 _SUBPACKAGES = tuple(sorted(
     info.name for info in _pkgutil.iter_modules(__path__) if info.ispkg and not info.name.startswith("_")))
 
-#: described in docs/design.md but not written yet: a clearer AttributeError, never listed
-_PLANNED = {"quant": "noise-injected mixed-precision quantization",
-            "sharing": "soft parameter sharing", "growth": "network growth"}
-
 #: the transform protocol, re-exported from ``pae.core`` on first use
 _CORE_NAMES = ("Context", "Transform", "chain", "identity", "select")
 
@@ -28,10 +23,6 @@ def __getattr__(name):
         return _importlib.import_module(f"{__name__}.{name}")
     if name in _CORE_NAMES:
         return getattr(_importlib.import_module(f"{__name__}.core"), name)
-    if name in _PLANNED:
-        raise AttributeError(f"module 'pae' has no attribute {name!r}: pae.{name} "
-                             f"({_PLANNED[name]}) is planned but not implemented yet; "
-                             f"see docs/design.md")
     raise AttributeError(f"module 'pae' has no attribute {name!r}")
 
 
