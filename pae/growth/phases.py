@@ -1,0 +1,127 @@
+"""Incremental growth with variance transfer and LR adaptation as a list of engine phases.
+
+``vt_phases(cfg, model, optimizer)`` gives one :class:`pae.train.Phase` per width stage: stage 0
+trains ``model`` at ``cfg.start_fraction`` of its widths; stage ``t >= 1`` names the model of its
+widths (``model=``), keeps the optimizer state and enters with :func:`pae.growth.grow` (pure and
+deterministic: the key is ``fold_in(PRNGKey(cfg.seed), t)``), so a checkpoint's position is the
+stage and a resumed run replays the growth steps before it. With ``cfg.lra`` the optimizer is
+``optax.chain(optimizer(spe), scale_by_birth_stage(...))``, so the birth-stage map and the LR
+scales live in the optimizer state and are checkpointed with it. Rows carry ``stage`` and
+``params`` (the parameter count of the stage's model, for compute accounting).
+
+Reference: Yuan, Savarese, Maire, arXiv 2306.12700 (NeurIPS 2023).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pae.growth import lra as plra
+from pae.growth import schedule as psched
+from pae.growth import vt as pvt
+from pae.train.engine import Phase
+
+
+@dataclasses.dataclass(frozen=True)
+class VTConfig:
+    """Growth hyperparameters (paper defaults: 1/4 width, +20% per step, 8 steps, exponential stage
+    durations with the same 20%, T_0 = 8 on CIFAR-10).
+
+    ``total_epochs``: the last (full-width) stage gets what the earlier stages leave (None: it lasts
+    as the schedule says). ``vt``/``new_init``/``new_moments``: see :func:`pae.growth.grow`;
+    ``lra_*``: see :mod:`pae.growth.lra`.
+    """
+
+    start_fraction: float = 0.25
+    width_growth: float = 0.2
+    growth_steps: int = 8
+    first_epochs: int = 8
+    epoch_growth: float = 0.2
+    epoch_schedule: str = "exponential"
+    total_epochs: int | None = None
+    vt: str = "sqrt"
+    new_init: str = "he"
+    new_moments: str = "warm"
+    lra: bool = True
+    lra_norms: str = "layer"
+    lra_recompute: str = "growth"
+    lra_leaves: str = "kernels"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, allowed in (("vt", pvt.VT_RULES), ("new_init", pvt.NEW_INITS),
+                              ("new_moments", pvt.NEW_MOMENTS), ("lra_norms", plra.LRA_NORMS),
+                              ("lra_recompute", plra.LRA_RECOMPUTE), ("lra_leaves", plra.LRA_LEAVES),
+                              ("epoch_schedule", psched.EPOCH_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"VTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.growth_steps + 1 > 16:
+            raise ValueError(f"VTConfig.growth_steps must be <= 15 (the LR adaptation tracks 16 "
+                             f"stages), got {self.growth_steps}")
+
+    def widths(self, final: dict) -> list[dict]:
+        """The widths of every stage."""
+        return psched.width_schedule(final, start_fraction=self.start_fraction,
+                                     growth=self.width_growth, steps=self.growth_steps)
+
+    def epochs(self) -> list[int]:
+        """The epochs of every stage."""
+        return psched.stage_epochs(self.growth_steps + 1, self.first_epochs, growth=self.epoch_growth,
+                                   kind=self.epoch_schedule, total=self.total_epochs)
+
+
+def stage_models(cfg: VTConfig, model) -> list:
+    """``model`` at the widths of every stage (the last one is ``model``'s own widths)."""
+    pvt.resolve_widths(model, model)          # checks that model is growable
+    return [model.at_widths(w) for w in cfg.widths(model.groups())]
+
+
+def vt_phases(cfg: VTConfig, model, optimizer: Callable[[int], optax.GradientTransformation],
+              *, name: str = "stage") -> list[Phase]:
+    """One Phase per width stage of ``model`` (its full widths are the last stage's).
+
+    ``optimizer``: ``steps_per_epoch -> optax.GradientTransformation`` for the whole run (a schedule
+    over all stages is the caller's; the LR adaptation multiplies it per element). Start the run
+    from ``init_state(phases[0].model, example, seed)``. Parallel runs (``runs=``) are not
+    supported: the growth transition is host-side.
+    """
+    if not isinstance(cfg, VTConfig):
+        raise TypeError(f"cfg must be a VTConfig, got {type(cfg).__name__}")
+    if not callable(optimizer):
+        raise TypeError(f"optimizer must be a function steps_per_epoch -> optax.GradientTransformation, "
+                        f"got {type(optimizer).__name__}")
+    models = stage_models(cfg, model)
+    epochs = cfg.epochs()
+    lra = plra.scale_by_birth_stage(norms=cfg.lra_norms, recompute=cfg.lra_recompute,
+                                    leaves=cfg.lra_leaves)
+
+    def tx_of(spe):
+        return optax.chain(optimizer(spe), lra) if cfg.lra else optimizer(spe)
+
+    def enter_for(t):
+        def enter(state, snapshots):
+            del snapshots
+            return pvt.grow(state, models[t - 1], models[t], jax.random.fold_in(jax.random.PRNGKey(cfg.seed), t),
+                            tx=tx_of(1), vt=cfg.vt, new_init=cfg.new_init, new_moments=cfg.new_moments)
+        return enter
+
+    def metrics_for(t):
+        def metrics(state, ctx):
+            n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
+            return {"stage": jnp.asarray(t, jnp.int32), "params": jnp.asarray(n, jnp.int32)}
+        return metrics
+
+    phases = []
+    for t, (m, e) in enumerate(zip(models, epochs)):
+        phases.append(Phase(f"{name}{t}", e, tx_of, model=m, metrics=metrics_for(t),
+                            enter=None if t == 0 else enter_for(t),
+                            optimizer_state="fresh" if t == 0 else "keep"))
+    return phases
+
+
+__all__ = ["VTConfig", "stage_models", "vt_phases"]

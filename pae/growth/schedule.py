@@ -1,0 +1,79 @@
+"""Width and epoch schedules of incremental growth (Yuan, Savarese & Maire, arXiv 2306.12700).
+
+Widths: start at ``start_fraction`` (1/4) of the final width, then
+``C_t = min(C_final, C_{t-1} + max(2, round_even(p * C_{t-1})))`` with ``p = 0.2`` for ``steps = 8``
+growth steps (9 width stages); ``round_even(x) = 2 * round(x / 2)`` because new units come in pairs.
+Two details are pae's choice (the sources leave them open): the increment is at least one pair (a
+4-channel start would otherwise never grow), and the last growth step lands on the final width (the
+last stage always trains the full network). Example, a 64-channel stage:
+16, 20, 24, 28, 34, 40, 48, 58, 64.
+
+Stage durations: ``"exponential"``: ``T_t = T_{t-1} + round(p_T * T_{t-1})`` from ``T_0`` (the
+"stage durations" reading of the paper's schedule, sharing_and_growth.md section 2.1);
+``"fixed"``: every stage ``T_0``. With ``total`` the last stage gets what is left.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+EPOCH_SCHEDULES = ("exponential", "fixed")
+
+
+def round_even(x: float) -> int:
+    """``2 * round(x / 2)`` (numpy's round half to even)."""
+    return int(2 * np.round(x / 2))
+
+
+def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, growth: float = 0.2,
+                   steps: int = 8) -> list[dict[str, int]]:
+    """The widths of each of the ``steps + 1`` stages, per group (see the module doc).
+
+    The start width ``round(start_fraction * C_final)`` must be >= 1 and have the parity of
+    ``C_final`` (every increment is even); otherwise a ValueError names the group.
+    """
+    if not 0 < start_fraction <= 1:
+        raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction!r}")
+    if not growth > 0:
+        raise ValueError(f"growth must be > 0, got {growth!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    per_group = {}
+    for g, c_final in final.items():
+        c = int(round(start_fraction * c_final))
+        if c < 1 or (c_final - c) % 2:
+            raise ValueError(f"final width {c_final} of group {g!r}: the start width {c} "
+                             f"(start_fraction={start_fraction}) must be >= 1 and differ from it by "
+                             f"an even number (new units come in pairs)")
+        widths = [c]
+        for t in range(1, steps + 1):
+            c = c_final if t == steps else min(c_final, c + max(2, round_even(growth * c)))
+            widths.append(c)
+        per_group[g] = widths
+    return [{g: w[t] for g, w in per_group.items()} for t in range(steps + 1)]
+
+
+def stage_epochs(stages: int, first: int, *, growth: float = 0.2, kind: str = "exponential",
+                 total: int | None = None) -> list[int]:
+    """Epochs of each of ``stages`` stages (see the module doc); ``total``: the last stage gets the
+    rest (ValueError when the earlier stages already take ``total`` or more)."""
+    if kind not in EPOCH_SCHEDULES:
+        raise ValueError(f"kind must be one of {EPOCH_SCHEDULES}, got {kind!r}")
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"stages must be an int >= 1, got {stages!r}")
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise ValueError(f"first must be an int >= 0, got {first!r}")
+    epochs = [first]
+    for _ in range(stages - 1):
+        epochs.append(epochs[-1] if kind == "fixed" else epochs[-1] + int(np.round(growth * epochs[-1])))
+    if total is not None:
+        rest = total - sum(epochs[:-1])
+        if rest < 1:
+            raise ValueError(f"total={total} epochs leave nothing for the last stage: the first "
+                             f"{stages - 1} stages take {sum(epochs[:-1])} ({epochs[:-1]})")
+        epochs[-1] = rest
+    return epochs
+
+
+__all__ = ["EPOCH_SCHEDULES", "round_even", "stage_epochs", "width_schedule"]

@@ -1,0 +1,305 @@
+"""Growth with variance transfer (Yuan, Savarese & Maire, arXiv 2306.12700): :func:`grow`.
+
+Every growable channel group ``g`` widens from ``n_g`` to ``m_g`` channels; the ``k_g = m_g - n_g``
+new units (``k_g`` even) are appended as two halves A = ``[n, n + k/2)`` and B = ``[n + k/2, m)``,
+unit ``n + j`` paired with ``n + k/2 + j``. A kernel ``W (..., in, out)`` becomes, with its input
+group ``i`` and output group ``o`` (``h = k / 2``)::
+
+             old out (n_o)    new out A (h_o)   new out B (h_o)
+  old in     c * W            V                 V
+  new in A   Z                U                 U
+  new in B   -Z               -U                -U
+
+Paired new outputs have identical incoming weights (columns A = B, over the full new input width,
+the new-in x new-out corner included), so their activations are equal (BatchNorm of new channels
+starts as gamma = 1, beta = 0, mean = 0, var = 1, identical within a pair); every reader weights a
+pair with opposite signs (rows A = -B), so the pair's contribution ``z a - z a`` vanishes. In a
+ResNet the residual stream's new channels stay pairwise equal because every writer (the stem, each
+block's conv2, the shortcut) keeps columns A = B and the identity shortcut adds equal pairs. So with
+``vt="none"`` the grown network computes the old function exactly (up to float rounding), in train
+mode (batch statistics) and in eval mode (running statistics). New biases are zero.
+
+Variance transfer: a layer whose input group grew gets ``c = sqrt(n_i / m_i)`` (``vt="sqrt"``,
+default: the init std ``~ 1/sqrt(fan_in)`` of a He/LeCun parameterization, GroMo's default) or
+``c = n_i / m_i`` (``vt="linear"``: std ``~ 1/fan_in``, the muP-style rule of the growing-net wiki)
+on its old block and its old biases, and the BatchNorm on its output gets running mean ``* c`` and
+running variance ``* c**2`` on the old channels. The function then
+
+* stays preserved behind normalization: a conv followed by BatchNorm is scale invariant in train
+  mode and, with the rescaled running statistics, in eval mode, up to BatchNorm's epsilon
+  (``(c x - c mu) / sqrt(c^2 var + eps)`` vs ``(x - mu) / sqrt(var + eps)``);
+* changes where no normalization follows a rescaled layer: the classifier's logits become
+  ``c * logits`` plus nothing else in a VGG (a temperature: the argmax is kept), and in the ResNet
+  the 1x1 shortcut convs (no BN) add ``c * shortcut(x)`` to the residual sum, which changes the
+  features after them.
+
+New weights ``V, Z, U`` are drawn i.i.d. with ``new_init``: ``"he"`` (default) ``N(0, 2 / fan_in')``
+with the new fan-in ``fan_in' = receptive field * m_i`` (the growable models' own init, so new
+units look freshly initialized at the new width); ``"mup"``: std ``1 / fan_in'`` (pairs with
+``vt="linear"``); ``"empirical"``: the std of the layer's old (rescaled) weights (GroMo-like).
+
+Optimizer state is grown with ``optax.tree_map_params``: old entries carried unchanged, new ones
+zero (GradMax's zero-padded slots). For Adam-family states (a state with ``mu`` and ``nu``),
+``new_moments="warm"`` (default) seeds the new entries' ``nu`` (and ``nu_max``) with the mean of the
+leaf's old ``nu``: with zero ``nu`` and Adam's global step count ``n``, a new entry's first step is
+``(1 - b1) / sqrt(1 - b2) * sqrt(1 - b2^n) / (1 - b1^n)`` times the learning rate (about 2.5x at
+``n = 1000`` with 0.9/0.999, up to 6.5x); with the seeded ``nu`` it is at most about
+``(1 - b1) * |g| / sqrt(nu_old)``, a normal-sized step ramping up with the momentum.
+``new_moments="zeros"``: plain zero padding. A :class:`~pae.growth.lra.BirthState` (from
+:func:`~pae.growth.lra.scale_by_birth_stage`) gets the new stage on the new elements, ``stage + 1``,
+and its scales marked stale (recomputed at the next update).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import optax
+from flax import traverse_util
+
+from pae.growth.lra import BirthState
+from pae.train.state import TrainState
+
+VT_RULES = ("sqrt", "linear", "none")
+NEW_INITS = ("he", "mup", "empirical")
+NEW_MOMENTS = ("warm", "zeros")
+
+
+def vt_factor(old: int, new: int, rule: str = "sqrt") -> float:
+    """The variance-transfer factor for a fan-in growing ``old -> new`` channels:
+    ``sqrt(old / new)`` ("sqrt"), ``old / new`` ("linear") or 1 ("none")."""
+    if rule not in VT_RULES:
+        raise ValueError(f"vt must be one of {VT_RULES}, got {rule!r}")
+    if rule == "none" or old == new:
+        return 1.0
+    return float(np.sqrt(old / new)) if rule == "sqrt" else old / new
+
+
+def _check_model(model, name: str) -> None:
+    for attr in ("groups", "at_widths", "growth_spec"):
+        if not callable(getattr(model, attr, None)):
+            raise TypeError(f"{name} must be a growable model (groups(), at_widths(), growth_spec(); "
+                            f"see pae.models.growable), got {type(model).__name__}")
+
+
+def resolve_widths(model_from, model_to) -> tuple[Any, dict, dict]:
+    """``(model_to, old widths, new widths)``; ``model_to`` a model or a ``{group: width}`` mapping.
+
+    Raises ValueError when a width shrinks or grows by an odd number (new units come in pairs).
+    """
+    _check_model(model_from, "model_from")
+    old = model_from.groups()
+    if isinstance(model_to, Mapping):
+        arg = "new_widths"
+        unknown = sorted(set(model_to) - set(old))
+        if unknown:
+            raise ValueError(f"new_widths names groups {unknown} that model_from does not have "
+                             f"(groups: {sorted(old)})")
+        model_to = model_from.at_widths({**old, **{g: int(w) for g, w in model_to.items()}})
+    else:
+        arg = "model_to"
+        _check_model(model_to, "model_to")
+        if type(model_to) is not type(model_from):
+            raise TypeError(f"model_to must be a {type(model_from).__name__} like model_from, got "
+                            f"{type(model_to).__name__}")
+    new = model_to.groups()
+    if set(new) != set(old):
+        raise ValueError(f"{arg}: groups {sorted(new)} differ from model_from's {sorted(old)}")
+    if model_from.at_widths(new) != model_to:
+        raise ValueError(f"{arg} differs from model_from in more than its widths")
+    smaller = {g: (old[g], new[g]) for g in old if new[g] < old[g]}
+    if smaller:
+        raise ValueError(f"{arg}: widths may only grow, got smaller widths (old, new) {smaller}")
+    odd = {g: (old[g], new[g]) for g in old if (new[g] - old[g]) % 2}
+    if odd:
+        raise ValueError(f"{arg}: every width must grow by an even number (new units come in pairs), "
+                         f"got odd increments (old, new) {odd}")
+    return model_to, old, new
+
+
+def _pad(x: np.ndarray, shape, fill=0.0) -> np.ndarray:
+    """``x`` in the leading corner of an array of ``shape`` filled with ``fill``."""
+    out = np.full(shape, fill, dtype=x.dtype)
+    out[tuple(slice(0, s) for s in x.shape)] = x
+    return out
+
+
+def _old_region(old_shape, new_shape) -> np.ndarray:
+    return _pad(np.ones(old_shape, bool), new_shape, False)
+
+
+def _grow_kernel(w, n_i, m_i, n_o, m_o, c, draw):
+    """The paired kernel of the module doc (``w``: ``(..., n_i, n_o)``)."""
+    hi, ho = (m_i - n_i) // 2, (m_o - n_o) // 2
+    g = draw(w.shape[:-2] + (m_i, m_o))
+    out = np.zeros(w.shape[:-2] + (m_i, m_o), w.dtype)
+    out[..., :n_i, :n_o] = c * w
+    v, z, u = g[..., :n_i, n_o:n_o + ho], g[..., n_i:n_i + hi, :n_o], g[..., n_i:n_i + hi, n_o:n_o + ho]
+    out[..., :n_i, n_o:n_o + ho] = out[..., :n_i, n_o + ho:] = v
+    out[..., n_i:n_i + hi, :n_o], out[..., n_i + hi:, :n_o] = z, -z
+    out[..., n_i:n_i + hi, n_o:n_o + ho] = out[..., n_i:n_i + hi, n_o + ho:] = u
+    out[..., n_i + hi:, n_o:n_o + ho] = out[..., n_i + hi:, n_o + ho:] = -u
+    return out
+
+
+def _std(rule: str, w: np.ndarray, c: float, fan_in: int) -> float:
+    if rule == "he":
+        return float(np.sqrt(2.0 / fan_in))
+    if rule == "mup":
+        return 1.0 / fan_in
+    return float(np.std(c * w))
+
+
+def _grow_params(params, batch_stats, spec, old, new, key, vt, new_init):
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    stats = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(batch_stats or {}).items()}
+    out, out_stats, covered = {}, {}, set()
+    for idx, layer in enumerate(spec):
+        kpath = tuple(layer.kernel) + ("kernel",)
+        if kpath not in flat:
+            raise ValueError(f"model_from's growth_spec names {'/'.join(kpath)}, which state.params "
+                             f"does not hold (is state from model_from?)")
+        w = flat[kpath]
+        n_i = m_i = w.shape[-2]
+        n_o = m_o = w.shape[-1]
+        if layer.in_group is not None:
+            n_i, m_i = old[layer.in_group], new[layer.in_group]
+        if layer.out_group is not None:
+            n_o, m_o = old[layer.out_group], new[layer.out_group]
+        if w.shape[-2:] != (n_i, n_o):
+            raise ValueError(f"state.params {'/'.join(kpath)} has shape {w.shape}, but model_from's "
+                             f"widths give (..., {n_i}, {n_o}) (is state from model_from?)")
+        c = vt_factor(n_i, m_i, vt) if layer.in_group is not None else 1.0
+        std = _std(new_init, w, c, int(np.prod(w.shape[:-2], dtype=np.int64)) * m_i)
+        layer_key = jax.random.fold_in(key, idx)
+
+        def draw(shape, k=layer_key, s=std, dtype=w.dtype):
+            return (np.asarray(jax.random.normal(k, shape, np.float32)) * s).astype(dtype)
+
+        out[kpath] = _grow_kernel(w, n_i, m_i, n_o, m_o, c, draw)
+        covered.add(kpath)
+        bpath = tuple(layer.kernel) + ("bias",)
+        if bpath in flat:
+            out[bpath] = _pad(c * flat[bpath], (m_o,)).astype(flat[bpath].dtype)
+            covered.add(bpath)
+        if layer.norm is not None:
+            norm = tuple(layer.norm)
+            for name, fill in (("scale", 1.0), ("bias", 0.0)):
+                p = norm + (name,)
+                if p in flat:
+                    out[p] = _pad(flat[p], (m_o,), fill)
+                    covered.add(p)
+            for name, fill, f in (("mean", 0.0, c), ("var", 1.0, c * c)):
+                p = norm + (name,)
+                if p in stats:
+                    out_stats[p] = _pad((f * stats[p]).astype(stats[p].dtype), (m_o,), fill)
+    missed = sorted("/".join(k) for k in set(flat) - covered)
+    if missed:
+        raise ValueError(f"model_from's growth_spec does not cover the parameters {missed}")
+    missed = sorted("/".join(k) for k in set(stats) - set(out_stats))
+    if missed:
+        raise ValueError(f"model_from's growth_spec does not cover the batch statistics {missed}")
+    unflat = traverse_util.unflatten_dict
+    return unflat(out), (unflat(out_stats) if out_stats else batch_stats)
+
+
+def _is_adam(x) -> bool:
+    return hasattr(x, "_fields") and "mu" in x._fields and "nu" in x._fields
+
+
+def _grow_opt_state(opt_state, tx, params, grown, new_moments):
+    """Grow every parameter-shaped subtree of ``opt_state`` to the shapes of ``grown``."""
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise TypeError(f"tx must be the optax.GradientTransformation that made state.opt_state, got "
+                        f"{type(tx).__name__}")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params)
+    wanted = jax.eval_shape(tx.init, abstract)
+    if jax.tree.structure(wanted) != jax.tree.structure(opt_state) or any(
+            np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(opt_state), jax.tree.leaves(wanted))):
+        raise ValueError("state.opt_state does not match tx.init(state.params): pass the optimizer "
+                         "that made it as tx")
+    found = []
+
+    def count(x, *_):
+        found.append(1)
+        return x
+    optax.tree_map_params(tx, count, opt_state)
+    if not found:
+        raise ValueError("tx: state.opt_state holds no parameter-shaped moments to grow (e.g. plain "
+                         "SGD without momentum); grow with tx=None and opt_state=None, or use a "
+                         "fresh optimizer state (Phase(optimizer_state='fresh'))")
+    out = optax.tree_map_params(
+        tx, lambda x, g: _pad(np.asarray(x), np.shape(g)).astype(np.asarray(x).dtype),
+        jax.tree.map(np.asarray, opt_state), grown, transform_non_params=lambda x: x)
+
+    def fix(old, new):
+        if isinstance(old, BirthState):
+            stage = np.asarray(old.stage) + 1
+            birth = jax.tree.map(lambda b, g: _pad(np.asarray(b), np.shape(g), stage).astype(np.int32),
+                                 old.birth, grown)
+            scale = jax.tree.map(lambda s, g: _pad(np.asarray(s, np.float32), np.shape(g), 1.0),
+                                 old.scale, grown)
+            return BirthState(stage.astype(np.int32), np.ones((), np.bool_), birth, scale)
+        if _is_adam(old) and new_moments == "warm":
+            seeded = {}
+            for field in ("nu", "nu_max"):
+                if field in old._fields:
+                    seeded[field] = jax.tree.map(_seed, getattr(old, field), getattr(new, field))
+            return new._replace(**seeded)
+        return new
+
+    return jax.tree.map(fix, opt_state, out, is_leaf=lambda x: isinstance(x, BirthState) or _is_adam(x))
+
+
+def _seed(old, new):
+    """New entries of a second moment set to the mean of the leaf's old entries."""
+    old, new = np.asarray(old), np.array(new)
+    if old.size:
+        new[~_old_region(old.shape, new.shape)] = old.mean()
+    return new
+
+
+def grow(state: TrainState, model_from, model_to, key, *, tx: optax.GradientTransformation | None = None,
+         vt: str = "sqrt", new_init: str = "he", new_moments: str = "warm") -> TrainState:
+    """Grow a whole TrainState from ``model_from``'s widths to ``model_to``'s (see the module doc).
+
+    Pure and host-side (NumPy; run it between jitted phases, e.g. in a Phase's ``enter``): the same
+    inputs give the same state, so a resumed run replays it.
+
+    Args:
+      state: a state of ``model_from`` (params, batch_stats, opt_state; ``step`` and ``key`` kept).
+      model_from: a growable model (``pae.models.growable``) at the state's widths.
+      model_to: the same model at the new widths, or a mapping ``{group: new width}``.
+      key: PRNG key of the new weights.
+      tx: the optimizer that made ``state.opt_state`` (any ``steps_per_epoch`` gives the same
+        structure); required unless ``state.opt_state`` is None.
+      vt: variance-transfer rule, ``"sqrt"`` (default), ``"linear"`` or ``"none"``.
+      new_init: std of new weights, ``"he"`` (default), ``"mup"`` or ``"empirical"``.
+      new_moments: Adam-family ``nu`` of new entries, ``"warm"`` (default) or ``"zeros"``.
+
+    Returns the grown state (host NumPy leaves) for ``model_to``.
+
+    Reference: Yuan, Savarese, Maire, "Accelerated Training via Incrementally Growing Neural Networks
+    using Variance Transfer and Learning Rate Adaptation", arXiv 2306.12700 (NeurIPS 2023).
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a pae.train.TrainState, got {type(state).__name__}")
+    for name, value, allowed in (("vt", vt, VT_RULES), ("new_init", new_init, NEW_INITS),
+                                 ("new_moments", new_moments, NEW_MOMENTS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    _, old, new = resolve_widths(model_from, model_to)
+    spec = model_from.growth_spec()
+    params = jax.tree.map(np.asarray, state.params)   # a tracer fails here (the engine replays on zeros)
+    grown, batch_stats = _grow_params(params, state.batch_stats, spec, old, new, key, vt, new_init)
+    opt_state = state.opt_state
+    if opt_state is not None:
+        if tx is None:
+            raise ValueError("tx is required to grow state.opt_state: pass the optimizer that made it "
+                             "(or set opt_state=None to start a fresh one)")
+        opt_state = _grow_opt_state(opt_state, tx, params, grown, new_moments)
+    return state.replace(params=grown, batch_stats=batch_stats, opt_state=opt_state)
+
+
+__all__ = ["NEW_INITS", "NEW_MOMENTS", "VT_RULES", "grow", "resolve_widths", "vt_factor"]
