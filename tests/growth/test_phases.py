@@ -1,0 +1,109 @@
+"""vt_phases on the engine: stages grow the state, resume mid-growth equals an uninterrupted run, a
+tiny run learns."""
+import jax
+import numpy as np
+import optax
+import pytest
+
+from pae import growth
+from pae.models.growable import GrowableVGG
+from pae.train import Phase, init_state, make_task, train_phases
+
+MODEL = GrowableVGG((8, "M", 16), 3)
+CFG = growth.VTConfig(growth_steps=2, first_epochs=1, epoch_schedule="fixed", total_epochs=4)
+
+
+def _data(seed=0):
+    """The class is the channel with the largest mean intensity (learnable by a tiny conv net)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(160, 8, 8, 3)).astype(np.float32)
+    y = x.mean(axis=(1, 2)).argmax(-1).astype(np.int32)
+    x += 0.5 * np.eye(3, dtype=np.float32)[y][:, None, None, :]
+    return {"train": (x[:112], y[:112]), "test": (x[112:], y[112:])}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(MODEL, _data())
+
+
+def _adam(spe):
+    return optax.adam(1e-2)
+
+
+def _run(task, **kw):
+    phases = growth.vt_phases(CFG, MODEL, _adam)
+    return train_phases(task, phases, init_state(phases[0].model, task.example, 0), batch_size=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def whole(task):
+    return _run(task)
+
+
+def test_stages_grow_to_the_full_widths_and_learn(whole):
+    assert [r["phase"] for r in whole.history] == ["stage0", "stage1", "stage2", "stage2"]
+    assert [r["stage"] for r in whole.history] == [0, 1, 2, 2]
+    params = [r["params"] for r in whole.history]
+    assert params[0] < params[1] < params[2]
+    assert whole.state.params["conv1"]["kernel"].shape == (3, 3, 8, 16)
+    birth = whole.state.opt_state[1]
+    assert int(birth.stage) == 2
+    assert set(np.unique(np.asarray(birth.birth["conv1"]["kernel"]))) == {0, 1, 2}
+    assert whole.history[-1]["test_acc"] > 0.7            # chance: 1/3
+    assert whole.history[-1]["train_loss"] < whole.history[0]["train_loss"]
+
+
+def test_phases_are_stages_of_the_schedule():
+    phases = growth.vt_phases(CFG, MODEL, _adam)
+    assert [p.model.groups() for p in phases] == [{"conv0": 2, "conv1": 4}, {"conv0": 4, "conv1": 6},
+                                                  {"conv0": 8, "conv1": 16}]
+    assert [p.epochs for p in phases] == [1, 1, 2]
+    assert phases[0].enter is None and phases[0].optimizer_state == "fresh"
+    assert all(p.optimizer_state == "keep" and p.enter is not None for p in phases[1:])
+
+
+def test_a_stage_entered_by_growth_preserves_the_function_of_the_previous_stage(task):
+    """With vt='none' the first step of stage 1 sees the function stage 0 ended with."""
+    cfg = growth.VTConfig(growth_steps=2, first_epochs=1, epoch_schedule="fixed", vt="none")
+    phases = growth.vt_phases(cfg, MODEL, _adam)
+    state0 = train_phases(task, phases[:1], init_state(phases[0].model, task.example, 0),
+                          batch_size=32).state
+    grown = phases[1].enter(jax.device_get(state0), {})
+    x = _data()["test"][0]
+    before = phases[0].model.apply({"params": state0.params, "batch_stats": state0.batch_stats}, x)
+    after = phases[1].model.apply({"params": grown.params, "batch_stats": grown.batch_stats}, x)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_resume_mid_growth_equals_an_uninterrupted_run(task, whole, tmp_path, stop_after):
+    # 1: at the first growth transition; 3: inside the last (grown twice) stage
+    def stop(row, state):
+        if row["epoch"] == stop_after:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(task, checkpoint_dir=tmp_path, callbacks=[stop])
+    lines = []
+    resumed = _run(task, checkpoint_dir=tmp_path, log=lines.append)
+    assert lines[0].startswith(f"resumed from {tmp_path} step {stop_after}")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state), jax.device_get(whole.state))
+    drop = lambda h: [{k: v for k, v in r.items() if k != "epoch_time"} for r in h]  # noqa: E731
+    assert drop(resumed.history) == drop(whole.history)
+
+
+def test_bad_config_fails_clearly():
+    with pytest.raises(ValueError, match="VTConfig.vt must be one of"):
+        growth.VTConfig(vt="cubic")
+    with pytest.raises(ValueError, match="VTConfig.growth_steps must be <= 15"):
+        growth.VTConfig(growth_steps=20)
+    with pytest.raises(TypeError, match="model_from must be a growable model"):
+        growth.vt_phases(CFG, object(), _adam)
+    with pytest.raises(TypeError, match="cfg must be a VTConfig"):
+        growth.vt_phases({}, MODEL, _adam)
+    assert isinstance(growth.vt_phases(CFG, MODEL, _adam)[0], Phase)
