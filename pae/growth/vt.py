@@ -44,7 +44,8 @@ zero (GradMax's zero-padded slots). For Adam-family states (a state with ``mu`` 
 leaf's old ``nu``: with zero ``nu`` and Adam's global step count ``n``, a new entry's first step is
 ``(1 - b1) / sqrt(1 - b2) * sqrt(1 - b2^n) / (1 - b1^n)`` times the learning rate (about 2.5x at
 ``n = 1000`` with 0.9/0.999, up to 6.5x); with the seeded ``nu`` it is at most about
-``(1 - b1) * |g| / sqrt(nu_old)``, a normal-sized step ramping up with the momentum.
+``(1 - b1) * |g| / sqrt(nu_old)``, a normal-sized step ramping up with the momentum (AvaGrad's
+``sqrt_nu`` gets the root mean square of the old entries; AMSGrad/AMSBound's ``nu_max`` the mean).
 ``new_moments="zeros"``: plain zero padding. A :class:`~pae.growth.lra.BirthState` (from
 :func:`~pae.growth.lra.scale_by_birth_stage`) gets the new stage on the new elements, ``stage + 1``,
 and its scales marked stale (recomputed at the next update).
@@ -204,8 +205,14 @@ def _grow_params(params, batch_stats, spec, old, new, key, vt, new_init):
     return unflat(out), (unflat(out_stats) if out_stats else batch_stats)
 
 
+_SECOND_MOMENTS = ("nu", "nu_max", "sqrt_nu")
+
+
 def _is_adam(x) -> bool:
-    return hasattr(x, "_fields") and "mu" in x._fields and "nu" in x._fields
+    """An Adam-family state: a NamedTuple with ``mu`` and a second moment (``nu``; AvaGrad's
+    ``sqrt_nu``)."""
+    fields = getattr(x, "_fields", ())
+    return "mu" in fields and any(f in fields for f in ("nu", "sqrt_nu"))
 
 
 def _grow_opt_state(opt_state, tx, params, grown, new_moments):
@@ -243,9 +250,10 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
             return BirthState(stage.astype(np.int32), np.ones((), np.bool_), birth, scale)
         if _is_adam(old) and new_moments == "warm":
             seeded = {}
-            for field in ("nu", "nu_max"):
+            for field in _SECOND_MOMENTS:
                 if field in old._fields:
-                    seeded[field] = jax.tree.map(_seed, getattr(old, field), getattr(new, field))
+                    seed = _seed_sqrt if field == "sqrt_nu" else _seed
+                    seeded[field] = jax.tree.map(seed, getattr(old, field), getattr(new, field))
             return new._replace(**seeded)
         return new
 
@@ -258,6 +266,11 @@ def _seed(old, new):
     if old.size:
         new[~_old_region(old.shape, new.shape)] = old.mean()
     return new
+
+
+def _seed_sqrt(old, new):
+    """As :func:`_seed` for a stored square root: new entries ``sqrt(mean(old ** 2))``."""
+    return np.sqrt(_seed(np.square(np.asarray(old)), np.square(np.asarray(new)))).astype(np.asarray(new).dtype)
 
 
 def grow(state: TrainState, model_from, model_to, key, *, tx: optax.GradientTransformation | None = None,

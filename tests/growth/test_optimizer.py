@@ -8,6 +8,7 @@ import pytest
 from flax import traverse_util
 
 from pae import growth
+from pae import optim as pae_optim
 from pae.models.growable import GrowableVGG
 
 VGG = GrowableVGG((4, "M", 6, 8, "M"), 5)
@@ -176,3 +177,25 @@ def test_bad_lra_options_fail_clearly():
     p = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match="needs params"):
         lra.update(p, lra.init(p))
+
+
+@pytest.mark.parametrize("make,field", [(lambda: optax.amsgrad(1e-3), "nu_max"),
+                                        (lambda: pae_optim.avagrad(1e-3), "sqrt_nu"),
+                                        (lambda: pae_optim.amsbound(1e-3), "nu_max")])
+def test_other_adam_family_second_moments_are_seeded(make, field, images, g):
+    tx = make()
+    state = _steps(tx, g.perturbed_state(VGG, images), 2)
+    grown = growth.grow(state, VGG, VGG_TO, jax.random.PRNGKey(0), tx=tx)
+    found = []
+
+    def check(old, new):
+        if hasattr(old, "_fields") and field in old._fields:
+            for a, b in _pairs(getattr(old, field), getattr(new, field)):
+                a, b = np.asarray(a), np.asarray(b)
+                want = np.sqrt((a ** 2).mean()) if field == "sqrt_nu" else a.mean()
+                np.testing.assert_allclose(b[~_old(a, b)], want, rtol=1e-5)
+                np.testing.assert_array_equal(b[_old(a, b)], a.ravel())
+                found.append(1)
+        return old
+    jax.tree.map(check, state.opt_state, grown.opt_state, is_leaf=lambda x: hasattr(x, "_fields"))
+    assert len(found) == len(jax.tree.leaves(state.params))
