@@ -3,9 +3,10 @@
 Widths: start at ``start_fraction`` (1/4) of the final width, then
 ``C_t = min(C_final, C_{t-1} + max(2, round_even(p * C_{t-1})))`` with ``p = 0.2`` for ``steps = 8``
 growth steps (9 width stages); ``round_even(x) = 2 * round(x / 2)`` because new units come in pairs.
-Two details are pae's choice (the sources leave them open): the increment is at least one pair (a
+Three details are pae's choice (the sources leave them open): the increment is at least one pair (a
 4-channel start would otherwise never grow), and the last growth step lands on the final width (the
-last stage always trains the full network). Example, a 64-channel stage:
+last stage always trains the full network), and the start width keeps the final width's parity
+(the nearest such integer to ``start_fraction * C_final``). Example, a 64-channel stage:
 16, 20, 24, 28, 34, 40, 48, 58, 64.
 
 Stage durations: ``"exponential"``: ``T_t = T_{t-1} + round(p_T * T_{t-1})`` from ``T_0`` (the
@@ -30,8 +31,8 @@ def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, gr
                    steps: int = 8) -> list[dict[str, int]]:
     """The widths of each of the ``steps + 1`` stages, per group (see the module doc).
 
-    The start width ``round(start_fraction * C_final)`` must be >= 1 and have the parity of
-    ``C_final`` (every increment is even); otherwise a ValueError names the group.
+    The start width is the integer nearest ``start_fraction * C_final`` with the parity of
+    ``C_final`` (every increment is even; at least 1): 64 -> 16, 12 -> 4, 20 -> 4.
     """
     if not 0 < start_fraction <= 1:
         raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction!r}")
@@ -41,11 +42,11 @@ def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, gr
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     per_group = {}
     for g, c_final in final.items():
-        c = int(round(start_fraction * c_final))
-        if c < 1 or (c_final - c) % 2:
-            raise ValueError(f"final width {c_final} of group {g!r}: the start width {c} "
-                             f"(start_fraction={start_fraction}) must be >= 1 and differ from it by "
-                             f"an even number (new units come in pairs)")
+        if isinstance(c_final, bool) or not isinstance(c_final, (int, np.integer)) or c_final < 1:
+            raise ValueError(f"final: the width of group {g!r} must be an int >= 1, got {c_final!r}")
+        c = int(c_final - round_even(c_final - start_fraction * c_final))
+        if c < 1:
+            c = 2 - c_final % 2
         widths = [c]
         for t in range(1, steps + 1):
             c = c_final if t == steps else min(c_final, c + max(2, round_even(growth * c)))

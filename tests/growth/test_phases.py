@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from pae import growth
-from pae.models.growable import GrowableVGG
+from pae.models.growable import GrowableResNet, GrowableVGG
 from pae.train import Phase, init_state, make_task, train_phases
 
 MODEL = GrowableVGG((8, "M", 16), 3)
@@ -107,3 +107,19 @@ def test_bad_config_fails_clearly():
     with pytest.raises(TypeError, match="cfg must be a VTConfig"):
         growth.vt_phases({}, MODEL, _adam)
     assert isinstance(growth.vt_phases(CFG, MODEL, _adam)[0], Phase)
+
+
+def test_a_resnet_grows_through_the_engine_with_every_option_changed(task):
+    """The residual stream, the 1x1 shortcuts and the linear rule / global per-step LRA / zero moments
+    / muP-style new weights run through jitted steps; the grown stage still learns."""
+    model = GrowableResNet(8, 3, (8, 8, 12))
+    cfg = growth.VTConfig(growth_steps=1, first_epochs=2, epoch_schedule="fixed", vt="linear",
+                          new_init="mup", new_moments="zeros", lra_norms="global",
+                          lra_recompute="step", lra_leaves="all")
+    phases = growth.vt_phases(cfg, model, lambda spe: optax.sgd(0.05, 0.9))
+    res = train_phases(task, phases, init_state(phases[0].model, task.example, 0), batch_size=32)
+    assert res.state.params["s2b0"]["shortcut"]["kernel"].shape == (1, 1, 8, 12)
+    assert [r["stage"] for r in res.history] == [0, 0, 1, 1]
+    scale = np.asarray(res.state.opt_state[1].scale["s1b0"]["conv1"]["kernel"])
+    assert len(np.unique(np.round(scale, 5))) == 2            # stage 0 (1) and stage 1 (global ratio)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]

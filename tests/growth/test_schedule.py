@@ -13,6 +13,8 @@ def test_width_schedule_quarter_width_plus_20_percent_rounded_to_even():
     for prev, nxt in zip(ws, ws[1:]):
         assert all((nxt[g] - prev[g]) % 2 == 0 and nxt[g] >= prev[g] for g in prev)
     assert growth.width_schedule({"a": 64}, steps=2) == [{"a": 16}, {"a": 20}, {"a": 64}]
+    # the start keeps the final parity: 12/4 = 3 -> 4, 20/4 = 5 -> 4, 3/4 -> 1
+    assert [growth.width_schedule({"a": n}, steps=1)[0]["a"] for n in (12, 20, 3, 2)] == [4, 4, 1, 2]
     assert growth.round_even(4.8) == 4 and growth.round_even(5.6) == 6 and growth.round_even(3.2) == 4
 
 
@@ -24,8 +26,8 @@ def test_stage_epochs_exponential_fixed_and_total():
 
 
 def test_bad_schedules_fail_clearly():
-    with pytest.raises(ValueError, match="group 'a'.*even"):
-        growth.width_schedule({"a": 20})          # start 5: 20 - 5 is odd
+    with pytest.raises(ValueError, match="width of group 'a' must be an int >= 1"):
+        growth.width_schedule({"a": 0})
     with pytest.raises(ValueError, match="start_fraction"):
         growth.width_schedule({"a": 64}, start_fraction=0)
     with pytest.raises(ValueError, match="total=50 epochs leave nothing"):
