@@ -28,10 +28,11 @@ running variance ``* c**2`` on the old channels. The function then
 * stays preserved behind normalization: a conv followed by BatchNorm is scale invariant in train
   mode and, with the rescaled running statistics, in eval mode, up to BatchNorm's epsilon
   (``(c x - c mu) / sqrt(c^2 var + eps)`` vs ``(x - mu) / sqrt(var + eps)``);
-* changes where no normalization follows a rescaled layer: the classifier's logits become
-  ``c * logits`` plus nothing else in a VGG (a temperature: the argmax is kept), and in the ResNet
-  the 1x1 shortcut convs (no BN) add ``c * shortcut(x)`` to the residual sum, which changes the
-  features after them.
+* changes where no normalization follows a rescaled layer: in a VGG only the classifier, whose
+  logits become exactly ``c * logits`` (a temperature: the argmax is kept; up to BN's epsilon
+  upstream); in the ResNet also the 1x1 shortcut convs (no BN), which add ``c * shortcut(x)`` to
+  the residual sum of the first block of stages 2 and 3 and so change every feature after it.
+  (The stem's fan-in, the image channels, never grows: it is never rescaled.)
 
 New weights ``V, Z, U`` are drawn i.i.d. with ``new_init``: ``"he"`` (default) ``N(0, 2 / fan_in')``
 with the new fan-in ``fan_in' = receptive field * m_i`` (the growable models' own init, so new
