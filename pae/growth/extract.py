@@ -1,0 +1,155 @@
+"""Extraction: the gated net's active channels and blocks as a smaller dense net (arXiv 2007.15353).
+
+Every kept layer's kernel is sliced to the kept output channels of its group *and* the kept input
+channels of the group it reads; biases, BatchNorm scale/bias and running mean/var are sliced with
+their channels; gated-off blocks are dropped (they are their identity shortcut). In evaluation mode
+the extracted net's logits equal the gated net's (``finalize``/``ctx.train=False``) up to float
+summation order. A group with no active channel keeps one channel with its output multiplied by 0
+(BatchNorm scale and bias, or kernel and bias), so every layer keeps a positive width and the
+function is unchanged; the cost accounting counts such a group as empty.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+from flax import traverse_util
+
+from pae.growth import structured as ps
+from pae.models.slim import SlimResNet, SlimVGG
+from pae.models.vgg import CONFIGS as VGG_CONFIGS, VGG
+
+
+class Extracted(NamedTuple):
+    """``model``: the slim net (:class:`~pae.models.slim.SlimResNet` / ``SlimVGG``); ``variables``:
+    its ``{"params", "batch_stats"}``; ``kept``: ``{group: kept channel indices}`` (into the gated
+    net's channels); ``blocks``: the kept gated blocks."""
+
+    model: Any
+    variables: dict
+    kept: dict
+    blocks: tuple
+
+
+def _np(tree):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def channel_sets(spec: ps.GateSpec, channel_masks: Mapping[str, Any],
+                 block_masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{group: bool mask}`` from per-layer output masks, checking that every layer writing a group
+    (a residual stream: stem, conv2s of active blocks, shortcut) writes the same channel set.
+
+    ``channel_masks``: ``{layer path: bool[out]}`` (layers not named keep every channel).
+    ValueError naming the group and the disagreeing layers otherwise.
+    """
+    layer_paths = {layer.path for layer in spec.layers}
+    unknown = sorted(set(channel_masks) - layer_paths)
+    if unknown:
+        raise ValueError(f"channel_masks names unknown layer(s) {unknown}; layers: {sorted(layer_paths)}")
+    out = {}
+    for group, size in spec.groups:
+        sets = []
+        for layer in spec.writers(group):
+            if layer.block is not None and not bool(block_masks.get(layer.block, True)):
+                continue
+            m = np.asarray(channel_masks.get(layer.path, np.ones(size, bool))).astype(bool)
+            if m.shape != (size,):
+                raise ValueError(f"channel mask of {layer.path!r} has shape {m.shape}, expected ({size},)")
+            sets.append((layer.path, m))
+        if not sets:
+            out[group] = np.ones(size, bool)
+            continue
+        first_path, first = sets[0]
+        for path, m in sets[1:]:
+            if not np.array_equal(m, first):
+                raise ValueError(
+                    f"inconsistent residual channel sets in group {group!r}: {first_path!r} keeps "
+                    f"channels {np.flatnonzero(first).tolist()} but {path!r} keeps "
+                    f"{np.flatnonzero(m).tolist()}; every layer adding into one residual stream must "
+                    f"keep the same channels (tie their masks, as structured_sparsification does)")
+        out[group] = first
+    return out
+
+
+def _resnet_blocks(model):
+    return ps._resnet_blocks(model)
+
+
+def extract_masked(spec: ps.GateSpec, params: Any, batch_stats: Any, channel_masks: Mapping[str, Any],
+                   block_masks: Mapping[str, Any] | None = None) -> Extracted:
+    """Extract the net that keeps the channels of ``channel_masks`` (per layer, see
+    :func:`channel_sets`) and the gated blocks whose ``block_masks`` entry is true (default all).
+    ``params``/``batch_stats`` are the plain (ungated) model's."""
+    block_masks = dict(block_masks or {})
+    unknown = sorted(set(block_masks) - {b.name for b in spec.blocks})
+    if unknown:
+        raise ValueError(f"block_masks names unknown block(s) {unknown}; gated blocks: "
+                         f"{[b.name for b in spec.blocks]}")
+    sets = channel_sets(spec, channel_masks, block_masks)
+    kept = {g: np.flatnonzero(m) if m.any() else np.zeros(1, np.int64) for g, m in sets.items()}
+    empty = {g for g, m in sets.items() if not m.any()}
+    flat_p, flat_s = _np(params), _np(batch_stats or {})
+    new_p, new_s = {}, {}
+
+    def take(flat, new, module, leaf, index, axis=-1, zero=False):
+        key = tuple(module.split("/")) + (leaf,)
+        if key not in flat:
+            return
+        value = np.take(flat[key], index, axis=axis) if index is not None else flat[key]
+        new[key] = value * 0 if zero else value
+
+    for layer in spec.layers:
+        if layer.block is not None and not bool(block_masks.get(layer.block, True)):
+            continue
+        idx_in = kept[layer.in_group] if layer.in_group else None
+        idx_out = kept[layer.out_group] if layer.out_group else None
+        zero = layer.out_group in empty
+        key = tuple(layer.path.split("/")) + ("kernel",)
+        kernel = flat_p[key]
+        if idx_in is not None:
+            kernel = np.take(kernel, idx_in, axis=-2)
+        if idx_out is not None:
+            kernel = np.take(kernel, idx_out, axis=-1)
+        new_p[key] = kernel * 0 if zero and layer.norm is None else kernel
+        take(flat_p, new_p, layer.path, "bias", idx_out, zero=zero and layer.norm is None)
+        if layer.norm is not None:
+            for leaf in ("scale", "bias"):
+                take(flat_p, new_p, layer.norm, leaf, idx_out, zero=zero)
+            for leaf in ("mean", "var"):
+                take(flat_s, new_s, layer.norm, leaf, idx_out)
+    model = spec.model
+    if spec.kind == "resnet":
+        streams = tuple(len(kept[f"stream{s}"]) for s in range(3))
+        blocks = tuple((index, stage, len(kept[f"BasicBlock_{index}/Conv_0"]))
+                       for index, stage, _ in _resnet_blocks(model)
+                       if bool(block_masks.get(f"BasicBlock_{index}", True)))
+        slim = SlimResNet(streams, blocks, model.num_classes)
+    else:
+        config = VGG_CONFIGS[model.depth] if isinstance(model, VGG) else model.config
+        widths, i = [], 0
+        for item in config:
+            if item == "M":
+                widths.append("M")
+            else:
+                widths.append(len(kept[f"Conv_{i}"]))
+                i += 1
+        slim = SlimVGG(tuple(widths), model.num_classes)
+    variables = {"params": traverse_util.unflatten_dict(new_p)}
+    if new_s:
+        variables["batch_stats"] = traverse_util.unflatten_dict(new_s)
+    kept_blocks = tuple(b.name for b in spec.blocks if bool(block_masks.get(b.name, True)))
+    return Extracted(slim, variables, {g: kept[g] for g in kept if g not in empty}
+                     | {g: np.zeros(0, np.int64) for g in empty}, kept_blocks)
+
+
+def extract(spec: ps.GateSpec, latent: ps.Gated, batch_stats: Any) -> Extracted:
+    """Extract the architecture of a :class:`~pae.growth.structured.Gated` latent: channels and
+    blocks with ``s > 0``. Its logits equal ``spec.model`` on ``finalize(latent)`` in evaluation."""
+    if not isinstance(latent, ps.Gated):
+        raise TypeError(f"latent must be a pae.growth.structured.Gated (the search state's params), "
+                        f"got {type(latent).__name__}")
+    ch = {g: np.asarray(s) > 0 for g, s in latent.logits["channels"].items()}
+    bl = {b: bool(np.asarray(s) > 0) for b, s in latent.logits["blocks"].items()}
+    masks = {layer.path: ch[layer.out_group] for layer in spec.layers if layer.out_group in ch}
+    return extract_masked(spec, latent.weights, batch_stats, masks, bl)

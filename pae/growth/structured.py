@@ -1,0 +1,526 @@
+"""Growing networks by structured continuous sparsification (Yuan, Savarese & Maire, arXiv 2007.15353).
+
+Binary indicators switch output channels and residual blocks on and off. Each indicator has one mask
+logit ``s`` and is relaxed as in Continuous Sparsification (:mod:`pae.sparsity.cs`)::
+
+    p = sigmoid(beta * s)                       (beta annealed 1 -> beta_final per epoch, as in CS)
+    training:   q ~ Bernoulli(p), one draw per indicator per step (shared by the minibatch)
+    evaluation: q = 1[s > 0]                    (deterministic, strict >)
+
+Where a gate acts (the *gate algebra*):
+
+* a channel gate ``m_c`` of a layer followed by BatchNorm multiplies that BatchNorm's scale and bias
+  of channel ``c``, so the channel's output is exactly ``m_c * BN(conv(x))_c``, and the BatchNorm
+  statistics stay those of ``conv(x)`` whatever was sampled (multiplying the kernel slice as well
+  would make the output equal ``m * BN(conv x)`` only up to BatchNorm's ``eps`` and mix zeros into
+  the running variance on the steps where the channel is off). A layer with no BatchNorm after it
+  (a ResNet's 1x1 shortcut) has its kernel's output slice and bias multiplied instead;
+* a block gate ``g`` multiplies the residual branch: the scale and bias of the branch's last
+  BatchNorm, so the block computes ``relu(x + g * BN2(...))`` and, off, is its identity shortcut
+  (``x >= 0`` after the previous ReLU). Blocks with a 1x1 conv shortcut (the first of a
+  downsampling stage) carry no block gate: they are always on (their channels are gated).
+* a residual stream (the stem, every ``conv2`` and shortcut writing into one stage) shares ONE channel
+  gate vector (``stream<k>``), so every residual add sees the same channel set and extraction can
+  drop a stream channel everywhere at once. Internal block channels (``BasicBlock_<k>/Conv_0``) and
+  VGG layers (``Conv_<i>``) have one gate vector each.
+
+Gradient estimators (``estimator=``), both through ``sigmoid(beta * s)`` with the draw ``q`` held fixed:
+
+* ``"straight_through"`` (default): forward ``m = q`` exactly, backward ``dm/ds = d sigmoid(beta s)/ds``
+  (``m = q + (p - stop_gradient(p))``). Every indicator, sampled on or off, gets the gradient of
+  the loss with respect to its gate, so an off channel learns whether it should grow.
+* ``"scaled"``: ``m = q * p`` (the CS-consistent form ``q * sigmoid(beta*s)``); an indicator sampled
+  off gets no gradient that step. The gap to evaluation's ``1[s > 0]`` closes as beta grows.
+
+Budget-aware penalty (the form of CSQ's code; whether the paper uses exactly this is unverified)::
+
+    u_t      = C(1[s > 0]) / C(full)               measured utilization (FLOPs, or parameters)
+    lambda_t = stop_gradient(lambda_base * (u_t - budget))
+    penalty  = lambda_t * C(sigmoid(beta * s)) / C(full)
+
+``C`` is :func:`pae.growth.flops.cost`; at the probabilities it is the expected cost of the sampled
+net (the relaxed, FLOPs-weighted L1 penalty of the indicators). Below budget ``lambda_t < 0``
+rewards switching components on (growth from the seed), above it the penalty prunes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import zlib
+from typing import Any, Mapping, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from pae.core import Context, Transform, check_finite, latent_node, role_optimizer, select as pselect
+from pae.growth import flops as pflops
+from pae.models.resnet_cifar import CifarResNet
+from pae.models.slim import SlimResNet, SlimVGG
+from pae.models.vgg import CONFIGS as VGG_CONFIGS, VGG
+from pae.sparsity.cs import temperature_schedule
+from pae.train.engine import Phase
+
+ESTIMATORS = ("straight_through", "scaled")
+MEASURES = pflops.MEASURES
+SUPPORTED = "pae.models.CifarResNet (resnet20/32/56), pae.models.VGG (vgg11/16), SlimResNet, SlimVGG"
+
+
+# ----------------------------------------------------------------------------- structure
+
+class GatedLayer(NamedTuple):
+    """One conv or dense layer: its module ``path``, the channel groups of its input and output
+    (None: fixed, the image or the classes) and their full sizes, the BatchNorm module that follows
+    it (None: none), the block whose gate switches it off (None: outside gated blocks), ``taps``
+    (output positions x kernel taps), ``kernel_size`` (kernel taps) and whether it has a bias."""
+
+    path: str
+    in_group: str | None
+    out_group: str | None
+    in_size: int
+    out_size: int
+    norm: str | None
+    block: str | None
+    taps: int
+    kernel_size: int
+    bias: bool
+
+
+class BlockGate(NamedTuple):
+    """A gated residual block: its module path, its stage and the BatchNorm closing its branch."""
+
+    name: str
+    stage: int
+    branch_norm: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+    """The gate structure of a model: layers, channel groups ``(name, size)``, gated blocks, and per
+    stage the number of always-on (ungated) blocks. Build it with :func:`gate_spec`."""
+
+    model: Any
+    kind: str
+    layers: tuple[GatedLayer, ...]
+    groups: tuple[tuple[str, int], ...]
+    blocks: tuple[BlockGate, ...]
+    ungated_blocks: tuple[int, ...] = ()
+    #: the full model's channel index of each channel (``range(size)`` unless compacted); draws are
+    #: keyed by these ids, so a compacted net samples what the full one would on the same channels
+    ids: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def group_sizes(self) -> dict[str, int]:
+        return dict(self.groups)
+
+    def group_ids(self, name: str) -> tuple[int, ...]:
+        names = [g for g, _ in self.groups]
+        return self.ids[names.index(name)] if self.ids else tuple(range(self.group_sizes[name]))
+
+    def writers(self, group: str) -> list[GatedLayer]:
+        """The layers whose output channels are ``group``."""
+        return [layer for layer in self.layers if layer.out_group == group]
+
+
+def _shapes(model, example):
+    """Parameter shapes and per-module output shapes (``capture_intermediates``), abstractly."""
+    x = jnp.asarray(example)
+
+    def run():
+        variables = model.init(jax.random.PRNGKey(0), x)
+        _, inter = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        return variables, inter["intermediates"]
+
+    variables, inter = jax.eval_shape(run)
+    out = {"/".join(k[:-1]): v[0].shape for k, v in traverse_util.flatten_dict(inter).items()
+           if k[-1] == "__call__" and len(k) > 1}
+    return variables, out
+
+
+def _layer(params, outputs, path, in_group, out_group, norm, block) -> GatedLayer:
+    kernel = traverse_util.flatten_dict(params)
+    shape = kernel[tuple(path.split("/")) + ("kernel",)].shape
+    has_bias = tuple(path.split("/")) + ("bias",) in kernel
+    positions = int(np.prod(outputs[path][1:-1])) if len(outputs[path]) > 2 else 1
+    taps = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    return GatedLayer(path, in_group, out_group, int(shape[-2]), int(shape[-1]), norm, block,
+                      positions * taps, taps, has_bias)
+
+
+def _resnet_blocks(model):
+    if isinstance(model, CifarResNet):
+        if (model.depth - 2) % 6:
+            raise ValueError(f"CifarResNet depth must be 6n+2, got {model.depth}")
+        return SlimResNet.like(model).blocks
+    return model.blocks
+
+
+def gate_spec(model, example) -> GateSpec:
+    """The gate structure of ``model`` on inputs like ``example`` (one batch; for FLOPs).
+
+    ResNets (:class:`~pae.models.CifarResNet`, :class:`~pae.models.slim.SlimResNet`): groups
+    ``stream0..2`` (stem, every block's ``Conv_1`` and shortcut of a stage) and
+    ``BasicBlock_<k>/Conv_0`` (a block's inner channels); block gates on every block with an
+    identity shortcut. VGGs (:class:`~pae.models.VGG`, :class:`~pae.models.slim.SlimVGG`): one group
+    per conv, ``Conv_<i>``. The classifier's outputs are never gated. Other models: ValueError.
+    """
+    if isinstance(model, (CifarResNet, SlimResNet)):
+        variables, outputs = _shapes(model, example)
+        params = variables["params"]
+        layers = [_layer(params, outputs, "Conv_0", None, "stream0", "BatchNorm_0", None)]
+        blocks, ungated, previous = [], [0, 0, 0], 0
+        for index, stage, _ in _resnet_blocks(model):
+            name = f"BasicBlock_{index}"
+            has_shortcut = "shortcut" in params[name]
+            src, previous = f"stream{previous}", stage
+            gate = None if has_shortcut else name
+            if has_shortcut:
+                ungated[stage] += 1
+            else:
+                blocks.append(BlockGate(name, stage, f"{name}/BatchNorm_1"))
+            layers.append(_layer(params, outputs, f"{name}/Conv_0", src, f"{name}/Conv_0",
+                                 f"{name}/BatchNorm_0", gate))
+            layers.append(_layer(params, outputs, f"{name}/Conv_1", f"{name}/Conv_0", f"stream{stage}",
+                                 f"{name}/BatchNorm_1", gate))
+            if has_shortcut:
+                layers.append(_layer(params, outputs, f"{name}/shortcut", src, f"stream{stage}", None,
+                                     None))
+        layers.append(_layer(params, outputs, "Dense_0", "stream2", None, None, None))
+        kind = "resnet"
+    elif isinstance(model, (VGG, SlimVGG)):
+        config = VGG_CONFIGS.get(model.depth) if isinstance(model, VGG) else model.config
+        if config is None:
+            raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {model.depth}")
+        variables, outputs = _shapes(model, example)
+        params = variables["params"]
+        layers, previous = [], None
+        for i in range(sum(1 for item in config if item != "M")):
+            layers.append(_layer(params, outputs, f"Conv_{i}", previous, f"Conv_{i}", f"BatchNorm_{i}",
+                                 None))
+            previous = f"Conv_{i}"
+        layers.append(_layer(params, outputs, "Dense_0", previous, None, None, None))
+        blocks, ungated, kind = [], [], "vgg"
+    else:
+        raise ValueError(f"structured sparsification does not know the layout of "
+                         f"{type(model).__name__}; supported models: {SUPPORTED}")
+    groups = {}
+    for layer in layers:
+        if layer.out_group is not None:
+            groups.setdefault(layer.out_group, layer.out_size)
+    return GateSpec(model, kind, tuple(layers), tuple(groups.items()), tuple(blocks), tuple(ungated))
+
+
+# ----------------------------------------------------------------------------- latent
+
+@latent_node({"weights": "weights", "logits": "mask"})
+class Gated:
+    """The latent: the model's ``weights`` and the indicator logits ``{"channels": {group: f32[n]},
+    "blocks": {block: f32[]}}`` (role ``"mask"``)."""
+
+    weights: Any
+    logits: Any
+
+
+def _check_ctx(ctx) -> None:
+    for name in ("beta", "key", "train"):
+        if not hasattr(ctx, name):
+            raise TypeError(f"ctx must carry beta, key and train (build it with pae.Context.make(...)); "
+                            f"got {type(ctx).__name__} without {name!r}")
+
+
+def _stable(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def uniforms(spec: GateSpec, key) -> tuple[dict, dict]:
+    """The per-indicator uniforms of one step: channel ``c`` of group ``g`` uses
+    ``fold_in(fold_in(key, crc32(g)), id_c)``, block ``b`` ``fold_in(key, crc32(b))``; keyed by
+    names and original channel ids, so a compacted net draws what the full one draws for its
+    channels."""
+    channels = {}
+    for name, _ in spec.groups:
+        kg = jax.random.fold_in(key, _stable(name))
+        ids = jnp.asarray(spec.group_ids(name), jnp.uint32)
+        channels[name] = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(kg, i)))(ids)
+    blocks = {b.name: jax.random.uniform(jax.random.fold_in(key, _stable(b.name))) for b in spec.blocks}
+    return channels, blocks
+
+
+def gates(spec: GateSpec, logits: Mapping, ctx, estimator: str = "straight_through"
+          ) -> tuple[dict, dict]:
+    """``(channel gates, block gates)`` of one step (see the module doc): ``q ~ Bernoulli(sigmoid(
+    beta*s))`` with the chosen gradient estimator when ``ctx.train``, ``1[s > 0]`` otherwise."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _check_ctx(ctx)
+    beta = jnp.asarray(ctx.beta, jnp.float32)
+    u_channels, u_blocks = uniforms(spec, ctx.key)
+
+    def one(s, u):
+        s = jnp.asarray(s, jnp.float32)
+        p = jax.nn.sigmoid(beta * s)
+        q = (u < p).astype(jnp.float32)
+        m = q + (p - jax.lax.stop_gradient(p)) if estimator == "straight_through" else q * p
+        return jnp.where(ctx.train, m, (s > 0).astype(jnp.float32))
+
+    ch = {g: one(s, u_channels[g]) for g, s in logits["channels"].items()}
+    bl = {b: one(s, u_blocks[b]) for b, s in logits["blocks"].items()}
+    return ch, bl
+
+
+def hard_gates(logits: Mapping) -> tuple[dict, dict]:
+    """``1[s > 0]`` of every indicator: the architecture evaluation uses and extraction keeps."""
+    hard = lambda s: (jnp.asarray(s) > 0).astype(jnp.float32)  # noqa: E731
+    return ({g: hard(s) for g, s in logits["channels"].items()},
+            {b: hard(s) for b, s in logits["blocks"].items()})
+
+
+def probabilities(logits: Mapping, beta) -> tuple[dict, dict]:
+    """``sigmoid(beta * s)`` of every indicator (the sampling probabilities)."""
+    p = lambda s: jax.nn.sigmoid(jnp.asarray(beta, jnp.float32) * jnp.asarray(s, jnp.float32))  # noqa: E731
+    return ({g: p(s) for g, s in logits["channels"].items()},
+            {b: p(s) for b, s in logits["blocks"].items()})
+
+
+def gate_params(spec: GateSpec, params: Any, channel_gates: Mapping, block_gates: Mapping) -> Any:
+    """The model's parameters with the gates applied (the gate algebra of the module doc)."""
+    flat = traverse_util.flatten_dict(params)
+    mult: dict[tuple, Any] = {}
+
+    def scale(key, m):
+        if key not in flat:
+            raise ValueError(f"params have no leaf {'/'.join(key)!r}; the gate spec does not fit them")
+        mult[key] = mult[key] * m if key in mult else m
+
+    for layer in spec.layers:
+        if layer.out_group not in channel_gates:
+            continue
+        m = channel_gates[layer.out_group]
+        if layer.norm is not None:
+            for leaf in ("scale", "bias"):
+                scale(tuple(layer.norm.split("/")) + (leaf,), m)
+        else:
+            scale(tuple(layer.path.split("/")) + ("kernel",), m)
+            if layer.bias:
+                scale(tuple(layer.path.split("/")) + ("bias",), m)
+    for block in spec.blocks:
+        if block.name in block_gates:
+            for leaf in ("scale", "bias"):
+                scale(tuple(block.branch_norm.split("/")) + (leaf,), block_gates[block.name])
+    out = {k: (v * mult[k].astype(v.dtype) if k in mult else v) for k, v in flat.items()}
+    return traverse_util.unflatten_dict(out)
+
+
+def _check_unit(name: str, value, low_open: bool = True) -> float:
+    check_finite(name, value)
+    v = float(value)
+    if not (0 < v <= 1):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return v
+
+
+def seed_logits(spec: GateSpec, gated: set[str], gated_blocks: bool, seed_width: float = 0.25,
+                seed_blocks: int | None = 1, s_on: float = 1.0, s_off: float = -1.0) -> dict:
+    """Logits of the seed architecture: the first ``ceil(seed_width * n)`` channels of every gated
+    group at ``s_on`` (> 0), the rest at ``s_off`` (< 0); in each stage the first blocks at
+    ``s_on`` so that ``seed_blocks`` blocks are active counting the always-on downsampling block
+    (``None``: every block on), the rest at ``s_off``."""
+    seed_width = _check_unit("seed_width", seed_width)
+    check_finite("s_on", s_on)
+    check_finite("s_off", s_off)
+    if not (s_on > 0 > s_off):
+        raise ValueError(f"need s_on > 0 > s_off (on and off at the start), got s_on={s_on}, "
+                         f"s_off={s_off}")
+    if seed_blocks is not None and (isinstance(seed_blocks, bool) or not isinstance(
+            seed_blocks, numbers.Integral) or seed_blocks < 1):
+        raise ValueError(f"seed_blocks must be an int >= 1 or None, got {seed_blocks!r}")
+    channels = {}
+    for name, size in spec.groups:
+        if name in gated:
+            k = max(1, math.ceil(seed_width * size - 1e-9))
+            channels[name] = jnp.where(jnp.arange(size) < k, s_on, s_off).astype(jnp.float32)
+    blocks = {}
+    if gated_blocks:
+        seen: dict[int, int] = {}
+        for block in spec.blocks:
+            fixed = spec.ungated_blocks[block.stage] if spec.ungated_blocks else 0
+            rank = seen.get(block.stage, 0)
+            seen[block.stage] = rank + 1
+            on = seed_blocks is None or rank + fixed < seed_blocks
+            blocks[block.name] = jnp.asarray(s_on if on else s_off, jnp.float32)
+    return {"channels": channels, "blocks": blocks}
+
+
+def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: float = 1.0,
+                              utilization: str = "flops", estimator: str = "straight_through",
+                              channels: pselect.Selector | None = None, blocks: bool = True,
+                              seed_width: float = 0.25, seed_blocks: int | None = 1,
+                              s_on: float = 1.0, s_off: float = -1.0) -> Transform:
+    """The structured-sparsification transform (module doc; arXiv 2007.15353).
+
+    Args:
+      spec: :func:`gate_spec` of the model.
+      budget: target utilization in (0, 1] (fraction of the full net's FLOPs or parameters).
+      lmbda: ``lambda_base`` of the budget-aware penalty (>= 0).
+      utilization: ``"flops"`` (inference FLOPs fraction, default) or ``"params"``.
+      estimator: ``"straight_through"`` (default) or ``"scaled"``.
+      channels: selector over layer kernel paths (``"BasicBlock_1/Conv_0/kernel"``): a channel group
+        is gated when any layer writing it is selected (default every conv). ``blocks``: gate blocks.
+      seed_width, seed_blocks, s_on, s_off: the seed architecture (:func:`seed_logits`).
+
+    ``init(params, key)`` returns a :class:`Gated` latent; ``apply`` samples (``ctx.train``) or
+    thresholds the gates; ``finalize`` applies ``1[s > 0]``.
+    """
+    if not isinstance(spec, GateSpec):
+        raise TypeError(f"spec must be a GateSpec (pae.growth.structured.gate_spec(model, example)), "
+                        f"got {type(spec).__name__}")
+    budget = _check_unit("budget", budget)
+    check_finite("lmbda", lmbda)
+    if float(lmbda) < 0:
+        raise ValueError(f"lmbda must be >= 0, got {lmbda}")
+    if utilization not in MEASURES:
+        raise ValueError(f"utilization must be one of {MEASURES}, got {utilization!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    select = pselect.everything() if channels is None else channels
+    if not isinstance(select, pselect.Selector):
+        raise TypeError(f"channels must be a pae.select selector, got {type(select).__name__}")
+    gated = {layer.out_group for layer in spec.layers if layer.out_group is not None and select(
+        f"{layer.path}/kernel", jax.ShapeDtypeStruct((layer.in_size, layer.out_size), jnp.float32))}
+    if not gated and not (blocks and spec.blocks):
+        raise ValueError(f"no gateable layer selected: channels={select!r} matches no conv writing a "
+                         f"channel group ({[layer.path for layer in spec.layers if layer.out_group]}) "
+                         f"and blocks={blocks} with {len(spec.blocks)} gateable blocks")
+    seed = seed_logits(spec, gated, bool(blocks), seed_width, seed_blocks, s_on, s_off)
+    full = pflops.full_cost(spec, utilization)
+
+    def init(params, key):
+        del key
+        return Gated(params, jax.tree.map(jnp.asarray, seed))
+
+    def apply(latent, ctx):
+        ch, bl = gates(spec, latent.logits, ctx, estimator)
+        return gate_params(spec, latent.weights, ch, bl)
+
+    def penalty(latent, ctx):
+        _check_ctx(ctx)
+        used = pflops.cost(spec, *hard_gates(latent.logits), utilization) / full
+        lam = jax.lax.stop_gradient(jnp.float32(lmbda) * (used - jnp.float32(budget)))
+        return lam * pflops.cost(spec, *probabilities(latent.logits, ctx.beta), utilization) / full
+
+    def finalize(latent, ctx):
+        del ctx
+        return gate_params(spec, latent.weights, *hard_gates(latent.logits))
+
+    return Transform(init, apply, penalty, finalize)
+
+
+def structured_metrics(spec: GateSpec, budget: float = 0.5, lmbda: float = 1.0,
+                       utilization: str = "flops"):
+    """``(state, ctx) -> row``: ``flops`` and ``params`` (fractions of the full net's, hard gates),
+    ``train_flops`` (expected FLOPs fraction of the net sampled at ``ctx.beta``), ``channels``
+    (active gated channels), ``blocks`` (active gated blocks) and ``lambda`` (``lambda_t``)."""
+    full_f, full_p = pflops.full_cost(spec, "flops"), pflops.full_cost(spec, "params")
+
+    def metrics(state, ctx):
+        latent = state.params
+        ch, bl = hard_gates(latent.logits)
+        f = pflops.cost(spec, ch, bl, "flops") / full_f
+        p = pflops.cost(spec, ch, bl, "params") / full_p
+        used = f if utilization == "flops" else p
+        expected = pflops.cost(spec, *probabilities(latent.logits, ctx.beta), "flops") / full_f
+        count = sum((jnp.sum(v) for v in ch.values()), jnp.zeros((), jnp.float32))
+        nblocks = sum((v for v in bl.values()), jnp.zeros((), jnp.float32))
+        return {"flops": f, "params": p, "train_flops": expected, "channels": count,
+                "blocks": nblocks, "lambda": jnp.float32(lmbda) * (used - jnp.float32(budget))}
+
+    return metrics
+
+
+# ----------------------------------------------------------------------------- phases
+
+@dataclasses.dataclass(frozen=True)
+class StructuredConfig:
+    """Hyperparameters of the structured search (the choices where the paper is unverified are named).
+
+    Weights: coupled L2 (``weight_decay``) then Nesterov SGD; mask logits: SGD with ``mask_lr`` (no
+    decay); both decay by ``lr_decay`` at 56/85 and 71/85 of the epochs (the CS protocol). beta
+    follows :func:`pae.sparsity.cs.temperature_schedule` over the ``epochs``.
+    """
+
+    epochs: int = 160
+    lr: float = 0.1
+    mask_lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_decay: float = 0.1
+    beta_final: float = 200.0
+    budget: float = 0.5
+    lmbda: float = 1.0
+    utilization: str = "flops"
+    estimator: str = "straight_through"
+    seed_width: float = 0.25
+    seed_blocks: int | None = 1
+    s_on: float = 1.0
+    s_off: float = -1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, numbers.Integral) or self.epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
+        _check_unit("budget", self.budget)
+        for name in ("lr", "momentum", "weight_decay", "lmbda", "beta_final", "lr_decay"):
+            v = getattr(self, name)
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {v}")
+        if self.mask_lr is not None and (not np.isfinite(self.mask_lr) or self.mask_lr < 0):
+            raise ValueError(f"mask_lr must be finite and >= 0 or None, got {self.mask_lr}")
+        if self.utilization not in MEASURES:
+            raise ValueError(f"utilization must be one of {MEASURES}, got {self.utilization!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+
+    def transform(self, spec: GateSpec, channels: pselect.Selector | None = None,
+                  blocks: bool = True) -> Transform:
+        return structured_sparsification(
+            spec, budget=self.budget, lmbda=self.lmbda, utilization=self.utilization,
+            estimator=self.estimator, channels=channels, blocks=blocks, seed_width=self.seed_width,
+            seed_blocks=self.seed_blocks, s_on=self.s_on, s_off=self.s_off)
+
+
+def structured_optimizer(cfg: StructuredConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Weights: L2 then Nesterov SGD; logits: SGD (``mask_lr``), both step-decayed."""
+    bounds = {round(cfg.epochs * f) * steps_per_epoch: cfg.lr_decay for f in (56 / 85, 71 / 85)
+              if 0 < round(cfg.epochs * f) < cfg.epochs}
+
+    def sgd(lr):
+        return optax.sgd(optax.piecewise_constant_schedule(lr, bounds), momentum=cfg.momentum or None,
+                         nesterov=cfg.momentum > 0)
+
+    weights = sgd(cfg.lr)
+    if cfg.weight_decay:
+        weights = optax.chain(optax.add_decayed_weights(cfg.weight_decay), weights)
+    return role_optimizer({"weights": weights, "mask": sgd(cfg.lr if cfg.mask_lr is None else cfg.mask_lr)})
+
+
+def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselect.Selector | None = None,
+                      blocks: bool = True, name: str = "search") -> list[Phase]:
+    """The search as engine phases: one phase of ``cfg.epochs`` with the transform, the temperature
+    context (beta per epoch, key from ``cfg.seed``), the role optimizer and the metrics of
+    :func:`structured_metrics`; keeps ``"searched"`` at its end. Start from
+    ``init_state(spec.model, example, seed, cfg.transform(spec).init)``; extract afterwards with
+    :func:`pae.growth.extract.extract`."""
+    t = cfg.transform(spec, channels, blocks)
+    key = jax.random.PRNGKey(cfg.seed)
+
+    def context(epoch):
+        return Context.make(beta=temperature_schedule(epoch, cfg.epochs, cfg.beta_final),
+                            key=jax.random.fold_in(key, epoch))
+
+    return [Phase(name, cfg.epochs, lambda spe: structured_optimizer(cfg, spe), t, context,
+                  keep={cfg.epochs: "searched"}, eval_every=1, model=spec.model,
+                  metrics=structured_metrics(spec, cfg.budget, cfg.lmbda, cfg.utilization))]

@@ -1,0 +1,430 @@
+"""Structured continuous sparsification (pae.growth.structured/flops/extract) against NumPy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pae.core import Context, select
+from pae.growth import extract as pe, flops as pf, structured as ps
+from pae.models import MLP, VGG, CifarResNet
+from pae.models.slim import SlimResNet, SlimVGG
+from pae.models.vgg import CONFIGS as VGG_CONFIGS
+from pae.train import init_state
+
+EPS = 1e-5
+
+
+def perturbed(model, x, seed=0, init_latent=None):
+    """init_state with random BN affine parameters and statistics (nothing trivially 0 or 1)."""
+    state = init_state(model, x, seed)
+    rng = np.random.default_rng(seed + 7)
+
+    def perturb(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+        if name in ("bias", "mean"):
+            return rng.normal(0, 0.5, leaf.shape).astype(np.float32)
+        return np.asarray(leaf)
+
+    params = jax.tree_util.tree_map_with_path(perturb, state.params)
+    stats = jax.tree_util.tree_map_with_path(perturb, state.batch_stats)
+    if init_latent is not None:
+        params = init_latent(params, None)
+    return state.replace(params=params, batch_stats=stats)
+
+
+def random_logits(spec, rng, p_on=0.5):
+    """Random logits (away from 0) of every group and block."""
+    ch = {g: np.where(rng.uniform(size=n) < p_on, 1, -1) * rng.uniform(0.2, 2.0, n)
+          for g, n in spec.groups}
+    bl = {b.name: np.float32(rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 2.0)) for b in spec.blocks}
+    return {"channels": {g: v.astype(np.float32) for g, v in ch.items()},
+            "blocks": {b: np.asarray(v, np.float32) for b, v in bl.items()}}
+
+
+# ----------------------------------------------------------------------------- NumPy reference VGG
+
+def np_conv3(x, kernel, bias):
+    n, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, kernel.shape[-1]), np.float64)
+    for dy in range(3):
+        for dx in range(3):
+            out += np.einsum("nhwi,io->nhwo", xp[:, dy:dy + h, dx:dx + w], kernel[dy, dx])
+    return out + bias
+
+
+def np_vgg(config, p, s, x, gates, train):
+    """The gated VGG: channel c of conv i outputs m_c * BN(conv(x))_c (then ReLU, pools)."""
+    x = x.astype(np.float64)
+    i = 0
+    for item in config:
+        if item == "M":
+            n, h, w, c = x.shape
+            x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+            continue
+        z = np_conv3(x, p[f"Conv_{i}"]["kernel"], p[f"Conv_{i}"]["bias"])
+        bn = p[f"BatchNorm_{i}"]
+        mean, var = (z.mean((0, 1, 2)), z.var((0, 1, 2))) if train else \
+            (s[f"BatchNorm_{i}"]["mean"], s[f"BatchNorm_{i}"]["var"])
+        y = (z - mean) / np.sqrt(var + EPS) * bn["scale"] + bn["bias"]
+        x = np.maximum(gates[f"Conv_{i}"] * y, 0)
+        i += 1
+    return x.mean((1, 2)) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+
+
+@pytest.fixture(scope="module")
+def vgg_setup():
+    config = (3, "M", 5, 4)
+    model = SlimVGG(config, 3)
+    x = np.random.default_rng(1).normal(size=(6, 4, 4, 3)).astype(np.float32)
+    spec = ps.gate_spec(model, x)
+    state = perturbed(model, x)
+    return config, model, x, spec, state
+
+
+@pytest.fixture(scope="module")
+def resnet_setup():
+    model = CifarResNet(14, 5, (4, 6, 8))
+    x = np.random.default_rng(2).normal(size=(5, 8, 8, 3)).astype(np.float32)
+    spec = ps.gate_spec(model, x)
+    return model, x, spec, perturbed(model, x, seed=3)
+
+
+# ----------------------------------------------------------------------------- models
+
+def test_slim_models_are_the_originals_at_full_width():
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    full = CifarResNet(14, 7, (4, 6, 8))
+    v = perturbed(full, x)
+    variables = {"params": v.params, "batch_stats": v.batch_stats}
+    slim = SlimResNet.like(full)
+    assert jax.tree.structure(slim.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+    np.testing.assert_allclose(slim.apply(variables, x), full.apply(variables, x), rtol=1e-6, atol=1e-6)
+    x32 = np.zeros((1, 32, 32, 3), np.float32)
+    shapes = [jax.eval_shape(m.init, jax.random.PRNGKey(0), x32)
+              for m in (VGG(16, 10), SlimVGG(VGG_CONFIGS[16], 10))]
+    assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
+    assert jax.tree.leaves(shapes[0]) == jax.tree.leaves(shapes[1])
+
+
+# ----------------------------------------------------------------------------- gate algebra
+
+@pytest.mark.parametrize("train", [False, True])
+def test_gate_algebra_matches_numpy_vgg(vgg_setup, train):
+    config, model, x, spec, state = vgg_setup
+    rng = np.random.default_rng(4)
+    gates = {g: rng.uniform(0, 1.5, n).astype(np.float32) for g, n in spec.groups}
+    gates["Conv_1"][1] = 0.0
+    params = jax.jit(lambda p, g: ps.gate_params(spec, p, g, {}))(state.params, gates)
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    out = model.apply(variables, x, train=True, mutable=["batch_stats"])[0] if train else \
+        model.apply(variables, x)
+    ref = np_vgg(config, jax.tree.map(np.asarray, state.params),
+                 jax.tree.map(np.asarray, state.batch_stats), x, gates, train)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_algebra_resnet_leaves(resnet_setup):
+    """Stream gates hit the stem BN, every conv2's BN and the shortcut kernels' output columns; block
+    gates multiply the branch's last BN; inner gates the block's first BN; nothing else changes."""
+    model, x, spec, state = resnet_setup
+    rng = np.random.default_rng(5)
+    ch = {g: rng.uniform(0, 2, n).astype(np.float32) for g, n in spec.groups}
+    bl = {b.name: np.float32(rng.uniform(0, 2)) for b in spec.blocks}
+    out = ps.gate_params(spec, state.params, ch, bl)
+    p = jax.tree.map(np.asarray, state.params)
+    o = jax.tree.map(np.asarray, out)
+    for leaf in ("scale", "bias"):
+        np.testing.assert_allclose(o["BatchNorm_0"][leaf], p["BatchNorm_0"][leaf] * ch["stream0"], rtol=1e-6)
+        # BasicBlock_1: stage 0, identity shortcut, gated block
+        np.testing.assert_allclose(o["BasicBlock_1"]["BatchNorm_1"][leaf],
+                                   p["BasicBlock_1"]["BatchNorm_1"][leaf] * ch["stream0"] * bl["BasicBlock_1"],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(o["BasicBlock_1"]["BatchNorm_0"][leaf],
+                                   p["BasicBlock_1"]["BatchNorm_0"][leaf] * ch["BasicBlock_1/Conv_0"], rtol=1e-6)
+        # BasicBlock_2: downsampling, ungated block
+        np.testing.assert_allclose(o["BasicBlock_2"]["BatchNorm_1"][leaf],
+                                   p["BasicBlock_2"]["BatchNorm_1"][leaf] * ch["stream1"], rtol=1e-6)
+    np.testing.assert_allclose(o["BasicBlock_2"]["shortcut"]["kernel"],
+                               p["BasicBlock_2"]["shortcut"]["kernel"] * ch["stream1"], rtol=1e-6)
+    for path in ("Conv_0", "BasicBlock_1/Conv_0", "BasicBlock_2/Conv_1", "Dense_0"):
+        a, b = o, p
+        for k in path.split("/"):
+            a, b = a[k], b[k]
+        np.testing.assert_array_equal(a["kernel"], b["kernel"])
+    assert {b.name for b in spec.blocks} == {"BasicBlock_0", "BasicBlock_1", "BasicBlock_3", "BasicBlock_5"}
+
+
+def test_disabled_block_is_its_identity(resnet_setup):
+    model, x, spec, state = resnet_setup
+    ch = {g: np.ones(n, np.float32) for g, n in spec.groups}
+    off = ps.gate_params(spec, state.params, ch, {"BasicBlock_3": np.float32(0)})
+    gated = model.apply({"params": off, "batch_stats": state.batch_stats}, x)
+    blocks = tuple(b for b in SlimResNet.like(model).blocks if b[0] != 3)
+    slim = SlimResNet((4, 6, 8), blocks, 5)
+    params = {k: v for k, v in state.params.items() if k != "BasicBlock_3"}
+    stats = {k: v for k, v in state.batch_stats.items() if k != "BasicBlock_3"}
+    np.testing.assert_allclose(gated, slim.apply({"params": params, "batch_stats": stats}, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_sampling_statistics_and_estimators(resnet_setup):
+    model, x, spec, state = resnet_setup
+    rng = np.random.default_rng(6)
+    logits = random_logits(spec, rng)
+    logits["channels"]["stream1"][:3] = [0.0, 3.0, -3.0]
+    beta = 1.7
+    n = 3000
+
+    def draw(key):
+        return ps.gates(spec, logits, Context.make(beta=beta, key=key, train=True))
+
+    ch, bl = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.PRNGKey(0), n))
+    for g, s in logits["channels"].items():
+        q = np.asarray(ch[g])
+        assert set(np.unique(q)) <= {0.0, 1.0}
+        p = 1 / (1 + np.exp(-beta * s.astype(np.float64)))
+        # binomial standard error, 5 sigma
+        assert np.all(np.abs(q.mean(0) - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-3), g
+    for b, s in logits["blocks"].items():
+        p = 1 / (1 + np.exp(-beta * float(s)))
+        assert abs(np.asarray(bl[b]).mean() - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-3
+    # draws of different channels and steps are not all equal; the same key draws the same
+    q1 = np.asarray(ch["stream1"])
+    assert 0.1 < np.corrcoef(q1[:, 1], q1[:, 0])[0, 1] + 1 < 1.9
+    a = draw(jax.random.PRNGKey(3))[0]["stream2"]
+    np.testing.assert_array_equal(a, draw(jax.random.PRNGKey(3))[0]["stream2"])
+    # evaluation: 1[s > 0], strict
+    ev = ps.gates(spec, logits, Context.make(beta=beta, train=False))[0]["stream1"]
+    np.testing.assert_array_equal(ev, (logits["channels"]["stream1"] > 0).astype(np.float32))
+    assert ev[0] == 0.0
+
+
+@pytest.mark.parametrize("estimator", ["straight_through", "scaled"])
+def test_estimator_forward_and_gradient(resnet_setup, estimator):
+    model, x, spec, state = resnet_setup
+    rng = np.random.default_rng(7)
+    logits = random_logits(spec, rng)
+    w = {g: rng.normal(size=n).astype(np.float32) for g, n in spec.groups}
+    beta = 2.3
+    ctx = Context.make(beta=beta, key=11, train=True)
+
+    def f(lg):
+        ch, _ = ps.gates(spec, lg, ctx, estimator)
+        return sum(jnp.sum(w[g] * ch[g]) for g in ch), ch
+
+    grad, ch = jax.grad(f, has_aux=True)(logits)
+    u = ps.uniforms(spec, ctx.key)[0]
+    for g, s in logits["channels"].items():
+        p = 1 / (1 + np.exp(-beta * s.astype(np.float64)))
+        q = (np.asarray(u[g]) < p).astype(np.float64)
+        dp = beta * p * (1 - p)
+        if estimator == "straight_through":
+            np.testing.assert_array_equal(ch[g], q)
+            np.testing.assert_allclose(grad["channels"][g], w[g] * dp, rtol=1e-5, atol=1e-7)
+        else:
+            np.testing.assert_allclose(ch[g], q * p, rtol=1e-6)
+            np.testing.assert_allclose(grad["channels"][g], w[g] * q * dp, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def test_flops_vgg_hand_counts():
+    model = SlimVGG((4, "M", 6), 2)
+    x = np.zeros((1, 4, 4, 3), np.float32)
+    spec = ps.gate_spec(model, x)
+    # full: conv0 4*4 positions * 9 taps * 3 * 4 = 1728; pool -> 2x2; conv1 2*2*9*4*6 = 864; fc 6*2 = 12
+    assert pf.full_cost(spec, "flops") == 2604
+    # conv0 keeps 2 of 4, conv1 3 of 6: 16*9*3*2 = 864; 4*9*2*3 = 216; 3*2 = 6
+    gates = {"Conv_0": np.array([1, 0, 1, 0], np.float32), "Conv_1": np.array([0, 1, 1, 0, 1, 0], np.float32)}
+    assert float(pf.cost(spec, gates, {}, "flops")) == 1086
+    # params: conv0 (27 + bias + 2 BN) * 4 = 120; conv1 (36 + 1 + 2) * 6 = 234; fc (6 + 1) * 2 = 14
+    n_params = sum(np.size(v) for v in jax.tree.leaves(model.init(jax.random.PRNGKey(0), x)["params"]))
+    assert pf.full_cost(spec, "params") == 368 == n_params
+    # kept: conv0 (27+3)*2 = 60; conv1 (18+3)*3 = 63; fc (3+1)*2 = 8
+    assert float(pf.cost(spec, gates, {}, "params")) == 131
+
+
+def test_flops_resnet_hand_counts():
+    model = CifarResNet(8, 10, (2, 4, 4))
+    spec = ps.gate_spec(model, np.zeros((1, 4, 4, 3), np.float32))
+    # stem 16*9*3*2 = 864; block0 (4x4, 2->2->2) 576 + 576; block1 (stride 2, 2x2) conv0 4*9*2*4 =
+    # 288, conv1 4*9*4*4 = 576, shortcut 4*2*4 = 32; block2 (1x1) 9*4*4 = 144 twice, shortcut 16;
+    # fc 4*10 = 40
+    assert pf.full_cost(spec, "flops") == 864 + 1152 + 288 + 576 + 32 + 144 + 144 + 16 + 40
+    ch = {"stream0": np.array([0, 1.0]), "stream1": np.array([1.0, 0, 1, 0]),
+          "BasicBlock_1/Conv_0": np.array([1.0, 1, 0, 1])}
+    # stem 16*9*3*1 = 432; block0 off; block1 conv0 4*9*1*3 = 108, conv1 4*9*3*2 = 216, shortcut
+    # 4*1*2 = 8; block2 conv0 9*2*4 = 72, conv1 9*4*4 = 144, shortcut 2*4 = 8; fc 40
+    assert float(pf.cost(spec, ch, {"BasicBlock_0": 0.0}, "flops")) == 432 + 108 + 216 + 8 + 72 + 144 + 8 + 40
+    assert [b.name for b in spec.blocks] == ["BasicBlock_0"]
+
+
+def test_expected_flops_is_the_mean_sampled_flops(resnet_setup):
+    """C(sigmoid(beta s)) is the expectation of C(q): Monte Carlo over sampled nets agrees."""
+    model, x, spec, state = resnet_setup
+    logits = random_logits(spec, np.random.default_rng(8))
+    beta = 0.8
+    probs = ps.probabilities(logits, beta)
+    expected = float(pf.cost(spec, *probs))
+
+    def sampled(key):
+        return pf.cost(spec, *ps.gates(spec, logits, Context.make(beta=beta, key=key, train=True)))
+
+    costs = np.asarray(jax.jit(jax.vmap(sampled))(jax.random.split(jax.random.PRNGKey(1), 4000)))
+    assert abs(costs.mean() - expected) < 4 * costs.std() / np.sqrt(len(costs))
+    assert pf.training_flops(100.0, batch_size=8, steps=5) == 3 * 8 * 5 * 100.0
+
+
+# ----------------------------------------------------------------------------- budget penalty
+
+@pytest.mark.parametrize("utilization", ["flops", "params"])
+@pytest.mark.parametrize("on", [0.25, 1.0])
+def test_budget_penalty_sign_and_size(vgg_setup, utilization, on):
+    config, model, x, spec, state = vgg_setup
+    budget, lmbda, beta = 0.5, 3.0, 1.5
+    t = ps.structured_sparsification(spec, budget=budget, lmbda=lmbda, utilization=utilization,
+                                     seed_width=on)
+    latent = t.init(state.params, None)
+    rng = np.random.default_rng(9)
+    latent = latent.replace(logits={"channels": {g: s * rng.uniform(0.5, 2, s.shape).astype(np.float32)
+                                                 for g, s in latent.logits["channels"].items()},
+                                    "blocks": {}})
+    ctx = Context.make(beta=beta)
+    # NumPy reference: the costs of the SlimVGG((3, M, 5, 4)) on 4x4 inputs
+    s = {g: np.asarray(v, np.float64) for g, v in latent.logits["channels"].items()}
+    hard = {g: (v > 0).astype(np.float64) for g, v in s.items()}
+    soft = {g: 1 / (1 + np.exp(-beta * v)) for g, v in s.items()}
+
+    def c(gt):
+        a0, a1, a2 = (gt[f"Conv_{i}"].sum() for i in range(3))
+        if utilization == "flops":   # 4x4 conv0, then 2x2 for conv1, conv2; fc 4 -> 3
+            return 16 * 9 * 3 * a0 + 4 * 9 * a0 * a1 + 4 * 9 * a1 * a2 + a2 * 3
+        return (27 + 3) * a0 + (9 * a0 + 3) * a1 + (9 * a1 + 3) * a2 + (a2 + 1) * 3
+
+    ones = {g: np.ones_like(v) for g, v in s.items()}
+    u = c(hard) / c(ones)
+    lam = lmbda * (u - budget)
+    pen, grad = jax.value_and_grad(t.penalty)(latent, ctx)
+    np.testing.assert_allclose(float(pen), lam * c(soft) / c(ones), rtol=1e-5)
+    assert (lam < 0) == (on == 0.25)
+    # lambda_t carries no gradient: grad = lam * dR/ds
+    eps = 1e-3
+    g = "Conv_1"
+    for j in range(2):
+        hi = {k: v.copy() for k, v in s.items()}
+        lo = {k: v.copy() for k, v in s.items()}
+        hi[g][j] += eps
+        lo[g][j] -= eps
+        fd = lam * (c({k: 1 / (1 + np.exp(-beta * v)) for k, v in hi.items()}) -
+                    c({k: 1 / (1 + np.exp(-beta * v)) for k, v in lo.items()})) / (2 * eps) / c(ones)
+        np.testing.assert_allclose(float(grad.logits["channels"][g][j]), fd, rtol=1e-3)
+    # below budget the penalty's gradient pushes every logit up (growth), above it down (pruning)
+    signs = np.concatenate([np.sign(np.asarray(v)) for v in grad.logits["channels"].values()])
+    assert np.all(signs == (1 if lam > 0 else -1))
+
+
+# ----------------------------------------------------------------------------- seed
+
+def test_seed_architecture(resnet_setup):
+    model, x, spec, state = resnet_setup
+    t = ps.structured_sparsification(spec, seed_width=0.25, seed_blocks=1)
+    latent = t.init(state.params, None)
+    for g, n in spec.groups:
+        on = np.asarray(latent.logits["channels"][g]) > 0
+        assert on.sum() == max(1, int(np.ceil(0.25 * n))) and on[:on.sum()].all(), g
+    # one block per stage: stage 0's first gated block; stages 1, 2 only their downsampling block
+    assert {b: bool(v > 0) for b, v in latent.logits["blocks"].items()} == {
+        "BasicBlock_0": True, "BasicBlock_1": False, "BasicBlock_3": False, "BasicBlock_5": False}
+    full = ps.structured_sparsification(spec, seed_width=1.0, seed_blocks=None).init(state.params, None)
+    assert all(np.all(np.asarray(v) > 0) for v in jax.tree.leaves(full.logits))
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def _check_extraction(model, x, spec, state, logits):
+    t = ps.structured_sparsification(spec)
+    latent = t.init(state.params, None).replace(logits=jax.tree.map(jnp.asarray, logits))
+    gated = model.apply({"params": t.apply(latent, Context.make(train=False)),
+                         "batch_stats": state.batch_stats}, x)
+    np.testing.assert_array_equal(gated, model.apply(
+        {"params": t.finalize(latent, None), "batch_stats": state.batch_stats}, x))
+    ex = pe.extract(spec, latent, state.batch_stats)
+    np.testing.assert_allclose(ex.model.apply(ex.variables, x), gated, rtol=2e-5, atol=2e-5)
+    return latent, ex
+
+
+def test_extraction_resnet_equals_gated(resnet_setup):
+    model, x, spec, state = resnet_setup
+    for seed in range(3):
+        logits = random_logits(spec, np.random.default_rng(10 + seed))
+        logits["blocks"]["BasicBlock_3"] = np.float32(-1)
+        logits["blocks"]["BasicBlock_1"] = np.float32(1)
+        logits["channels"]["BasicBlock_1/Conv_0"][:] = -1    # an active block with no inner channel
+        latent, ex = _check_extraction(model, x, spec, state, logits)
+        names = [b[0] for b in ex.model.blocks]
+        assert 3 not in names and 1 in names and "BasicBlock_3" not in ex.variables["params"]
+        for s in range(3):
+            assert ex.model.streams[s] == max(1, int((logits["channels"][f"stream{s}"] > 0).sum()))
+    # the extracted parameters are the counted ones when no group is empty
+    logits = random_logits(spec, np.random.default_rng(20), p_on=0.7)
+    for g in logits["channels"]:
+        logits["channels"][g][0] = 1.0
+    latent, ex = _check_extraction(model, x, spec, state, logits)
+    n = sum(np.size(v) for v in jax.tree.leaves(ex.variables["params"]))
+    assert n == float(pf.cost(spec, *ps.hard_gates(latent.logits), "params"))
+
+
+def test_extraction_vgg_equals_gated(vgg_setup):
+    config, model, x, spec, state = vgg_setup
+    logits = random_logits(spec, np.random.default_rng(11))
+    logits["channels"]["Conv_2"][:] = -1.0     # a whole layer off: one zeroed channel stays
+    latent, ex = _check_extraction(model, x, spec, state, logits)
+    assert ex.model.config[0] == int((logits["channels"]["Conv_0"] > 0).sum()) and ex.model.config[-1] == 1
+    assert ex.kept["Conv_2"].size == 0
+
+
+def test_extraction_rejects_inconsistent_residual_sets(resnet_setup):
+    model, x, spec, state = resnet_setup
+    masks = {"BasicBlock_2/Conv_1": np.array([1, 1, 0, 1, 1, 1], bool),
+             "BasicBlock_2/shortcut": np.array([1, 1, 1, 1, 1, 0], bool)}
+    with pytest.raises(ValueError, match=r"inconsistent residual channel sets in group 'stream1'.*"
+                                         r"BasicBlock_2/Conv_1.*BasicBlock_2/shortcut"):
+        pe.extract_masked(spec, state.params, state.batch_stats, masks)
+    # a disabled block's conv2 does not take part; consistent sets extract
+    masks = {"BasicBlock_3/Conv_1": np.array([1, 0, 0, 1, 1, 1], bool)}
+    ex = pe.extract_masked(spec, state.params, state.batch_stats, masks, {"BasicBlock_3": False})
+    assert ex.model.streams == (4, 6, 8)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input(vgg_setup, resnet_setup):
+    config, model, x, spec, state = vgg_setup
+    for budget in (0.0, 1.5, -0.2, float("nan")):
+        with pytest.raises(ValueError, match="budget"):
+            ps.structured_sparsification(spec, budget=budget)
+    with pytest.raises(ValueError, match="budget"):
+        ps.StructuredConfig(budget=0)
+    with pytest.raises(ValueError, match="no gateable layer selected"):
+        ps.structured_sparsification(spec, channels=select.path("nothing_like_this"))
+    rspec = resnet_setup[2]
+    with pytest.raises(ValueError, match="no gateable layer selected"):
+        ps.structured_sparsification(rspec, channels=select.path("nothing"), blocks=False)
+    ps.structured_sparsification(rspec, channels=select.path("nothing"), blocks=True)   # blocks only
+    with pytest.raises(ValueError, match="supported models"):
+        ps.gate_spec(MLP((8,), 3), np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="estimator"):
+        ps.structured_sparsification(spec, estimator="reinforce")
+    with pytest.raises(ValueError, match="utilization"):
+        ps.structured_sparsification(spec, utilization="latency")
+    with pytest.raises(ValueError, match="s_on > 0 > s_off"):
+        ps.structured_sparsification(spec, s_off=0.5)
+    with pytest.raises(TypeError, match="GateSpec"):
+        ps.structured_sparsification(model)
+    with pytest.raises(ValueError, match="unknown layer"):
+        pe.extract_masked(spec, state.params, state.batch_stats, {"Conv_9": np.ones(3, bool)})
