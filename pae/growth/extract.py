@@ -89,21 +89,56 @@ def extract_masked(spec: ps.GateSpec, params: Any, batch_stats: Any, channel_mas
     sets = channel_sets(spec, channel_masks, block_masks)
     kept = {g: np.flatnonzero(m) if m.any() else np.zeros(1, np.int64) for g, m in sets.items()}
     empty = {g for g, m in sets.items() if not m.any()}
+    active = {b.name for b in spec.blocks if bool(block_masks.get(b.name, True))}
+    slim, variables = _slice(spec, params, batch_stats, kept, active, empty)
+    return Extracted(slim, variables, {g: kept[g] for g in kept if g not in empty}
+                     | {g: np.zeros(0, np.int64) for g in empty}, tuple(b.name for b in spec.blocks
+                                                                        if b.name in active))
+
+
+def slim_model(spec: ps.GateSpec, widths: Mapping[str, int], active_blocks=None):
+    """The slim model with ``widths[group]`` channels per group (groups not named: full) and the
+    gated blocks in ``active_blocks`` (default all)."""
+    sizes = spec.group_sizes | dict(widths)
+    model = spec.model
+    if spec.kind == "resnet":
+        active = {b.name for b in spec.blocks} if active_blocks is None else set(active_blocks)
+        gated = {b.name for b in spec.blocks}
+        streams = tuple(int(sizes[f"stream{s}"]) for s in range(3))
+        blocks = tuple((index, stage, int(sizes[f"BasicBlock_{index}/Conv_0"]))
+                       for index, stage, _ in _resnet_blocks(model)
+                       if f"BasicBlock_{index}" not in gated or f"BasicBlock_{index}" in active)
+        return SlimResNet(streams, blocks, model.num_classes)
+    config = VGG_CONFIGS[model.depth] if isinstance(model, VGG) else model.config
+    widths_out, i = [], 0
+    for item in config:
+        if item == "M":
+            widths_out.append("M")
+        else:
+            widths_out.append(int(sizes[f"Conv_{i}"]))
+            i += 1
+    return SlimVGG(tuple(widths_out), model.num_classes)
+
+
+def _slice(spec, params, batch_stats, kept, active, empty):
+    """Slice every kept layer to the ``kept`` channel indices of its groups (zeroing groups in
+    ``empty``); layers of gated blocks not in ``active`` are dropped."""
     flat_p, flat_s = _np(params), _np(batch_stats or {})
     new_p, new_s = {}, {}
 
-    def take(flat, new, module, leaf, index, axis=-1, zero=False):
+    def take(flat, new, module, leaf, index, zero=False):
         key = tuple(module.split("/")) + (leaf,)
         if key not in flat:
             return
-        value = np.take(flat[key], index, axis=axis) if index is not None else flat[key]
+        value = np.take(flat[key], index, axis=-1) if index is not None else flat[key]
         new[key] = value * 0 if zero else value
 
+    gated = {b.name for b in spec.blocks}
     for layer in spec.layers:
-        if layer.block is not None and not bool(block_masks.get(layer.block, True)):
+        if layer.block is not None and layer.block in gated and layer.block not in active:
             continue
-        idx_in = kept[layer.in_group] if layer.in_group else None
-        idx_out = kept[layer.out_group] if layer.out_group else None
+        idx_in = kept.get(layer.in_group) if layer.in_group else None
+        idx_out = kept.get(layer.out_group) if layer.out_group else None
         zero = layer.out_group in empty
         key = tuple(layer.path.split("/")) + ("kernel",)
         kernel = flat_p[key]
@@ -118,29 +153,44 @@ def extract_masked(spec: ps.GateSpec, params: Any, batch_stats: Any, channel_mas
                 take(flat_p, new_p, layer.norm, leaf, idx_out, zero=zero)
             for leaf in ("mean", "var"):
                 take(flat_s, new_s, layer.norm, leaf, idx_out)
-    model = spec.model
-    if spec.kind == "resnet":
-        streams = tuple(len(kept[f"stream{s}"]) for s in range(3))
-        blocks = tuple((index, stage, len(kept[f"BasicBlock_{index}/Conv_0"]))
-                       for index, stage, _ in _resnet_blocks(model)
-                       if bool(block_masks.get(f"BasicBlock_{index}", True)))
-        slim = SlimResNet(streams, blocks, model.num_classes)
-    else:
-        config = VGG_CONFIGS[model.depth] if isinstance(model, VGG) else model.config
-        widths, i = [], 0
-        for item in config:
-            if item == "M":
-                widths.append("M")
-            else:
-                widths.append(len(kept[f"Conv_{i}"]))
-                i += 1
-        slim = SlimVGG(tuple(widths), model.num_classes)
+    widths = {g: len(idx) for g, idx in kept.items()}
     variables = {"params": traverse_util.unflatten_dict(new_p)}
     if new_s:
         variables["batch_stats"] = traverse_util.unflatten_dict(new_s)
-    kept_blocks = tuple(b.name for b in spec.blocks if bool(block_masks.get(b.name, True)))
-    return Extracted(slim, variables, {g: kept[g] for g in kept if g not in empty}
-                     | {g: np.zeros(0, np.int64) for g in empty}, kept_blocks)
+    return slim_model(spec, widths, active), variables
+
+
+def compact(spec: ps.GateSpec, latent: ps.Gated, batch_stats: Any, widths: Mapping[str, int]
+            ) -> tuple[Any, ps.Gated, Any]:
+    """Compaction with a growth margin: keep, in every gated group named by ``widths``, the
+    ``widths[group]`` channels of largest logit (ties: lower index; kept in index order), every
+    block, and the other groups whole. Returns ``(slim model, latent, batch_stats)``: the latent
+    keeps the kept channels' weights, logits and full-net ids, so the compacted net goes on
+    searching (channels in the margin can still grow) and draws what the full net would.
+
+    The widths are fixed in advance (the engine needs each phase's model before the run); which
+    channels fill them is decided by the logits. Channels dropped while active change the function.
+    """
+    if not isinstance(latent, ps.Gated):
+        raise TypeError(f"latent must be a pae.growth.structured.Gated, got {type(latent).__name__}")
+    sizes = spec.group_sizes
+    logits = {g: np.asarray(v) for g, v in latent.logits["channels"].items()}
+    for g, k in widths.items():
+        if g not in logits:
+            raise ValueError(f"widths names {g!r}, which is not a gated channel group; gated: "
+                             f"{sorted(logits)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= sizes[g]:
+            raise ValueError(f"widths[{g!r}] must be an int in [1, {sizes[g]}], got {k!r}")
+    kept = {g: (np.sort(np.argsort(-logits[g], kind="stable")[:widths[g]]) if g in widths
+                else np.arange(sizes[g])) for g in sizes}
+    model, variables = _slice(spec, latent.weights, batch_stats, kept,
+                              {b.name for b in spec.blocks}, set())
+    ids = latent.ids or {g: np.arange(sizes[g], dtype=np.float32) for g in logits}
+    new = ps.Gated(variables["params"],
+                   {"channels": {g: logits[g][kept[g]] for g in logits},
+                    "blocks": {b: np.asarray(v) for b, v in latent.logits["blocks"].items()}},
+                   {g: np.asarray(ids[g])[kept[g]] for g in logits})
+    return model, new, variables.get("batch_stats", {})
 
 
 def extract(spec: ps.GateSpec, latent: ps.Gated, batch_stats: Any) -> Extracted:

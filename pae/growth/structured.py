@@ -48,7 +48,7 @@ import dataclasses
 import math
 import numbers
 import zlib
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax
 import jax
@@ -109,17 +109,12 @@ class GateSpec:
     groups: tuple[tuple[str, int], ...]
     blocks: tuple[BlockGate, ...]
     ungated_blocks: tuple[int, ...] = ()
-    #: the full model's channel index of each channel (``range(size)`` unless compacted); draws are
-    #: keyed by these ids, so a compacted net samples what the full one would on the same channels
-    ids: tuple[tuple[int, ...], ...] = ()
+    #: the shape of the example batch the spec was built on (spatial sizes fix the FLOPs)
+    example_shape: tuple[int, ...] = ()
 
     @property
     def group_sizes(self) -> dict[str, int]:
         return dict(self.groups)
-
-    def group_ids(self, name: str) -> tuple[int, ...]:
-        names = [g for g, _ in self.groups]
-        return self.ids[names.index(name)] if self.ids else tuple(range(self.group_sizes[name]))
 
     def writers(self, group: str) -> list[GatedLayer]:
         """The layers whose output channels are ``group``."""
@@ -211,18 +206,22 @@ def gate_spec(model, example) -> GateSpec:
     for layer in layers:
         if layer.out_group is not None:
             groups.setdefault(layer.out_group, layer.out_size)
-    return GateSpec(model, kind, tuple(layers), tuple(groups.items()), tuple(blocks), tuple(ungated))
+    return GateSpec(model, kind, tuple(layers), tuple(groups.items()), tuple(blocks), tuple(ungated),
+                    tuple(np.shape(example)))
 
 
 # ----------------------------------------------------------------------------- latent
 
-@latent_node({"weights": "weights", "logits": "mask"})
+@latent_node({"weights": "weights", "logits": "mask", "ids": "frozen"})
 class Gated:
-    """The latent: the model's ``weights`` and the indicator logits ``{"channels": {group: f32[n]},
-    "blocks": {block: f32[]}}`` (role ``"mask"``)."""
+    """The latent: the model's ``weights``, the indicator logits ``{"channels": {group: f32[n]},
+    "blocks": {block: f32[]}}`` (role ``"mask"``) and ``ids`` ``{group: f32[n]}``, each channel's
+    index in the full net (role ``"frozen"``, data; float so that the latent stays differentiable):
+    draws are keyed by them, so a compacted net samples what the full net samples for its channels."""
 
     weights: Any
     logits: Any
+    ids: Any = None
 
 
 def _check_ctx(ctx) -> None:
@@ -236,29 +235,32 @@ def _stable(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
-def uniforms(spec: GateSpec, key) -> tuple[dict, dict]:
+def uniforms(spec: GateSpec, key, ids: Mapping | None = None) -> tuple[dict, dict]:
     """The per-indicator uniforms of one step: channel ``c`` of group ``g`` uses
-    ``fold_in(fold_in(key, crc32(g)), id_c)``, block ``b`` ``fold_in(key, crc32(b))``; keyed by
-    names and original channel ids, so a compacted net draws what the full one draws for its
-    channels."""
+    ``fold_in(fold_in(key, crc32(g)), id_c)`` (``ids``: the channels' indices in the full net,
+    default ``0..n-1``), block ``b`` ``fold_in(key, crc32(b))``; keyed by names and full-net ids,
+    so a compacted net draws what the full one draws for its channels."""
     channels = {}
-    for name, _ in spec.groups:
+    for name, size in spec.groups:
         kg = jax.random.fold_in(key, _stable(name))
-        ids = jnp.asarray(spec.group_ids(name), jnp.uint32)
-        channels[name] = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(kg, i)))(ids)
+        if ids is not None and name in ids:
+            idx = jax.lax.stop_gradient(jnp.asarray(ids[name])).astype(jnp.uint32)
+        else:
+            idx = jnp.arange(size, dtype=jnp.uint32)
+        channels[name] = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(kg, i)))(idx)
     blocks = {b.name: jax.random.uniform(jax.random.fold_in(key, _stable(b.name))) for b in spec.blocks}
     return channels, blocks
 
 
-def gates(spec: GateSpec, logits: Mapping, ctx, estimator: str = "straight_through"
-          ) -> tuple[dict, dict]:
+def gates(spec: GateSpec, logits: Mapping, ctx, estimator: str = "straight_through",
+          ids: Mapping | None = None) -> tuple[dict, dict]:
     """``(channel gates, block gates)`` of one step (see the module doc): ``q ~ Bernoulli(sigmoid(
     beta*s))`` with the chosen gradient estimator when ``ctx.train``, ``1[s > 0]`` otherwise."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_ctx(ctx)
     beta = jnp.asarray(ctx.beta, jnp.float32)
-    u_channels, u_blocks = uniforms(spec, ctx.key)
+    u_channels, u_blocks = uniforms(spec, ctx.key, ids)
 
     def one(s, u):
         s = jnp.asarray(s, jnp.float32)
@@ -359,7 +361,8 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
                               utilization: str = "flops", estimator: str = "straight_through",
                               channels: pselect.Selector | None = None, blocks: bool = True,
                               seed_width: float = 0.25, seed_blocks: int | None = 1,
-                              s_on: float = 1.0, s_off: float = -1.0) -> Transform:
+                              s_on: float = 1.0, s_off: float = -1.0,
+                              reference: GateSpec | None = None) -> Transform:
     """The structured-sparsification transform (module doc; arXiv 2007.15353).
 
     Args:
@@ -371,6 +374,8 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
       channels: selector over layer kernel paths (``"BasicBlock_1/Conv_0/kernel"``): a channel group
         is gated when any layer writing it is selected (default every conv). ``blocks``: gate blocks.
       seed_width, seed_blocks, s_on, s_off: the seed architecture (:func:`seed_logits`).
+      reference: the spec whose full cost the utilization is a fraction of (default ``spec``; a
+        compacted net passes the full net's, so ``u_t`` and the penalty keep their meaning).
 
     ``init(params, key)`` returns a :class:`Gated` latent; ``apply`` samples (``ctx.train``) or
     thresholds the gates; ``finalize`` applies ``1[s > 0]``.
@@ -396,14 +401,15 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
                          f"channel group ({[layer.path for layer in spec.layers if layer.out_group]}) "
                          f"and blocks={blocks} with {len(spec.blocks)} gateable blocks")
     seed = seed_logits(spec, gated, bool(blocks), seed_width, seed_blocks, s_on, s_off)
-    full = pflops.full_cost(spec, utilization)
+    full = pflops.full_cost(spec if reference is None else reference, utilization)
 
     def init(params, key):
         del key
-        return Gated(params, jax.tree.map(jnp.asarray, seed))
+        ids = {g: jnp.arange(v.shape[0], dtype=jnp.float32) for g, v in seed["channels"].items()}
+        return Gated(params, jax.tree.map(jnp.asarray, seed), ids)
 
     def apply(latent, ctx):
-        ch, bl = gates(spec, latent.logits, ctx, estimator)
+        ch, bl = gates(spec, latent.logits, ctx, estimator, latent.ids)
         return gate_params(spec, latent.weights, ch, bl)
 
     def penalty(latent, ctx):
@@ -420,11 +426,13 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
 
 
 def structured_metrics(spec: GateSpec, budget: float = 0.5, lmbda: float = 1.0,
-                       utilization: str = "flops"):
+                       utilization: str = "flops", reference: GateSpec | None = None):
     """``(state, ctx) -> row``: ``flops`` and ``params`` (fractions of the full net's, hard gates),
     ``train_flops`` (expected FLOPs fraction of the net sampled at ``ctx.beta``), ``channels``
-    (active gated channels), ``blocks`` (active gated blocks) and ``lambda`` (``lambda_t``)."""
-    full_f, full_p = pflops.full_cost(spec, "flops"), pflops.full_cost(spec, "params")
+    (active gated channels), ``blocks`` (active gated blocks) and ``lambda`` (``lambda_t``).
+    Fractions are of ``reference``'s full cost (default ``spec``; the full net for a compacted one)."""
+    ref = spec if reference is None else reference
+    full_f, full_p = pflops.full_cost(ref, "flops"), pflops.full_cost(ref, "params")
 
     def metrics(state, ctx):
         latent = state.params
@@ -485,20 +493,24 @@ class StructuredConfig:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
 
     def transform(self, spec: GateSpec, channels: pselect.Selector | None = None,
-                  blocks: bool = True) -> Transform:
+                  blocks: bool = True, reference: GateSpec | None = None) -> Transform:
         return structured_sparsification(
             spec, budget=self.budget, lmbda=self.lmbda, utilization=self.utilization,
             estimator=self.estimator, channels=channels, blocks=blocks, seed_width=self.seed_width,
-            seed_blocks=self.seed_blocks, s_on=self.s_on, s_off=self.s_off)
+            seed_blocks=self.seed_blocks, s_on=self.s_on, s_off=self.s_off, reference=reference)
 
 
-def structured_optimizer(cfg: StructuredConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Weights: L2 then Nesterov SGD; logits: SGD (``mask_lr``), both step-decayed."""
+def structured_optimizer(cfg: StructuredConfig, steps_per_epoch: int, start_epoch: int = 0
+                         ) -> optax.GradientTransformation:
+    """Weights: L2 then Nesterov SGD; logits: SGD (``mask_lr``), both step-decayed; the schedule
+    starts at ``start_epoch`` of the search (a segment after a compaction)."""
     bounds = {round(cfg.epochs * f) * steps_per_epoch: cfg.lr_decay for f in (56 / 85, 71 / 85)
               if 0 < round(cfg.epochs * f) < cfg.epochs}
+    offset = start_epoch * steps_per_epoch
 
     def sgd(lr):
-        return optax.sgd(optax.piecewise_constant_schedule(lr, bounds), momentum=cfg.momentum or None,
+        base = optax.piecewise_constant_schedule(lr, bounds)
+        return optax.sgd(lambda count: base(count + offset), momentum=cfg.momentum or None,
                          nesterov=cfg.momentum > 0)
 
     weights = sgd(cfg.lr)
@@ -508,19 +520,59 @@ def structured_optimizer(cfg: StructuredConfig, steps_per_epoch: int) -> optax.G
 
 
 def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselect.Selector | None = None,
-                      blocks: bool = True, name: str = "search") -> list[Phase]:
-    """The search as engine phases: one phase of ``cfg.epochs`` with the transform, the temperature
-    context (beta per epoch, key from ``cfg.seed``), the role optimizer and the metrics of
-    :func:`structured_metrics`; keeps ``"searched"`` at its end. Start from
+                      blocks: bool = True, name: str = "search",
+                      compactions: Sequence[tuple[int, Mapping[str, int]]] = ()) -> list[Phase]:
+    """The search as engine phases: ``cfg.epochs`` with the transform, the temperature context (beta
+    per epoch of the whole search, key from ``cfg.seed``), the role optimizer and the metrics of
+    :func:`structured_metrics`; keeps ``"searched"`` at the end. Start from
     ``init_state(spec.model, example, seed, cfg.transform(spec).init)``; extract afterwards with
-    :func:`pae.growth.extract.extract`."""
-    t = cfg.transform(spec, channels, blocks)
+    :func:`pae.growth.extract.extract`.
+
+    ``compactions``: ``[(epoch, widths), ...]``: at each ``epoch`` the search continues on the net
+    compacted by :func:`pae.growth.extract.compact` to ``widths`` (``{group: channels}``, fixed in
+    advance, filled with the channels of largest logit: the active ones plus a growth margin), as a
+    phase ``f"{name}{j}"`` whose ``model`` is the slim net (one more compilation each). The optimizer
+    state restarts at a compaction (momentum is not carried; the lr schedule continues). Masked
+    full-size training with the dropped channels held off is its correctness oracle (tested).
+    """
+    from pae.growth import extract as pextract   # extract imports this module
+
     key = jax.random.PRNGKey(cfg.seed)
+    cuts = [int(e) for e, _ in compactions]
+    if cuts != sorted(set(cuts)) or any(not 0 < e < cfg.epochs for e in cuts):
+        raise ValueError(f"compaction epochs must be increasing and in (0, epochs={cfg.epochs}), "
+                         f"got {cuts}")
+    bounds = [0] + cuts + [cfg.epochs]
+    phases, current = [], spec
+    for j in range(len(bounds) - 1):
+        start, stop = bounds[j], bounds[j + 1]
+        enter, model = None, spec.model
+        if j:
+            widths = dict(compactions[j - 1][1])
+            model = pextract.slim_model(current, {**current.group_sizes, **widths})
+            enter = _compaction(current, widths)
+            current = gate_spec(model, np.zeros(spec.example_shape, np.float32))
+        t = cfg.transform(current, channels, blocks, reference=spec)
 
-    def context(epoch):
-        return Context.make(beta=temperature_schedule(epoch, cfg.epochs, cfg.beta_final),
-                            key=jax.random.fold_in(key, epoch))
+        def context(epoch, start=start):
+            return Context.make(beta=temperature_schedule(start + epoch, cfg.epochs, cfg.beta_final),
+                                key=jax.random.fold_in(key, start + epoch))
 
-    return [Phase(name, cfg.epochs, lambda spe: structured_optimizer(cfg, spe), t, context,
-                  keep={cfg.epochs: "searched"}, eval_every=1, model=spec.model,
-                  metrics=structured_metrics(spec, cfg.budget, cfg.lmbda, cfg.utilization))]
+        phases.append(Phase(name if not j else f"{name}{j}", stop - start,
+                            lambda spe, start=start: structured_optimizer(cfg, spe, start), t, context,
+                            enter, keep={stop - start: "searched"} if stop == cfg.epochs else {},
+                            eval_every=1, model=model,
+                            metrics=structured_metrics(current, cfg.budget, cfg.lmbda, cfg.utilization,
+                                                       reference=spec)))
+    return phases
+
+
+def _compaction(spec: GateSpec, widths: Mapping[str, int]):
+    from pae.growth import extract as pextract
+
+    def enter(state, snapshots):
+        del snapshots
+        _, latent, stats = pextract.compact(spec, state.params, state.batch_stats, widths)
+        return state.replace(params=latent, batch_stats=stats, opt_state=None)
+
+    return enter

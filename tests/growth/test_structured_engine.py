@@ -55,3 +55,67 @@ def test_extracted_net_equals_the_searched_net(run):
                                rtol=1e-5)
     n = sum(np.size(v) for v in jax.tree.leaves(ex.variables["params"]))
     assert n < sum(np.size(v) for v in jax.tree.leaves(state.params.weights))
+
+
+def test_compaction_then_training_equals_masked_full_size_training():
+    """Search 2 epochs full size, compact to fixed widths (active channels plus margin), search 2
+    more on the slim net == the same 4 epochs full size with the dropped channels held off."""
+    from pae.train import Phase
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(96, 8, 8, 3)).astype(np.float32)
+    y = (x[:, :4, :, 0].mean((1, 2)) > 0).astype(np.int32)
+    model = CifarResNet(8, 2, (4, 8, 8))
+    spec = ps.gate_spec(model, x[:1])
+    cfg = ps.StructuredConfig(epochs=4, lr=0.05, mask_lr=0.5, lmbda=5.0, beta_final=4.0, budget=0.5,
+                              weight_decay=1e-3, seed_width=0.5)
+    widths = {"stream0": 3, "stream1": 5, "BasicBlock_0/Conv_0": 2, "BasicBlock_1/Conv_0": 6}
+    task = make_task(model, {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])})
+    state = init_state(model, x[:1], 0, cfg.transform(spec).init)
+    compacted = ps.structured_phases(cfg, spec, compactions=[(2, widths)])
+    assert [p.name for p in compacted] == ["search", "search1"] and compacted[1].model != model
+    a = train_phases(task, compacted, state, batch_size=32, log=lambda s: None)
+
+    # the oracle: full size; at epoch 2 the channels compaction drops get logit -1e4 (never drawn,
+    # zero gradient), a fresh optimizer continuing the schedule, as the compacted phase has
+    kept = {}
+
+    def hold_off(st, snaps):
+        ch = {}
+        for g, s in st.params.logits["channels"].items():
+            s = np.asarray(s)
+            if g in widths:
+                order = sorted(range(len(s)), key=lambda i: (-s[i], i))[:widths[g]]
+                kept[g] = np.array(sorted(order))
+                s = np.where(np.isin(np.arange(len(s)), kept[g]), s, -1e4).astype(np.float32)
+            ch[g] = s
+        return st.replace(params=st.params.replace(logits={**st.params.logits, "channels": ch}),
+                          opt_state=None)
+
+    full = ps.structured_phases(cfg, spec)[0]
+    t = full.transform
+    oracle = [Phase("search", 2, compacted[0].optimizer, t, full.context, eval_every=1,
+                    metrics=full.metrics),
+              Phase("search1", 2, compacted[1].optimizer, t, compacted[1].context, hold_off,
+                    eval_every=1, metrics=full.metrics)]
+    b = train_phases(task, oracle, state, batch_size=32, log=lambda s: None)
+    for ra, rb in zip(a.history, b.history):
+        np.testing.assert_allclose(ra["train_loss"], rb["train_loss"], rtol=1e-4)
+        np.testing.assert_allclose(ra["test_loss"], rb["test_loss"], rtol=1e-4)
+    la, lb = a.state.params, b.state.params
+    for g, s in la.logits["channels"].items():
+        ref = np.asarray(lb.logits["channels"][g])
+        idx = kept.get(g, np.arange(len(ref)))
+        np.testing.assert_allclose(s, ref[idx], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(la.ids[g]), idx.astype(np.float32))
+    for layer in spec.layers:
+        wa, wb = la.weights, lb.weights
+        for k in layer.path.split("/"):
+            wa, wb = wa[k], wb[k]
+        ref = np.asarray(wb["kernel"])
+        if layer.in_group in kept:
+            ref = np.take(ref, kept[layer.in_group], axis=-2)
+        if layer.out_group in kept:
+            ref = np.take(ref, kept[layer.out_group], axis=-1)
+        np.testing.assert_allclose(wa["kernel"], ref, rtol=1e-4, atol=1e-5)
+    # the compacted net's metrics are fractions of the full net's cost, as the full run's
+    np.testing.assert_allclose(a.last("search1")["flops"], b.last("search1")["flops"], rtol=1e-6)
