@@ -50,7 +50,6 @@ import numbers
 import zlib
 from typing import Any, Mapping, NamedTuple, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
