@@ -1,4 +1,5 @@
-"""Network growth: train small, grow wide (Yuan, Savarese & Maire, arXiv 2306.12700).
+"""Network growth: train small, grow wide (Yuan, Savarese & Maire, arXiv 2306.12700), and grow from a
+seed under a budget by structured continuous sparsification (Yuan, Savarese & Maire, arXiv 2007.15353).
 
 * :func:`grow` (``pae.growth.vt``): a pure host-side function over the whole TrainState that widens
   every channel group with function-preserving pairs of new units, variance transfer of the old
@@ -8,13 +9,30 @@
 * :func:`width_schedule`, :func:`stage_epochs` (``pae.growth.schedule``): the paper's schedules.
 * :func:`vt_phases` (``pae.growth.phases``): the method as a list of engine phases.
 
-Growable models: ``pae.models.growable`` (``GrowableResNet``, ``GrowableVGG``).
+* :func:`structured_sparsification` (``pae.growth.structured``): channel and block gates sampled from
+  ``sigmoid(beta*s)``, a budget-aware penalty, a seed architecture; :func:`structured_phases`.
+* :func:`cost`, :func:`training_flops` (``pae.growth.flops``): FLOPs of the active channels and blocks.
+* :func:`extract`, :func:`compact` (``pae.growth.extraction``): the smaller dense net, equal logits.
+
+Growable models: ``pae.models.growable`` (``GrowableResNet``, ``GrowableVGG``); extracted ones:
+``pae.models.slim`` (``SlimResNet``, ``SlimVGG``).
 """
+from pae.growth.extraction import (Extracted, channel_sets, compact, extract, extract_masked,
+                                   slim_model)
+from pae.growth.flops import cost, full_cost, layer_costs, training_flops
+from pae.growth.structured import (BlockGate, Gated, GatedLayer, GateSpec, StructuredConfig, gate_params,
+                                   gate_spec, gates, hard_gates, probabilities, seed_logits,
+                                   structured_metrics, structured_optimizer, structured_phases,
+                                   structured_sparsification, uniforms)
 from pae.growth.lra import BirthState, birth_scales, scale_by_birth_stage
 from pae.growth.phases import VTConfig, stage_models, vt_phases
 from pae.growth.schedule import round_even, stage_epochs, width_schedule
 from pae.growth.vt import grow, resolve_widths, vt_factor
 
-__all__ = ["BirthState", "VTConfig", "birth_scales", "grow", "resolve_widths", "round_even",
-           "scale_by_birth_stage", "stage_epochs", "stage_models", "vt_factor", "vt_phases",
-           "width_schedule"]
+__all__ = ["BirthState", "BlockGate", "Extracted", "GateSpec", "Gated", "GatedLayer", "StructuredConfig",
+           "VTConfig", "birth_scales", "channel_sets", "compact", "cost", "extract", "extract_masked",
+           "full_cost", "gate_params", "gate_spec", "gates", "grow", "hard_gates", "layer_costs",
+           "probabilities", "resolve_widths", "round_even", "scale_by_birth_stage", "seed_logits",
+           "slim_model", "stage_epochs", "stage_models", "structured_metrics", "structured_optimizer",
+           "structured_phases", "structured_sparsification", "training_flops", "uniforms",
+           "vt_factor", "vt_phases", "width_schedule"]

@@ -525,16 +525,16 @@ def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselec
     per epoch of the whole search, key from ``cfg.seed``), the role optimizer and the metrics of
     :func:`structured_metrics`; keeps ``"searched"`` at the end. Start from
     ``init_state(spec.model, example, seed, cfg.transform(spec).init)``; extract afterwards with
-    :func:`pae.growth.extract.extract`.
+    :func:`pae.growth.extraction.extract`.
 
     ``compactions``: ``[(epoch, widths), ...]``: at each ``epoch`` the search continues on the net
-    compacted by :func:`pae.growth.extract.compact` to ``widths`` (``{group: channels}``, fixed in
+    compacted by :func:`pae.growth.extraction.compact` to ``widths`` (``{group: channels}``, fixed in
     advance, filled with the channels of largest logit: the active ones plus a growth margin), as a
     phase ``f"{name}{j}"`` whose ``model`` is the slim net (one more compilation each). The optimizer
     state restarts at a compaction (momentum is not carried; the lr schedule continues). Masked
     full-size training with the dropped channels held off is its correctness oracle (tested).
     """
-    from pae.growth import extract as pextract   # extract imports this module
+    from pae.growth import extraction as pextract   # extract imports this module
 
     key = jax.random.PRNGKey(cfg.seed)
     cuts = [int(e) for e, _ in compactions]
@@ -567,7 +567,7 @@ def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselec
 
 
 def _compaction(spec: GateSpec, widths: Mapping[str, int]):
-    from pae.growth import extract as pextract
+    from pae.growth import extraction as pextract
 
     def enter(state, snapshots):
         del snapshots

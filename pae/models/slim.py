@@ -4,7 +4,7 @@ Both take one width per layer (and the ResNet an explicit list of the blocks it 
 modules exactly as :class:`pae.models.CifarResNet` and :class:`pae.models.VGG` do (``Conv_0``,
 ``BatchNorm_0``, ``BasicBlock_<k>/Conv_1``, ``BasicBlock_<k>/shortcut``, ``Dense_0`` ...), so a slim
 net at full width holds the same parameter tree as the original and computes the same function.
-Used by :func:`pae.growth.structured.extract` (Yuan, Savarese & Maire, arXiv 2007.15353).
+Used by :func:`pae.growth.extraction.extract` (Yuan, Savarese & Maire, arXiv 2007.15353).
 """
 from __future__ import annotations
 

@@ -75,9 +75,10 @@ def test_label_roles_and_role_optimizer():
     roles = label_roles(latent)
     node = roles["BasicBlock_0"]["Conv_0"]["kernel"]
     assert isinstance(node, SoftMask) and (node.weight, node.logits) == ("weights", "mask")
+    assert node.s_init == "frozen"   # the search's s_init travels in the node, never trained
     assert roles["BasicBlock_0"]["shortcut"]["kernel"] == "weights"
     assert roles["Dense_0"]["bias"] == "weights"
-    assert sorted(set(jax.tree.leaves(roles))) == ["mask", "weights"]
+    assert sorted(set(jax.tree.leaves(roles))) == ["frozen", "mask", "weights"]
     # weight decay reaches the weights only; masks get their own optimizer
     tx = role_optimizer({"weights": optax.chain(optax.add_decayed_weights(0.5), optax.sgd(1.0)),
                          "mask": optax.sgd(1.0)})
@@ -88,6 +89,7 @@ def test_label_roles_and_role_optimizer():
     w = latent["BasicBlock_0"]["Conv_0"]["kernel"]
     np.testing.assert_allclose(u.weight, -0.5 * w.weight, rtol=1e-6)
     np.testing.assert_array_equal(u.logits, 0.0)
+    np.testing.assert_array_equal(u.s_init, 0.0)   # frozen: set_to_zero
     with pytest.raises(ValueError, match=r"no optimizer for role\(s\) \['mask'\]"):
         role_optimizer({"weights": optax.sgd(1.0)}).init(latent)
 

@@ -1,11 +1,11 @@
-"""Structured continuous sparsification (pae.growth.structured/flops/extract) against NumPy references."""
+"""Structured continuous sparsification (pae.growth.structured/flops/extraction) against NumPy references."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pae.core import Context, select
-from pae.growth import extract as pe, flops as pf, structured as ps
+from pae.growth import extraction as pe, flops as pf, structured as ps
 from pae.models import MLP, VGG, CifarResNet
 from pae.models.slim import SlimResNet, SlimVGG
 from pae.models.vgg import CONFIGS as VGG_CONFIGS

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pae.core import Context
-from pae.growth import extract as pe, flops as pf, structured as ps
+from pae.growth import extraction as pe, flops as pf, structured as ps
 from pae.models import CifarResNet
 from pae.train import init_state, make_task, train_phases
 
