@@ -21,7 +21,9 @@ transposed to that row order and an input channel owns ``kh * kw`` consecutive r
 The forward function runs the model's own ``__call__`` under ``flax.linen.intercept_methods``: each
 ``nn.Dense``/``nn.Conv`` whose kernel was quantized computes through ``packed_matmul`` instead
 (its float kernel is not in the exported tree); everything else (biases, BatchNorm, unquantized
-layers) runs as in the float model, in inference mode (``train=False``).
+layers) runs as in the float model, in inference mode: the model is called with ``train=False``, so
+its ``__call__`` must take that keyword (every ``pae.models`` model does). Integer inputs of a packed
+layer are promoted to float32, as flax's ``nn.Dense``/``nn.Conv`` promote them.
 """
 from __future__ import annotations
 
@@ -214,7 +216,9 @@ def export(model: nn.Module, latent: Any, batch_stats: Any = None, *, k_tile: in
             if path not in layers:
                 return next_fun(*args, **kwargs)
             used.add(path)
-            x = args[0]
+            x = jnp.asarray(args[0])
+            if not jnp.issubdtype(x.dtype, jnp.floating):   # as flax promotes int inputs
+                x = x.astype(jnp.float32)
             layer = layers[path]
             y = (_dense(x, layer, backend) if isinstance(mod, nn.Dense)
                  else _conv(path, mod, x, layer, backend))

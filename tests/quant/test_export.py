@@ -142,3 +142,24 @@ def test_bad_input_is_refused_naming_the_leaf():
     node = q.QuantWeight(jnp.ones((4, 3)), jnp.full((4,), 9.0), jnp.array([4.0, 9.0]))
     with pytest.raises(ValueError, match="bits"):
         q.export(Odd(), {"kernel": node})
+
+
+def test_integer_inputs_are_promoted_as_flax_promotes_them():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pae import quant as q
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(3)(x)
+
+    m, x = M(), jnp.asarray(np.arange(8).reshape(2, 4), jnp.uint8)
+    params = m.init(jax.random.PRNGKey(0), x)["params"]
+    latent = q.assign_palette(jax.device_get(q.noise_injection().init(params, None)))
+    want = m.apply({"params": q.palette_quantizer().apply(latent, None)}, x)
+    ex = q.export(m, latent)
+    np.testing.assert_allclose(ex.apply(ex.tree, x), want, rtol=1e-4, atol=1e-4)
