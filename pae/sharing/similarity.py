@@ -38,10 +38,7 @@ def plot_similarity(lsm: dict[str, Any], path=None, *, labels: dict[str, list[st
 
     Returns the matplotlib figure. ``labels``: ``{group: tick labels}`` (e.g. shortened layer paths).
     """
-    import matplotlib
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # the caller's backend: the figure is returned for display
 
     if not lsm:
         raise ValueError("lsm is empty: the latent has no sharing group")

@@ -66,15 +66,13 @@ def _series(history: list[dict], key: str) -> np.ndarray:
 def plot_history(history: list[dict], path: str, title: str = "") -> None:
     """Loss and accuracy per epoch for every split present (one line per parallel run), side by side,
     with the phase boundaries marked and named."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # no pyplot: the caller's backend and figures stay as they are
 
     epochs = np.array([row["epoch"] for row in history])
     starts = [i for i, row in enumerate(history)
               if i == 0 or row.get("phase_index") != history[i - 1].get("phase_index")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "acc")):
         for n, split in enumerate(("train", "val", "test")):
             key = f"{split}_{metric}"
@@ -97,4 +95,3 @@ def plot_history(history: list[dict], path: str, title: str = "") -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

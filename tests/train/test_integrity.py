@@ -144,3 +144,19 @@ def test_run_refuses_a_damaged_checkpoint_and_resume_intact_continues_from_the_p
     assert any("checkpoint step 2 is damaged" in line for line in lines)
     _equal(resumed.state, whole.state)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_writing_records_leaves_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")   # stands for a notebook's inline backend
+        from pae.train.metrics import plot_history
+        plot_history([{"epoch": 1, "phase": "a", "phase_index": 0, "train_loss": 1.0, "train_acc": 0.5},
+                      {"epoch": 2, "phase": "b", "phase_index": 1, "train_loss": 0.5, "train_acc": 0.7}],
+                     str(tmp_path / "curves.png"))
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "curves.png").stat().st_size > 5_000
+    finally:
+        matplotlib.use(before)
