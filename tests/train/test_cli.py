@@ -34,16 +34,6 @@ def _epoch_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("phase=train epoch=")]
 
 
-def _snapshot(directory) -> dict:
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
-
-
 def _help_entries(text: str) -> dict[str, str]:
     """``{"--flag": "its help, on one line"}`` from argparse's help text."""
     entries, current = {}, None
@@ -142,7 +132,7 @@ def test_run_script_turns_user_errors_into_one_line(capsys):
     assert run_script(lambda argv: argv, ["--x", "--traceback"]) == ["--x"]
 
 
-def test_output_resume_extend_quiet_and_a_refused_shorter_run(tmp_path):
+def test_output_resume_extend_quiet_and_a_refused_shorter_run(tmp_path, directory_bytes):
     workdir = str(tmp_path / "run")
     # progress on (the default) with the output going to files: one line per epoch, no bar
     first = _train(*SMALL, "--epochs", "2", "--workdir", workdir)
@@ -168,7 +158,7 @@ def test_output_resume_extend_quiet_and_a_refused_shorter_run(tmp_path):
     assert json.loads(quiet.stdout)["epoch"] == 4
 
     # fewer epochs than the finished run: refused, and the run directory is left as it was
-    before = _snapshot(workdir)
+    before = directory_bytes(workdir)
     line = _one_error_line(_train(*SMALL, "--epochs", "2", "--workdir", workdir))
     assert "epochs: 4 -> 2" in line
-    assert _snapshot(workdir) == before
+    assert directory_bytes(workdir) == before

@@ -97,20 +97,10 @@ def test_damaged_or_partial_checkpoints_are_never_loaded(tmp_path):
         run(_config(epochs=3), workdir=str(tmp_path), progress=False)
 
 
-def _snapshot(directory):
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
-
-
-def test_a_changed_config_is_refused_naming_old_and_new_and_changes_nothing(tmp_path):
+def test_a_changed_config_is_refused_naming_old_and_new_and_changes_nothing(tmp_path, directory_bytes):
     lines = []
     first = run(_config(epochs=2), workdir=str(tmp_path), progress=False, log=lines.append)
-    before = _snapshot(tmp_path)
+    before = directory_bytes(tmp_path)
     assert "config.json" in before and "metrics.jsonl" in before
     with pytest.raises(ConfigChangedError, match="learning_rate: 0.05 -> 0.1, batch_size: 64 -> 32"):
         run(_config(epochs=2, learning_rate=0.1, batch_size=32), workdir=str(tmp_path), progress=False)
@@ -121,7 +111,7 @@ def test_a_changed_config_is_refused_naming_old_and_new_and_changes_nothing(tmp_
     with pytest.raises(ConfigChangedError, match="optimizer: 'nesterov' -> 'adam'.*milestones: \\[\\] -> \\[1\\]"):
         run(_config(epochs=4, optimizer="adam", milestones=(1,)), workdir=str(tmp_path), progress=False,
             extend=True)   # extend allows more epochs, nothing else
-    assert _snapshot(tmp_path) == before
+    assert directory_bytes(tmp_path) == before
 
     # extend: the saved run trains on from its saved epoch (its rows and state are kept)
     lines.clear()
