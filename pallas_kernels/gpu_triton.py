@@ -258,7 +258,7 @@ def triton_packed_matmul(x: jax.Array, packed: PackedWeight, *, x_scale: Any = N
         def load_col(ref):  # (bm, 1) per-row values, rows >= M read as 0
             return pltriton.load(ref, mask=row_ok, other=0)
 
-        accs, rsums = [], []
+        accs = []
         for i, seg in enumerate(segs):
             plan = plans[i]
             sbs = L.shards(seg.bits)

@@ -199,7 +199,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as err:  # tfds raises several types for "not prepared"; all mean the same here
+    except Exception:  # tfds raises several types for "not prepared"; all mean the same here
         where = data_dir or "the default tfds data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
         manual = (" ImageNet needs the ILSVRC2012 tar files placed in the manual dir first"
                   " (tfds.download.DownloadConfig(manual_dir=...))." if name == "imagenet2012" else "")

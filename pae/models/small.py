@@ -8,9 +8,8 @@ PyTorch code these experiments follow); pass other initializers through the fiel
 
 None of them has BatchNorm: ``mask`` is accepted (one call signature for every model) and ignored.
 """
-from typing import Callable, Sequence
+from typing import Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
 from pae.models import init
