@@ -34,7 +34,8 @@ running variance ``* c**2`` on the old channels. The function then
   the residual sum of the first block of stages 2 and 3 and so change every feature after it.
   (The stem's fan-in, the image channels, never grows: it is never rescaled.)
 
-New weights ``V, Z, U`` are drawn i.i.d. with ``new_init``: ``"he"`` (default) ``N(0, 2 / fan_in')``
+New weights ``V, Z, U`` are drawn i.i.d. on the host (NumPy, seeded by the key and the layer's
+index: :func:`host_rng`; no program is compiled per new shape) with ``new_init``: ``"he"`` (default) ``N(0, 2 / fan_in')``
 with the new fan-in ``fan_in' = receptive field * m_i`` (the growable models' own init, so new
 units look freshly initialized at the new width); ``"mup"``: std ``1 / fan_in'`` (pairs with
 ``vt="linear"``); ``"empirical"``: the std of the layer's old (rescaled) weights (GroMo-like).
@@ -120,6 +121,30 @@ def resolve_widths(model_from, model_to) -> tuple[Any, dict, dict]:
     return model_to, old, new
 
 
+def _key_words(key) -> list[int]:
+    """The PRNG key's bits as ints (a typed ``jax.random.key`` or a raw uint32 ``PRNGKey``)."""
+    if isinstance(key, jax.core.Tracer):
+        raise TypeError("key must be a concrete PRNG key (grow runs on the host, outside jit)")
+    if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    words = np.asarray(key)
+    if words.dtype.kind not in "ui" or words.size == 0:
+        raise TypeError(f"key must be a jax PRNG key, got an array of dtype {words.dtype} and shape "
+                        f"{words.shape}")
+    return [int(w) for w in words.astype(np.uint64).ravel()]
+
+
+def host_rng(key, index: int) -> np.random.Generator:
+    """A NumPy generator for layer ``index``, a pure function of ``(key, index)``.
+
+    New weights are drawn on the host: a ``jax.random.normal`` per new shape compiled one small
+    program per layer shape (seconds per growth step on a CPU); NumPy's PCG64 seeded by
+    ``SeedSequence(entropy=key bits, spawn_key=(index,))`` is as deterministic and costs nothing
+    to set up. The draws differ from ``jax.random``'s for the same key (both are i.i.d. normal).
+    """
+    return np.random.default_rng(np.random.SeedSequence(_key_words(key), spawn_key=(int(index),)))
+
+
 def _pad(x: np.ndarray, shape, fill=0.0) -> np.ndarray:
     """``x`` in the leading corner of an array of ``shape`` filled with ``fill``."""
     out = np.full(shape, fill, dtype=x.dtype)
@@ -174,10 +199,10 @@ def _grow_params(params, batch_stats, spec, old, new, key, vt, new_init):
                              f"widths give (..., {n_i}, {n_o}) (is state from model_from?)")
         c = vt_factor(n_i, m_i, vt) if layer.in_group is not None else 1.0
         std = _std(new_init, w, c, int(np.prod(w.shape[:-2], dtype=np.int64)) * m_i)
-        layer_key = jax.random.fold_in(key, idx)
+        rng = host_rng(key, idx)
 
-        def draw(shape, k=layer_key, s=std, dtype=w.dtype):
-            return (np.asarray(jax.random.normal(k, shape, np.float32)) * s).astype(dtype)
+        def draw(shape, r=rng, s=std, dtype=w.dtype):
+            return (r.standard_normal(shape, dtype=np.float32) * s).astype(dtype)
 
         out[kpath] = _grow_kernel(w, n_i, m_i, n_o, m_o, c, draw)
         covered.add(kpath)
@@ -316,4 +341,4 @@ def grow(state: TrainState, model_from, model_to, key, *, tx: optax.GradientTran
     return state.replace(params=grown, batch_stats=batch_stats, opt_state=opt_state)
 
 
-__all__ = ["NEW_INITS", "NEW_MOMENTS", "VT_RULES", "grow", "resolve_widths", "vt_factor"]
+__all__ = ["NEW_INITS", "NEW_MOMENTS", "VT_RULES", "grow", "host_rng", "resolve_widths", "vt_factor"]

@@ -154,3 +154,23 @@ def test_bad_input_fails_clearly(images, g):
         growth.grow(with_adam, VGG, VGG_TO, key)
     with pytest.raises(ValueError, match="does not match tx.init"):
         growth.grow(with_adam, VGG, VGG_TO, key, tx=optax.sgd(0.1, 0.9))
+
+
+def test_new_weights_are_drawn_on_the_host_without_compiling(images, g, monkeypatch):
+    """No jax.random draw (one compiled program per new shape) inside grow; a typed key and its raw
+    uint32 data give the same draws; the draws are a pure function of (key, layer)."""
+    state = g.perturbed_state(RESNET, images)
+    ref = growth.grow(state, RESNET, RESNET_TO, jax.random.PRNGKey(7))
+
+    def boom(*a, **k):
+        raise AssertionError("grow called jax.random.normal")
+    monkeypatch.setattr(jax.random, "normal", boom)
+    typed = growth.grow(state, RESNET, RESNET_TO, jax.random.key(7))
+    jax.tree.map(np.testing.assert_array_equal, typed.params, ref.params)
+    a = growth.vt.host_rng(jax.random.PRNGKey(7), 3).standard_normal(5)
+    b = growth.vt.host_rng(jax.random.PRNGKey(7), 4).standard_normal(5)
+    c = growth.vt.host_rng(jax.random.PRNGKey(8), 3).standard_normal(5)
+    np.testing.assert_array_equal(a, growth.vt.host_rng(jax.random.PRNGKey(7), 3).standard_normal(5))
+    assert not np.allclose(a, b) and not np.allclose(a, c)
+    with pytest.raises(TypeError, match="key must be a jax PRNG key"):
+        growth.grow(state, RESNET, RESNET_TO, np.float32(1.0))
