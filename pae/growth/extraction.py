@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -175,14 +176,7 @@ def compact(spec: ps.GateSpec, latent: ps.Gated, batch_stats: Any, widths: Mappi
         raise TypeError(f"latent must be a pae.growth.structured.Gated, got {type(latent).__name__}")
     sizes = spec.group_sizes
     logits = {g: np.asarray(v) for g, v in latent.logits["channels"].items()}
-    for g, k in widths.items():
-        if g not in logits:
-            raise ValueError(f"widths names {g!r}, which is not a gated channel group; gated: "
-                             f"{sorted(logits)}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= sizes[g]:
-            raise ValueError(f"widths[{g!r}] must be an int in [1, {sizes[g]}], got {k!r}")
-    kept = {g: (np.sort(np.argsort(-logits[g], kind="stable")[:widths[g]]) if g in widths
-                else np.arange(sizes[g])) for g in sizes}
+    kept = _top_channels(spec, latent, widths)
     model, variables = _slice(spec, latent.weights, batch_stats, kept,
                               {b.name for b in spec.blocks}, set())
     ids = latent.ids or {g: np.arange(sizes[g], dtype=np.float32) for g in logits}
@@ -203,3 +197,165 @@ def extract(spec: ps.GateSpec, latent: ps.Gated, batch_stats: Any) -> Extracted:
     bl = {b: bool(np.asarray(s) > 0) for b, s in latent.logits["blocks"].items()}
     masks = {layer.path: ch[layer.out_group] for layer in spec.layers if layer.out_group in ch}
     return extract_masked(spec, latent.weights, batch_stats, masks, bl)
+
+
+# ----------------------------------------------------------------------------- state surgery
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _key(path: str, leaf: str) -> tuple:
+    return tuple(path.split("/")) + (leaf,)
+
+
+def _slice_weights(spec: ps.GateSpec, weights: Any, kept: Mapping[str, np.ndarray]) -> Any:
+    """``weights`` (a params-shaped dict whose leaves may be optax ``MaskedNode``) sliced to the
+    ``kept`` channels of every group, every block kept."""
+    if not isinstance(weights, Mapping):
+        return weights
+    flat = dict(traverse_util.flatten_dict(weights))
+    for layer in spec.layers:
+        i_in, i_out = kept.get(layer.in_group), kept.get(layer.out_group)
+        k = _key(layer.path, "kernel")
+        if k in flat and _is_array(flat[k]):
+            v = np.asarray(flat[k])
+            if i_in is not None:
+                v = np.take(v, i_in, axis=-2)
+            if i_out is not None:
+                v = np.take(v, i_out, axis=-1)
+            flat[k] = v
+        if i_out is None:
+            continue
+        keys = [_key(layer.path, "bias")]
+        if layer.norm is not None:
+            keys += [_key(layer.norm, leaf) for leaf in ("scale", "bias", "mean", "var")]
+        for k in keys:
+            if k in flat and _is_array(flat[k]):
+                flat[k] = np.take(np.asarray(flat[k]), i_out, axis=-1)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _scatter_weights(spec: ps.GateSpec, full: Any, small: Any, ids: Mapping[str, np.ndarray]) -> Any:
+    """``full`` with ``small``'s values written at the full-net indices ``ids`` of every group (the
+    inverse of :func:`_slice_weights` on the kept entries; the others keep ``full``'s values)."""
+    if not isinstance(full, Mapping):
+        return full
+    flat = {k: (np.array(v) if _is_array(v) else v) for k, v in traverse_util.flatten_dict(full).items()}
+    part = dict(traverse_util.flatten_dict(small))
+    for layer in spec.layers:
+        i_in = ids.get(layer.in_group, np.arange(layer.in_size)) if layer.in_group else np.arange(layer.in_size)
+        i_out = ids.get(layer.out_group, np.arange(layer.out_size)) if layer.out_group else \
+            np.arange(layer.out_size)
+        k = _key(layer.path, "kernel")
+        if k in flat and _is_array(flat[k]):
+            flat[k][..., i_in[:, None], i_out[None, :]] = np.asarray(part[k])
+        keys = [_key(layer.path, "bias")]
+        if layer.norm is not None:
+            keys += [_key(layer.norm, leaf) for leaf in ("scale", "bias", "mean", "var")]
+        for k in keys:
+            if k in flat and _is_array(flat[k]):
+                flat[k][..., i_out] = np.asarray(part[k])
+    return traverse_util.unflatten_dict(flat)
+
+
+def _map_gated(fn, tree, *rest):
+    """``fn`` on every :class:`~pae.growth.structured.Gated` node of ``tree`` (an optimizer state:
+    its moments are Gated-shaped); other leaves are taken from the last tree (the counts)."""
+    is_gated = lambda x: isinstance(x, ps.Gated)  # noqa: E731
+    return jax.tree.map(lambda x, *r: fn(x, *r) if is_gated(x) else (r[-1] if r else x),
+                        tree, *rest, is_leaf=is_gated)
+
+
+def _slice_gated(spec: ps.GateSpec, node: ps.Gated, kept: Mapping[str, np.ndarray]) -> ps.Gated:
+    take = lambda v, g: np.asarray(v)[kept[g]] if _is_array(v) else v  # noqa: E731
+    ids = node.ids
+    if isinstance(ids, Mapping):
+        ids = {g: take(v, g) for g, v in ids.items()}
+    return ps.Gated(_slice_weights(spec, node.weights, kept),
+                    {"channels": {g: take(v, g) for g, v in node.logits["channels"].items()},
+                     "blocks": {b: (np.asarray(v) if _is_array(v) else v)
+                                for b, v in node.logits["blocks"].items()}},
+                    ids)
+
+
+def _scatter_gated(spec: ps.GateSpec, full: ps.Gated, small: ps.Gated, ids) -> ps.Gated:
+    def put(f, s, g):
+        if not _is_array(f):
+            return f
+        out = np.array(f)
+        out[ids[g]] = np.asarray(s)
+        return out
+    new_ids = full.ids
+    if isinstance(full.ids, Mapping):
+        new_ids = {g: put(v, small.ids[g], g) for g, v in full.ids.items()}
+    return ps.Gated(_scatter_weights(spec, full.weights, small.weights, ids),
+                    {"channels": {g: put(v, small.logits["channels"][g], g)
+                                  for g, v in full.logits["channels"].items()},
+                     "blocks": {b: (np.asarray(small.logits["blocks"][b]) if _is_array(v) else v)
+                                for b, v in full.logits["blocks"].items()}},
+                    new_ids)
+
+
+def _top_channels(spec: ps.GateSpec, latent: ps.Gated, widths: Mapping[str, int]) -> dict:
+    sizes = spec.group_sizes
+    logits = {g: np.asarray(v) for g, v in latent.logits["channels"].items()}
+    for g, k in widths.items():
+        if g not in logits:
+            raise ValueError(f"widths names {g!r}, which is not a gated channel group; gated: "
+                             f"{sorted(logits)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= sizes[g]:
+            raise ValueError(f"widths[{g!r}] must be an int in [1, {sizes[g]}], got {k!r}")
+    return {g: (np.sort(np.argsort(-logits[g], kind="stable")[:widths[g]]) if g in widths
+                else np.arange(sizes[g])) for g in sizes}
+
+
+def compact_state(spec: ps.GateSpec, state: Any, widths: Mapping[str, int], *,
+                  carry_optimizer: bool = True) -> tuple[Any, Any]:
+    """:func:`compact` of a whole :class:`~pae.train.TrainState` whose params are a ``Gated`` latent:
+    returns ``(slim model, state)`` with the latent, the BatchNorm statistics and, with
+    ``carry_optimizer``, every Gated-shaped moment of the optimizer state (SGD's momentum trace,
+    Adam's moments; counts carried as they are) sliced to the same channels, so training continues
+    as masked full-size training would (``carry_optimizer=False``: ``opt_state=None``, a fresh
+    optimizer at the next phase)."""
+    latent = state.params
+    if not isinstance(latent, ps.Gated):
+        raise TypeError(f"state.params must be a pae.growth.structured.Gated, got {type(latent).__name__}")
+    kept = _top_channels(spec, latent, widths)
+    model, new, stats = compact(spec, latent, state.batch_stats, widths)
+    opt = None
+    if carry_optimizer and state.opt_state is not None:
+        opt = _map_gated(lambda node: _slice_gated(spec, node, kept), jax.device_get(state.opt_state))
+    return model, state.replace(params=new, batch_stats=stats, opt_state=opt)
+
+
+def expand_state(spec: ps.GateSpec, full: Any, state: Any) -> Any:
+    """The full-size :class:`~pae.train.TrainState` ``full`` updated with a compacted ``state``
+    (params a ``Gated`` latent whose ``ids`` are full-net channel indices): the latent, BatchNorm
+    statistics and optimizer moments of the kept channels are written at their ids; the channels
+    compaction dropped keep the values they had when dropped (logits <= 0: off); step, key and the
+    optimizer's counts are ``state``'s. Where either optimizer state is None the result's is None."""
+    latent = state.params
+    if not isinstance(latent, ps.Gated) or not isinstance(full.params, ps.Gated):
+        raise TypeError("full.params and state.params must be pae.growth.structured.Gated latents")
+    ids = {g: np.asarray(v).astype(np.int64) for g, v in latent.ids.items()}
+    host = jax.device_get
+    params = _scatter_gated(spec, host(full.params), host(latent), ids)
+    stats = _scatter_weights(spec, host(full.batch_stats), host(state.batch_stats), ids)
+    opt = None
+    if full.opt_state is not None and state.opt_state is not None:
+        opt = _map_gated(lambda f, s: _scatter_gated(spec, f, s, ids), host(full.opt_state),
+                         host(state.opt_state))
+    return full.replace(step=state.step, params=params, batch_stats=stats, opt_state=opt, key=state.key)
+
+
+def restructure(spec: ps.GateSpec, full: Any, state: Any, widths: Mapping[str, int]
+                ) -> tuple[Any, Any, Any]:
+    """Periodic restructuring with regrowth: write the compacted ``state`` back into the full-size
+    ``full`` (:func:`expand_state`), then compact that to ``widths`` (:func:`compact_state`, the
+    channels of largest logit, optimizer moments carried). A group may so get wider than it was (its
+    new channels come back with the weights, logits and moments they had when dropped). Returns
+    ``(slim model, compacted state, updated full state)``."""
+    full = expand_state(spec, full, state)
+    model, small = compact_state(spec, full, widths)
+    return model, small, full

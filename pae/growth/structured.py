@@ -520,7 +520,8 @@ def structured_optimizer(cfg: StructuredConfig, steps_per_epoch: int, start_epoc
 
 def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselect.Selector | None = None,
                       blocks: bool = True, name: str = "search",
-                      compactions: Sequence[tuple[int, Mapping[str, int]]] = ()) -> list[Phase]:
+                      compactions: Sequence[tuple[int, Mapping[str, int]]] = (),
+                      carry_optimizer: bool = True) -> list[Phase]:
     """The search as engine phases: ``cfg.epochs`` with the transform, the temperature context (beta
     per epoch of the whole search, key from ``cfg.seed``), the role optimizer and the metrics of
     :func:`structured_metrics`; keeps ``"searched"`` at the end. Start from
@@ -530,9 +531,13 @@ def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselec
     ``compactions``: ``[(epoch, widths), ...]``: at each ``epoch`` the search continues on the net
     compacted by :func:`pae.growth.extraction.compact` to ``widths`` (``{group: channels}``, fixed in
     advance, filled with the channels of largest logit: the active ones plus a growth margin), as a
-    phase ``f"{name}{j}"`` whose ``model`` is the slim net (one more compilation each). The optimizer
-    state restarts at a compaction (momentum is not carried; the lr schedule continues). Masked
-    full-size training with the dropped channels held off is its correctness oracle (tested).
+    phase ``f"{name}{j}"`` whose ``model`` is the slim net (one more compilation each). With
+    ``carry_optimizer`` (default) the optimizer state is sliced with the same channel sets
+    (:func:`pae.growth.extraction.compact_state`: momentum carried, step count continuing); without
+    it the optimizer restarts at a compaction (momentum dropped; the lr schedule continues). Masked
+    full-size training with the dropped channels held off (and the optimizer state kept, or
+    restarted) is its correctness oracle (tested). For widths decided during the run (active
+    channels plus a margin, regrowth included) see :func:`structured_search`.
     """
     from pae.growth import extraction as pextract   # extract imports this module
 
@@ -543,35 +548,142 @@ def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselec
                          f"got {cuts}")
     bounds = [0] + cuts + [cfg.epochs]
     phases, current = [], spec
+    shared = lambda spe: structured_optimizer(cfg, spe, 0)  # noqa: E731  (carried: the count goes on)
     for j in range(len(bounds) - 1):
         start, stop = bounds[j], bounds[j + 1]
         enter, model = None, spec.model
         if j:
             widths = dict(compactions[j - 1][1])
             model = pextract.slim_model(current, {**current.group_sizes, **widths})
-            enter = _compaction(current, widths)
+            enter = _compaction(current, widths, carry_optimizer)
             current = gate_spec(model, np.zeros(spec.example_shape, np.float32))
-        t = cfg.transform(current, channels, blocks, reference=spec)
-
-        def context(epoch, start=start):
-            return Context.make(beta=temperature_schedule(start + epoch, cfg.epochs, cfg.beta_final),
-                                key=jax.random.fold_in(key, start + epoch))
-
-        phases.append(Phase(name if not j else f"{name}{j}", stop - start,
-                            lambda spe, start=start: structured_optimizer(cfg, spe, start), t, context,
-                            enter, keep={stop - start: "searched"} if stop == cfg.epochs else {},
-                            eval_every=1, model=model,
-                            metrics=structured_metrics(current, cfg.budget, cfg.lmbda, cfg.utilization,
-                                                       reference=spec)))
+        optimizer = shared if carry_optimizer else \
+            (lambda spe, start=start: structured_optimizer(cfg, spe, start))
+        phases.append(_segment(cfg, spec, current, start, stop, name if not j else f"{name}{j}",
+                               key, channels, blocks, enter, model, optimizer,
+                               "keep" if j and carry_optimizer else "fresh"))
     return phases
 
 
-def _compaction(spec: GateSpec, widths: Mapping[str, int]):
+def _segment(cfg, spec, current, start, stop, name, key, channels, blocks, enter, model, optimizer,
+             optimizer_state, data_epochs_from=None) -> Phase:
+    """Epochs ``[start, stop)`` of the search on ``current`` (a compacted net's spec, or ``spec``)."""
+    t = cfg.transform(current, channels, blocks, reference=spec)
+
+    def context(epoch):
+        return Context.make(beta=temperature_schedule(start + epoch, cfg.epochs, cfg.beta_final),
+                            key=jax.random.fold_in(key, start + epoch))
+
+    return Phase(name, stop - start, optimizer, t, context, enter,
+                 keep={stop - start: "searched"} if stop == cfg.epochs else {}, eval_every=1,
+                 model=model, optimizer_state=optimizer_state, data_epochs_from=data_epochs_from,
+                 metrics=structured_metrics(current, cfg.budget, cfg.lmbda, cfg.utilization,
+                                            reference=spec))
+
+
+def _compaction(spec: GateSpec, widths: Mapping[str, int], carry_optimizer: bool = True):
     from pae.growth import extraction as pextract
 
     def enter(state, snapshots):
         del snapshots
-        _, latent, stats = pextract.compact(spec, state.params, state.batch_stats, widths)
-        return state.replace(params=latent, batch_stats=stats, opt_state=None)
+        return pextract.compact_state(spec, state, widths, carry_optimizer=carry_optimizer)[1]
 
     return enter
+
+
+# ----------------------------------------------------------------------------- search with regrowth
+
+class SearchResult(NamedTuple):
+    """``state``: the final (compacted) state; ``spec``: the gate spec of its model (extract with
+    ``extract(result.spec, result.state.params, result.state.batch_stats)``); ``history``: one row
+    per epoch of the whole search (``width_flops``: the FLOPs fraction of the net actually
+    trained, the compacted shapes; ``segment``); ``widths``: ``[(epoch, {group: width})]`` of every
+    restructuring; ``full``: the full-size state the compacted one was last written into."""
+
+    state: Any
+    spec: GateSpec
+    history: list
+    widths: list
+    full: Any
+
+
+def margin_widths(spec: GateSpec, latent: Gated, margin: float, multiple: int = 1) -> dict:
+    """``{group: min(size, active + ceil(margin * size))}`` for every gated group of the full-net
+    ``spec``, rounded up to a multiple of ``multiple`` (fewer distinct shapes, fewer compilations)."""
+    check_finite("margin", margin)
+    if not 0 <= margin <= 1:
+        raise ValueError(f"margin must be in [0, 1], got {margin!r}")
+    sizes = spec.group_sizes
+    out = {}
+    for g, s in latent.logits["channels"].items():
+        active = int(np.sum(np.asarray(s) > 0))
+        w = active + math.ceil(margin * sizes[g] - 1e-9)
+        w = multiple * math.ceil(max(w, 1) / multiple)
+        out[g] = int(min(sizes[g], w))
+    return out
+
+
+def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, batch_size: int,
+                      restructure_at: Sequence[int] = (0,), margin: float = 0.25, multiple: int = 1,
+                      channels: pselect.Selector | None = None, blocks: bool = True,
+                      name: str = "search", seed: int | None = None, log=None) -> SearchResult:
+    """The search with periodic restructuring decided during the run: at every epoch of
+    ``restructure_at`` (0 allowed: start from the seed plus the margin) the net is rebuilt at the
+    widths :func:`margin_widths` gives (active channels plus ``margin`` of each group, so a group can
+    grow by up to the margin before the next restructuring, and regrow past its previous width) by
+    :func:`pae.growth.extraction.restructure`; the optimizer state is carried with the channels.
+    Between restructurings the search trains the compacted net: training cost falls with the active
+    FLOPs. Each segment is one :func:`pae.train.train_phases` call of the phase
+    :func:`structured_phases` builds for those epochs (the temperature, key, lr schedule and data
+    order continue as in one run); a new width compiles anew.
+
+    ``state``: ``init_state(spec.model, example, seed, cfg.transform(spec, channels, blocks).init)``.
+    ``seed``: the data order (default ``cfg.seed``).
+    """
+    from pae.growth import extraction as pextract
+    from pae.train import engine
+
+    cuts = sorted({int(e) for e in restructure_at})
+    if any(not 0 <= e < cfg.epochs for e in cuts):
+        raise ValueError(f"restructure_at epochs must be in [0, epochs={cfg.epochs}), got "
+                         f"{list(restructure_at)}")
+    if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    if not isinstance(state.params, Gated):
+        raise TypeError("state.params must be the Gated latent of cfg.transform(spec).init "
+                        "(pae.train.init_state(model, example, seed, cfg.transform(spec).init))")
+    key = jax.random.PRNGKey(cfg.seed)
+    seed = cfg.seed if seed is None else seed
+    bounds = sorted(set([0] + cuts + [cfg.epochs]))
+    full_cost = pflops.full_cost(spec)
+    full, current, model = state, spec, spec.model
+    optimizer = lambda spe: structured_optimizer(cfg, spe, 0)  # noqa: E731
+    history, widths = [], []
+    for j in range(len(bounds) - 1):
+        start, stop = bounds[j], bounds[j + 1]
+        if start in cuts:
+            if full.opt_state is None and state.opt_state is not None:
+                shapes = jax.eval_shape(optimizer(1).init, jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), full.params))
+                full = full.replace(opt_state=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes))
+            if current is not spec:
+                full = pextract.expand_state(spec, full, state)
+            else:
+                full = state
+            w = margin_widths(spec, full.params, margin, multiple)
+            model, state = pextract.compact_state(spec, full, w)
+            current = gate_spec(model, np.zeros(spec.example_shape, np.float32))
+            widths.append((start, w))
+        phase = _segment(cfg, spec, current, start, stop, name, key, channels, blocks, None,
+                         model, optimizer, "keep" if state.opt_state is not None else "fresh",
+                         data_epochs_from=start)
+        out = engine.train_phases(task, [phase], state, batch_size=batch_size, seed=seed, log=log)
+        state = engine.host(out.state)
+        share = pflops.full_cost(current) / full_cost
+        for row in out.history:
+            history.append({**row, "epoch": row["epoch"] + start, "segment": j, "width_flops": share})
+    if current is not spec:
+        full = pextract.expand_state(spec, full, state)
+    else:
+        full = state
+    return SearchResult(state, current, history, widths, full)

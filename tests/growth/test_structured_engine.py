@@ -57,9 +57,12 @@ def test_extracted_net_equals_the_searched_net(run):
     assert n < sum(np.size(v) for v in jax.tree.leaves(state.params.weights))
 
 
-def test_compaction_then_training_equals_masked_full_size_training():
+@pytest.mark.parametrize("carry", [True, False])
+def test_compaction_then_training_equals_masked_full_size_training(carry):
     """Search 2 epochs full size, compact to fixed widths (active channels plus margin), search 2
-    more on the slim net == the same 4 epochs full size with the dropped channels held off."""
+    more on the slim net == the same 4 epochs full size with the dropped channels held off; with
+    ``carry`` the optimizer state (Nesterov momentum of weights and logits, the step count) goes on
+    in both, sliced to the kept channels by the compaction; without it both restart it."""
     from pae.train import Phase
     rng = np.random.default_rng(1)
     x = rng.normal(size=(96, 8, 8, 3)).astype(np.float32)
@@ -71,12 +74,13 @@ def test_compaction_then_training_equals_masked_full_size_training():
     widths = {"stream0": 3, "stream1": 5, "BasicBlock_0/Conv_0": 2, "BasicBlock_1/Conv_0": 6}
     task = make_task(model, {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])})
     state = init_state(model, x[:1], 0, cfg.transform(spec).init)
-    compacted = ps.structured_phases(cfg, spec, compactions=[(2, widths)])
+    compacted = ps.structured_phases(cfg, spec, compactions=[(2, widths)], carry_optimizer=carry)
     assert [p.name for p in compacted] == ["search", "search1"] and compacted[1].model != model
     a = train_phases(task, compacted, state, batch_size=32, log=lambda s: None)
 
     # the oracle: full size; at epoch 2 the channels compaction drops get logit -1e4 (never drawn,
-    # zero gradient), a fresh optimizer continuing the schedule, as the compacted phase has
+    # zero gradient), the optimizer state kept (carry) or fresh continuing the schedule, as the
+    # compacted phase has
     kept = {}
 
     def hold_off(st, snaps):
@@ -88,15 +92,16 @@ def test_compaction_then_training_equals_masked_full_size_training():
                 kept[g] = np.array(sorted(order))
                 s = np.where(np.isin(np.arange(len(s)), kept[g]), s, -1e4).astype(np.float32)
             ch[g] = s
-        return st.replace(params=st.params.replace(logits={**st.params.logits, "channels": ch}),
-                          opt_state=None)
+        st = st.replace(params=st.params.replace(logits={**st.params.logits, "channels": ch}))
+        return st if carry else st.replace(opt_state=None)
 
     full = ps.structured_phases(cfg, spec)[0]
     t = full.transform
     oracle = [Phase("search", 2, compacted[0].optimizer, t, full.context, eval_every=1,
                     metrics=full.metrics),
               Phase("search1", 2, compacted[1].optimizer, t, compacted[1].context, hold_off,
-                    eval_every=1, metrics=full.metrics)]
+                    eval_every=1, metrics=full.metrics, optimizer_state=compacted[1].optimizer_state)]
+    assert compacted[1].optimizer_state == ("keep" if carry else "fresh")
     b = train_phases(task, oracle, state, batch_size=32, log=lambda s: None)
     for ra, rb in zip(a.history, b.history):
         np.testing.assert_allclose(ra["train_loss"], rb["train_loss"], rtol=1e-4)
