@@ -24,6 +24,19 @@ The forward function runs the model's own ``__call__`` under ``flax.linen.interc
 layers) runs as in the float model, in inference mode: the model is called with ``train=False``, so
 its ``__call__`` must take that keyword (every ``pae.models`` model does). Integer inputs of a packed
 layer are promoted to float32, as flax's ``nn.Dense``/``nn.Conv`` promote them.
+
+Activations (a latent with :class:`~pae.quant.QuantAct` nodes, phase 2 of
+``QuantConfig(activations=True)``; pass the phase-2 ``batch_stats``, which hold the running
+ranges): each such layer's input is quantized per channel before its GEMM, with the frozen range,
+grid and palette widths of the phase-2 model in evaluation, stored as ``tree["acts"][layer]`` =
+``{"bits": uint8 (C,), "scale": float32 (C,), "offset": float32 (C,)}``:
+``x_q = (clip(round(x / scale + offset), 0, 2**bits - 1) - offset) * scale``. The codes are
+per channel and elementwise, so the quantized activations enter ``packed_matmul``, which applies
+the layer's lo/hi input permutation to them together with the weight rows (a conv quantizes its
+input before the patches, so padding stays exact zeros, as in the phase-2 model). The kernel takes
+the activations dequantized (float): ``pallas_kernels`` has no per-channel integer-activation path.
+The running statistics are not kept in the exported tree; :func:`size_bytes` counts the stored
+quantizer as ``acts``.
 """
 from __future__ import annotations
 
@@ -39,6 +52,7 @@ from jax import lax
 
 import pallas_kernels as pk
 from pae.core import is_node
+from pae.quant import activations as qa
 from pae.quant import noise as qn
 from pae.quant import quantizer as qz
 
@@ -68,8 +82,9 @@ jax.tree_util.register_dataclass(PackedLayer, data_fields=["packed", "out_perm"]
 
 
 class Exported(NamedTuple):
-    """``tree``: ``{"params": float leaves left, "batch_stats": ..., "layers": {path: PackedLayer}}``
-    (a pytree: jit over it, save its arrays); ``apply(tree, x) -> logits``: the pure forward."""
+    """``tree``: ``{"params": float leaves left, "batch_stats": ..., "layers": {path: PackedLayer},
+    "acts": {layer path: {"bits", "scale", "offset"}}}`` (a pytree: jit over it, save it with
+    :func:`save_exported`); ``apply(tree, x) -> logits``: the pure forward."""
 
     tree: dict
     apply: Callable
@@ -128,18 +143,22 @@ def _pack_layer(path: str, node: qn.QuantWeight, k_tile: int, n_tile: int) -> Pa
     return PackedLayer(packed, out_perm, tuple(w.shape), tuple(levels))
 
 
-def _split(tree: Any, prefix: str, layers: dict, k_tile: int, n_tile: int) -> Any:
+def _split(tree: Any, prefix: str, layers: dict, k_tile: int, n_tile: int, acts=None) -> Any:
+    if isinstance(tree, qa.QuantAct):
+        acts[prefix.rsplit("/", 1)[0] if "/" in prefix else ""] = tree
+        return None
     if isinstance(tree, qn.QuantWeight):
         layers[prefix] = _pack_layer(prefix, tree, k_tile, n_tile)
         return None
     if is_node(tree):
         raise ValueError(f"export: leaf {prefix!r} is a {type(tree).__name__} node; export takes the "
-                         f"phase-2 latent (QuantWeight nodes, see pae.quant.assign_palette) and plain "
-                         f"parameters")
+                         f"phase-2 latent (QuantWeight and QuantAct nodes, see "
+                         f"pae.quant.assign_palette) and plain parameters")
     if isinstance(tree, Mapping):
         out = {}
         for key, value in tree.items():
-            sub = _split(value, f"{prefix}/{key}" if prefix else str(key), layers, k_tile, n_tile)
+            sub = _split(value, f"{prefix}/{key}" if prefix else str(key), layers, k_tile, n_tile,
+                         acts)
             if sub is not None:
                 out[key] = sub
         return out
@@ -189,36 +208,134 @@ def _conv(path: str, mod: nn.Conv, x, layer: PackedLayer, backend: str):
     return y.reshape(batch + out_sp[1:] + (layer.kernel_shape[-1],))
 
 
+@jax.jit
+def _act_quantizer(bits, r, log_scale, unsigned):
+    delta, o, _ = qa.grid_params(bits, r * jnp.exp(log_scale), unsigned)
+    return delta, o
+
+
+def _pop_stats(stats: Any, path: str):
+    """``stats`` without the activation statistics of layer ``path``, and those statistics."""
+    keys = path.split("/") if path else []
+    def go(tree, keys):
+        if not isinstance(tree, Mapping):
+            return tree, None
+        if not keys:
+            found = tree.get(qa.ACT)
+            return {k: v for k, v in tree.items() if k != qa.ACT}, found
+        if keys[0] not in tree:
+            return tree, None
+        sub, found = go(tree[keys[0]], keys[1:])
+        out = dict(tree)
+        if sub:
+            out[keys[0]] = sub
+        else:
+            del out[keys[0]]
+        return out, found
+    return go(stats, keys)
+
+
+def _act_layer(path: str, node: qa.QuantAct, stats: Any) -> dict:
+    bits = np.asarray(node.bits, np.float64)
+    qz.check_bits(f"activation bits of {path!r}", bits)
+    if stats is None:
+        raise ValueError(f"export: layer {path!r} quantizes its inputs, but batch_stats holds no "
+                         f"running statistics for it; pass the phase-2 state's batch_stats")
+    for name in ("ema", "count", "min"):
+        if name != "min":
+            _finite(f"{path}/{qa.ACT}/{name}", stats[name], "activation statistics")
+    if node.log_scale is not None:
+        _finite(f"{path}/{qa.ACT}/log_scale", node.log_scale, "activation range scales")
+    r = np.asarray(qa.running_range(stats, node.momentum), np.float32)
+    unsigned = np.asarray(qa.is_unsigned(qa._GRID_CODE[node.grid], stats))
+    log_scale = np.zeros_like(r) if node.log_scale is None else np.asarray(node.log_scale, np.float32)
+    delta, o = _act_quantizer(jnp.asarray(bits, jnp.float32), jnp.asarray(r), jnp.asarray(log_scale),
+                              jnp.asarray(unsigned))
+    return {"bits": jnp.asarray(bits.astype(np.uint8)), "scale": jnp.asarray(delta, jnp.float32),
+            "offset": jnp.asarray(o, jnp.float32)}
+
+
+def quantize_exported_input(x: jax.Array, act: Mapping) -> jax.Array:
+    """An exported layer's input quantized per channel (module doc)."""
+    x = jnp.asarray(x, jnp.float32)
+    scale, o = act["scale"], act["offset"]
+    top = jnp.exp2(act["bits"].astype(jnp.float32)) - 1.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(jnp.clip(x / safe + o, 0.0, top)), 0.0, top)
+    return (q - o) * scale
+
+
 def export(model: nn.Module, latent: Any, batch_stats: Any = None, *, k_tile: int = 512,
            n_tile: int = 128, backend: str = "auto") -> Exported:
     """Pack every :class:`~pae.quant.QuantWeight` of a phase-2 ``latent`` and return the inference
     model (module doc). ``backend`` goes to ``packed_matmul`` (CPU: its jnp reference path).
 
-    Raises ValueError naming the leaf for NaN/Inf weights, nodes other than QuantWeight, and at the
-    first call of ``apply`` for a quantized kernel that no ``nn.Dense``/``nn.Conv`` consumed."""
+    ``model``: the task's Flax model (or its :func:`pae.quant.quantize_activations` wrapper);
+    ``batch_stats``: the phase-2 state's (BatchNorm statistics and, with quantized activations,
+    their running ranges). With activations: ``export(model, result.state.params,
+    result.state.batch_stats)``.
+
+    Raises ValueError naming the leaf for NaN/Inf weights, nodes other than QuantWeight/QuantAct,
+    quantized activations without statistics, and at the first call of ``apply`` for a quantized
+    kernel that no ``nn.Dense``/``nn.Conv`` consumed."""
+    if isinstance(model, qa.ActQuantized):
+        model = model.model
+    check_tiles(k_tile, n_tile)
     layers: dict = {}
-    params = _split(latent, "", layers, k_tile, n_tile)
+    act_nodes: dict = {}
+    params = _split(latent, "", layers, k_tile, n_tile, act_nodes)
     if not layers:
         raise ValueError("export: latent has no QuantWeight node: nothing to pack (run the phase-2 "
                          "transition pae.quant.assign_palette first)")
     stats = {} if batch_stats is None else jax.tree.map(jnp.asarray, batch_stats)
-    tree = {"params": params, "batch_stats": stats, "layers": layers}
+    acts = {}
+    for path, node in act_nodes.items():
+        stats, found = _pop_stats(stats, path)
+        acts[path] = _act_layer(path, node, found)
+    _finite_tree("batch_stats", stats)
+    tree = {"params": params, "batch_stats": stats, "layers": layers, "acts": acts}
+    return Exported(tree, _forward(model, backend))
+
+
+def _finite_tree(prefix: str, tree: Any) -> None:
+    for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        _finite(prefix + "/" + "/".join(str(getattr(k, "key", k)) for k in keypath), leaf, "values")
+
+
+def check_tiles(k_tile: int, n_tile: int) -> bool:
+    """ValueError unless ``k_tile``/``n_tile`` are tiles ``pallas_kernels`` supports."""
+    if k_tile not in pk.SUPPORTED_K_TILES:
+        raise ValueError(f"k_tile must be one of {pk.SUPPORTED_K_TILES}, got {k_tile!r}")
+    if n_tile not in pk.SUPPORTED_N_TILES:
+        raise ValueError(f"n_tile must be one of {pk.SUPPORTED_N_TILES}, got {n_tile!r}")
+    return True
+
+
+def _forward(model: nn.Module, backend: str) -> Callable:
+    """The pure forward ``apply(tree, x)`` of an exported ``model`` (module doc)."""
 
     def apply(tree, x):
         layers = tree["layers"]
+        acts = tree.get("acts", {})
         used = set()
 
         def intercept(next_fun, args, kwargs, context):
             mod = context.module
             if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
                 return next_fun(*args, **kwargs)
-            path = "/".join(mod.path) + "/kernel"
-            if path not in layers:
+            scope = "/".join(mod.path)
+            path = scope + "/kernel"
+            if path not in layers and scope not in acts:
                 return next_fun(*args, **kwargs)
-            used.add(path)
             x = jnp.asarray(args[0])
             if not jnp.issubdtype(x.dtype, jnp.floating):   # as flax promotes int inputs
                 x = x.astype(jnp.float32)
+            if scope in acts:
+                used.add(scope)
+                x = quantize_exported_input(x, acts[scope]).astype(x.dtype)
+            if path not in layers:
+                return next_fun(x, *args[1:], **kwargs)
+            used.add(path)
             layer = layers[path]
             y = (_dense(x, layer, backend) if isinstance(mod, nn.Dense)
                  else _conv(path, mod, x, layer, backend))
@@ -230,7 +347,7 @@ def export(model: nn.Module, latent: Any, batch_stats: Any = None, *, k_tile: in
         if tree["batch_stats"]:
             variables["batch_stats"] = tree["batch_stats"]
         def unconsumed(err=None):
-            missing = sorted(set(layers) - used)
+            missing = sorted((set(layers) | set(acts)) - used)
             if missing:
                 raise ValueError(f"export: quantized leaves {missing} were not consumed by an nn.Dense "
                                  f"or nn.Conv of the model; only those layers can run packed") from err
@@ -244,21 +361,25 @@ def export(model: nn.Module, latent: Any, batch_stats: Any = None, *, k_tile: in
         unconsumed()
         return out
 
-    return Exported(tree, apply)
+    return apply
 
 
 def size_bytes(exported: Exported) -> dict:
     """Bytes of the exported model, counted honestly (host integers).
 
     ``codes``: the packed words as stored (padded to ``k_tile``/``n_tile``); ``scales``: float32 scales
-    as stored (padded); ``perms``: input and output permutations; ``float``: every float leaf left
-    (biases, BatchNorm parameters and statistics, unquantized layers); ``total``: their sum.
+    as stored (padded); ``perms``: input and output permutations; ``acts``: the activation
+    quantizers (per channel a uint8 width, a float32 scale and a float32 offset); ``float``: every
+    float leaf left (biases, BatchNorm parameters and statistics, unquantized layers); ``total``:
+    their sum.
     ``codes_unpadded`` / ``scales_unpadded`` / ``total_unpadded``: the same without tile padding
     (``ceil(K_s * N * stored_bits / 8)`` per segment, 4 bytes per scale), what a tight format would
     hold. ``fp32``: the same model with every parameter and statistic in float32.
     """
-    out = dict.fromkeys(("codes", "scales", "perms", "float", "codes_unpadded", "scales_unpadded",
-                         "fp32"), 0)
+    out = dict.fromkeys(("codes", "scales", "perms", "acts", "float", "codes_unpadded",
+                         "scales_unpadded", "fp32"), 0)
+    for leaf in jax.tree.leaves(exported.tree.get("acts", {})):
+        out["acts"] += int(np.asarray(leaf).nbytes)
     for layer in exported.tree["layers"].values():
         out["fp32"] += 4 * int(np.prod(layer.kernel_shape))
         if layer.out_perm is not None:
@@ -275,9 +396,11 @@ def size_bytes(exported: Exported) -> dict:
         leaf = np.asarray(leaf)
         out["float"] += int(leaf.nbytes)
         out["fp32"] += 4 * int(leaf.size)
-    out["total"] = out["codes"] + out["scales"] + out["perms"] + out["float"]
-    out["total_unpadded"] = out["codes_unpadded"] + out["scales_unpadded"] + out["perms"] + out["float"]
+    out["total"] = out["codes"] + out["scales"] + out["perms"] + out["acts"] + out["float"]
+    out["total_unpadded"] = (out["codes_unpadded"] + out["scales_unpadded"] + out["perms"]
+                             + out["acts"] + out["float"])
     return out
 
 
-__all__ = ["Exported", "NATIVE_BITS", "PackedLayer", "container_bits", "export", "matmul", "size_bytes"]
+__all__ = ["Exported", "NATIVE_BITS", "PackedLayer", "check_tiles", "container_bits", "export", "matmul",
+           "quantize_exported_input", "size_bytes"]

@@ -269,8 +269,10 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
 
 
 def quantize_params(latent: Any) -> Any:
-    """Ordinary params: every :class:`QuantWeight` replaced by ``Q(weight)`` at its palette widths."""
-    return map_nodes(lambda n: _quantized(n, n.bits), latent, QuantWeight)
+    """Ordinary params: every :class:`QuantWeight` replaced by ``Q(weight)`` at its palette widths,
+    every :class:`pae.quant.QuantAct` by the dict the activation-quantizing model reads."""
+    from pae.quant import activations as qa
+    return qa.visible_acts(map_nodes(lambda n: _quantized(n, n.bits), latent, QuantWeight))
 
 
 def palette_quantizer() -> Transform:

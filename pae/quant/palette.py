@@ -110,10 +110,16 @@ def choose_palette(bits: Any, weights_per_channel: int, *, levels: int = 2,
 
 def assign_palette(latent: Any, *, levels: int = 2, low: Sequence[int] = (1, 4),
                    high: Sequence[int] = (4, 8), distortion_weight: float = 1.0,
-                   count_overhead: bool = True, fixed: Sequence[int] | None = None) -> Any:
+                   count_overhead: bool = True, fixed: Sequence[int] | None = None,
+                   act_fixed: Sequence[int] | None = None) -> Any:
     """Every :class:`~pae.quant.NoisyWeight` of ``latent`` becomes a :class:`~pae.quant.QuantWeight`
     holding the palette :func:`choose_palette` picks from its learned widths (same weight, same
-    range). Pure and host-side (NumPy); the transition into phase 2."""
+    range). Pure and host-side (NumPy); the transition into phase 2.
+
+    Every :class:`~pae.quant.NoisyAct` (activation widths) likewise becomes a
+    :class:`~pae.quant.QuantAct` with the same ``levels``, ``low``, ``high`` and
+    ``distortion_weight`` (one weight per channel, no overhead: the activation quantizer stores a
+    scale and an offset per channel whatever the palette), or the palette ``act_fixed``."""
     if not np.isfinite(distortion_weight) or distortion_weight < 0:
         raise ValueError(f"distortion_weight must be finite and >= 0, got {distortion_weight}")
     found = []
@@ -135,7 +141,17 @@ def assign_palette(latent: Any, *, levels: int = 2, low: Sequence[int] = (1, 4),
         return qn.QuantWeight(n.weight, jnp.asarray(assigned), jnp.asarray(padded, jnp.float32),
                               n.log_range, n.axis)
 
-    out = map_nodes(snap, latent, qn.NoisyWeight)
+    from pae.quant import activations as qa
+
+    def snap_act(n: qa.NoisyAct):
+        palette, assigned = choose_palette(
+            np.asarray(qa.act_bits(n)), 1, levels=levels, low=low, high=high,
+            distortion_weight=distortion_weight, fixed=act_fixed)
+        padded = palette + (palette[-1],) * (levels - len(palette))
+        return qa.QuantAct(jnp.asarray(assigned), jnp.asarray(padded, jnp.float32), n.log_scale,
+                           n.grid, n.momentum)
+
+    out = map_nodes(snap_act, map_nodes(snap, latent, qn.NoisyWeight), qa.NoisyAct)
     if not found:
         raise ValueError("latent has no NoisyWeight node: nothing to assign a palette to "
                          "(build it with pae.quant.noise_injection(...).init)")

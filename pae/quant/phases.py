@@ -7,6 +7,17 @@ to its palette (:func:`pae.quant.assign_palette`, host-side) and the weights are
 real quantizer (:func:`pae.quant.palette_quantizer`) with a fresh optimizer. SMOL's CIFAR schedule
 is 350 + 300 epochs; the defaults here are short. Start from
 ``init_state(model, example, seed, noise_transform(cfg, select).init)``.
+
+Activations (``cfg.activations=True``): the same selected layers also learn per-input-channel
+activation widths (:func:`pae.quant.act_noise_injection`, chained after the weights' transform);
+the caller passes ``model=`` and every phase carries ``pae.quant.quantize_activations(model)``;
+the noise phase's ``enter`` adds the running range statistics to ``batch_stats``
+(:func:`pae.quant.with_act_stats`), so the state still starts from the plain model::
+
+    cfg = QuantConfig(activations=True, target_bits=3.0, act_target_bits=4.0)
+    state = init_state(model, example, seed, noise_transform(cfg, select).init)
+    result = train_phases(task, quant_phases(cfg, select, model=model), state, batch_size=...)
+    ex = export(model, result.state.params, result.state.batch_stats)
 """
 from __future__ import annotations
 
@@ -17,7 +28,8 @@ import jax
 import numpy as np
 import optax
 
-from pae.core import Context, role_optimizer, select as pselect
+from pae.core import Context, chain, role_optimizer, select as pselect
+from pae.quant import activations as qa
 from pae.quant import noise as qn
 from pae.quant import palette as qp
 
@@ -30,6 +42,13 @@ class QuantConfig:
     Weights: Adam (``lr``; ``finetune_lr`` in phase 2, default ``lr``), decoupled ``weight_decay``
     on the weights only; widths: Adam ``bits_lr`` (SMOL: 1e-3), no decay; a learned clip: Adam
     ``range_lr``, no decay.
+
+    Activations (``activations=True``; :func:`pae.quant.act_noise_injection`): ``act_b_min``,
+    ``act_b_max``, ``act_b_init`` the learned widths' bounds and start; ``act_lmbda``,
+    ``act_target_bits`` their penalty and budget (same ``budget_weight`` and ``budget_form`` as the
+    weights'); ``act_grid`` (``"auto"``, ``"symmetric"``, ``"unsigned"``), ``act_momentum`` of the
+    running range, ``act_learned_range`` a learned multiplier of it; ``act_palette`` a fixed
+    activation palette (else chosen like the weights', same ``levels``/``low``/``high``).
     """
 
     noise_epochs: int = 10
@@ -56,6 +75,16 @@ class QuantConfig:
     count_overhead: bool = True
     palette: tuple[int, ...] | None = None
     seed: int = 0
+    activations: bool = False
+    act_b_min: float = 1.0
+    act_b_max: float = 8.0
+    act_b_init: float = 6.0
+    act_lmbda: float = 0.0
+    act_target_bits: float | None = None
+    act_grid: str = "auto"
+    act_momentum: float = 0.9
+    act_learned_range: bool = False
+    act_palette: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("noise_epochs", "finetune_epochs", "seed"):
@@ -72,19 +101,49 @@ class QuantConfig:
         object.__setattr__(self, "high", tuple(self.high))
         if self.palette is not None:
             object.__setattr__(self, "palette", tuple(self.palette))
-        # the transform and the palette validate the rest; fail here, at construction
-        noise_transform(self, pselect.everything())
+        if self.act_palette is not None:
+            object.__setattr__(self, "act_palette", tuple(self.act_palette))
+        for name in ("activations", "act_learned_range", "learned_range", "count_overhead"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.act_target_bits is not None and not self.activations:
+            raise ValueError("act_target_bits needs activations=True (activations are not quantized)")
+        # the transforms and the palette validate the rest; fail here, at construction
+        qn.noise_injection(pselect.everything(), **_weight_kwargs(self))
+        qa.act_noise_injection(pselect.everything(), **_act_kwargs(self))
         qp.choose_palette(np.array([4.0]), 1, levels=self.levels, low=self.low, high=self.high,
                           distortion_weight=self.distortion_weight, fixed=self.palette)
+        if self.act_palette is not None:
+            try:
+                qp.choose_palette(np.array([4.0]), 1, levels=self.levels, low=self.low,
+                                  high=self.high, fixed=self.act_palette)
+            except ValueError as err:
+                raise ValueError(f"act_palette: {err}") from None
+
+
+def _weight_kwargs(cfg: QuantConfig) -> dict:
+    return dict(b_min=cfg.b_min, b_max=cfg.b_max, b_init=cfg.b_init, granularity=cfg.granularity,
+                learned_range=cfg.learned_range, lmbda=cfg.lmbda, target_bits=cfg.target_bits,
+                budget_weight=cfg.budget_weight, budget_form=cfg.budget_form,
+                eval_mode=cfg.eval_mode)
+
+
+def _act_kwargs(cfg: QuantConfig) -> dict:
+    return dict(b_min=cfg.act_b_min, b_max=cfg.act_b_max, b_init=cfg.act_b_init, grid=cfg.act_grid,
+                momentum=cfg.act_momentum, learned_range=cfg.act_learned_range,
+                lmbda=cfg.act_lmbda, target_bits=cfg.act_target_bits,
+                budget_weight=cfg.budget_weight, budget_form=cfg.budget_form,
+                eval_mode=cfg.eval_mode)
 
 
 def noise_transform(cfg: QuantConfig, select: pselect.Selector | None = None):
-    """The phase-1 transform of ``cfg`` (its ``init`` builds the starting latent)."""
-    return qn.noise_injection(select, b_min=cfg.b_min, b_max=cfg.b_max, b_init=cfg.b_init,
-                              granularity=cfg.granularity, learned_range=cfg.learned_range,
-                              lmbda=cfg.lmbda, target_bits=cfg.target_bits,
-                              budget_weight=cfg.budget_weight, budget_form=cfg.budget_form,
-                              eval_mode=cfg.eval_mode)
+    """The phase-1 transform of ``cfg`` (its ``init`` builds the starting latent): the weights'
+    :func:`pae.quant.noise_injection`, chained with :func:`pae.quant.act_noise_injection` on the
+    same layers when ``cfg.activations``."""
+    weights = qn.noise_injection(select, **_weight_kwargs(cfg))
+    if not cfg.activations:
+        return weights
+    return chain(weights, qa.act_noise_injection(select, **_act_kwargs(cfg)))
 
 
 def _weights_tx(lr: float, weight_decay: float):
@@ -104,7 +163,17 @@ def quant_optimizer(cfg: QuantConfig, phase: str = "noise") -> optax.GradientTra
 
 
 def _bits_metric(state, ctx) -> dict:
-    return {"weight_bits": qn.average_bits(state.params)}
+    out = {"weight_bits": qn.average_bits(state.params)}
+    if qa.has_acts(state.params):
+        out["act_bits"] = qa.average_act_bits(state.params)
+    return out
+
+
+def add_act_stats(state, snapshots=None):
+    """The noise phase's transition with activations: running statistics for every activation
+    node that has none (:func:`pae.quant.with_act_stats`); pure."""
+    del snapshots
+    return state.replace(batch_stats=qa.with_act_stats(state.batch_stats, state.params))
 
 
 def assign(cfg: QuantConfig):
@@ -115,25 +184,34 @@ def assign(cfg: QuantConfig):
         return state.replace(params=qp.assign_palette(
             params, levels=cfg.levels, low=cfg.low, high=cfg.high,
             distortion_weight=cfg.distortion_weight, count_overhead=cfg.count_overhead,
-            fixed=cfg.palette))
+            fixed=cfg.palette, act_fixed=cfg.act_palette))
     return enter
 
 
-def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None) -> list:
+def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model=None) -> list:
     """``[noise, finetune]`` (module doc). Keeps the snapshot ``"noise"`` (the end of phase 1).
 
-    Rows carry ``weight_bits``: the average learned width (phase 1) or palette width (phase 2)."""
+    Rows carry ``weight_bits``: the average learned width (phase 1) or palette width (phase 2),
+    and with ``cfg.activations`` ``act_bits``, the same for the activation widths (plain mean over
+    channels). ``model``: the task's model; required with ``cfg.activations`` (the phases then run
+    ``quantize_activations(model)``), optional otherwise (the phases then carry it as is)."""
     from pae.train.engine import Phase   # imported here: the quantizer pieces need no engine
+    if cfg.activations and model is None:
+        raise ValueError("quant_phases: cfg.activations=True needs model= (the task's Flax model; the "
+                         "phases run it wrapped by pae.quant.quantize_activations)")
+    if cfg.activations:
+        model = qa.quantize_activations(model)
     t = noise_transform(cfg, select)
 
     def context(epoch):
         return Context.make(key=jax.random.PRNGKey(cfg.seed))
 
     noise = Phase("noise", cfg.noise_epochs, lambda spe: quant_optimizer(cfg, "noise"), t, context,
-                  keep={cfg.noise_epochs: "noise"}, metrics=_bits_metric)
+                  add_act_stats if cfg.activations else None, keep={cfg.noise_epochs: "noise"},
+                  metrics=_bits_metric, model=model)
     finetune = Phase("finetune", cfg.finetune_epochs, lambda spe: quant_optimizer(cfg, "finetune"),
-                     qn.palette_quantizer(), context, assign(cfg), metrics=_bits_metric)
+                     qn.palette_quantizer(), context, assign(cfg), metrics=_bits_metric, model=model)
     return [noise, finetune]
 
 
-__all__ = ["QuantConfig", "assign", "noise_transform", "quant_optimizer", "quant_phases"]
+__all__ = ["QuantConfig", "add_act_stats", "assign", "noise_transform", "quant_optimizer", "quant_phases"]
