@@ -17,7 +17,7 @@ from pae.quant.activations import (GRIDS, ActQuantized, NoisyAct, QuantAct, act_
 from pae.quant.noise import (BUDGET_FORMS, EVAL_MODES, GRANULARITIES, NoisyWeight, QuantWeight, average_bits,
                              channel_range, learned_bits, noise_injection, palette_quantizer,
                              quantize_params, rounded_bits, size_penalty)
-from pae.quant.export import Exported, PackedLayer, export, size_bytes
+from pae.quant.export import Exported, PackedLayer, export, load_exported, save_exported, size_bytes
 from pae.quant.palette import assign_palette, choose_palette, level_cost
 from pae.quant.phases import QuantConfig, add_act_stats, assign, noise_transform, quant_optimizer, quant_phases
 from pae.quant.quantizer import (MAX_BITS, MIN_BITS, bits_from_logits, codes, max_abs_range, offset,
@@ -25,7 +25,7 @@ from pae.quant.quantizer import (MAX_BITS, MIN_BITS, bits_from_logits, codes, ma
 
 __all__ = [
     "ActQuantized", "GRIDS", "NoisyAct", "QuantAct", "act_noise_injection", "act_size_penalty",
-    "add_act_stats", "average_act_bits", "quantize_activations", "with_act_stats",
+    "add_act_stats", "average_act_bits", "load_exported", "save_exported", "quantize_activations", "with_act_stats",
     "BUDGET_FORMS", "EVAL_MODES", "Exported", "GRANULARITIES", "PackedLayer", "MAX_BITS", "MIN_BITS", "NoisyWeight", "QuantConfig", "QuantWeight",
     "assign", "assign_palette", "average_bits", "bits_from_logits", "channel_range",
     "choose_palette", "codes", "export", "learned_bits", "level_cost", "max_abs_range", "noise_injection",

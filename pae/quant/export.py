@@ -41,6 +41,7 @@ quantizer as ``acts``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable, Mapping, NamedTuple
 
 import flax
@@ -109,7 +110,7 @@ def _codes_and_scales(w, bits, r):
     return qz.codes(w, bits, r), r / o
 
 
-def _pack_layer(path: str, node: qn.QuantWeight, k_tile: int, n_tile: int) -> PackedLayer:
+def _pack_layer(path: str, node: qn.QuantWeight, k_tile: int, n_tile: int, mask=None) -> PackedLayer:
     w = np.asarray(node.weight, np.float32)
     _finite(path, w)
     if node.log_range is not None:
@@ -120,27 +121,53 @@ def _pack_layer(path: str, node: qn.QuantWeight, k_tile: int, n_tile: int) -> Pa
         raise ValueError(f"export: leaf {path!r} has shape {w.shape}; kernels need ndim >= 2")
     r = np.asarray(qn.channel_range(node), np.float32)
     codes, scale = _codes_and_scales(w, qn.expand(bits, node.axis), r)
-    codes = _rows(np.asarray(codes).astype(np.uint8))
+    codes = np.asarray(codes).astype(np.int64)
     scale = np.broadcast_to(np.asarray(scale, np.float32), w.shape)
+    stored = {int(b): int(b) for b in np.unique(bits)}      # level -> code width
+    offset_of = {lv: (2.0 ** lv - 1) / 2 for lv in stored}
+    if mask is not None:
+        # a pruned weight must dequantize to exactly 0, which no mid-rise code does: codes double
+        # (2q), the scale halves, the offset becomes 2**b - 1 (an integer, the pruned weights' code)
+        if np.shape(mask) != w.shape:
+            raise ValueError(f"export: mask of {path!r} has shape {np.shape(mask)}, its weight {w.shape}")
+        if bits.max() >= qz.MAX_BITS:
+            raise ValueError(f"export: {path!r} is masked (sparse) and has {qz.MAX_BITS}-bit channels; a "
+                             f"masked layer stores b + 1 bits per weight (the exact zero is one more "
+                             f"code), so its levels must be <= {qz.MAX_BITS - 1}")
+        b_full = np.broadcast_to(np.asarray(qn.expand(bits, node.axis)), w.shape)
+        keep = np.asarray(mask) != 0
+        codes = np.where(keep, 2 * codes, (2 ** b_full - 1).astype(np.int64))
+        scale = scale / 2
+        stored = {lv: lv + 1 for lv in stored}
+        offset_of = {lv: 2.0 ** lv - 1 for lv in stored}
+    codes = _rows(codes.astype(np.uint8))
     scale = _rows(np.ascontiguousarray(scale))
     k, n = codes.shape
-    levels = sorted({int(b) for b in bits})
+    levels = sorted(stored)
     if node.axis == -2:
         per = k // bits.size
         row_bits = np.repeat(bits, per)          # (Cin, kh, kw) row order: a channel's rows are consecutive
         segs = [np.flatnonzero(row_bits == lv) for lv in levels]
-        parts = dict(codes=[codes[s] for s in segs], bits=[container_bits(lv) for lv in levels],
-                     scales=[scale[s[0]] for s in segs],
-                     offsets=[(2.0 ** lv - 1) / 2 for lv in levels])
+        parts = dict(codes=[codes[s] for s in segs], bits=[container_bits(stored[lv]) for lv in levels],
+                     scales=[scale[s[0]] for s in segs], offsets=[offset_of[lv] for lv in levels])
         perm = None if len(segs) == 1 else np.concatenate(segs).astype(np.int32)
         packed = pk.pack_mixed(parts["codes"], parts["bits"], parts["scales"], offsets=parts["offsets"],
                                input_perm=perm, k_tile=k_tile, n_tile=n_tile)
         return PackedLayer((packed,), None, tuple(w.shape), tuple(levels))
     cols = [np.flatnonzero(bits == lv) for lv in levels]
-    packed = tuple(pk.pack(codes[:, c], container_bits(lv), scale[0, c], offset=(2.0 ** lv - 1) / 2,
+    packed = tuple(pk.pack(codes[:, c], container_bits(stored[lv]), scale[0, c], offset=offset_of[lv],
                            k_tile=k_tile, n_tile=n_tile) for c, lv in zip(cols, levels))
     out_perm = None if len(cols) == 1 else jnp.asarray(np.argsort(np.concatenate(cols)).astype(np.int32))
     return PackedLayer(packed, out_perm, tuple(w.shape), tuple(levels))
+
+
+def _masked_quant(tree) -> bool:
+    """A sparsity mask over a quantized kernel (``chain(fixed_masks(), quantization)``)."""
+    try:
+        from pae.sparsity.masks import FixedMask
+    except ImportError:     # pragma: no cover
+        return False
+    return isinstance(tree, FixedMask) and isinstance(tree.weight, qn.QuantWeight)
 
 
 def _split(tree: Any, prefix: str, layers: dict, k_tile: int, n_tile: int, acts=None) -> Any:
@@ -149,6 +176,10 @@ def _split(tree: Any, prefix: str, layers: dict, k_tile: int, n_tile: int, acts=
         return None
     if isinstance(tree, qn.QuantWeight):
         layers[prefix] = _pack_layer(prefix, tree, k_tile, n_tile)
+        return None
+    if _masked_quant(tree):
+        _finite(prefix + "/mask", tree.mask, "mask values")
+        layers[prefix] = _pack_layer(prefix, tree.weight, k_tile, n_tile, mask=tree.mask)
         return None
     if is_node(tree):
         raise ValueError(f"export: leaf {prefix!r} is a {type(tree).__name__} node; export takes the "
@@ -364,6 +395,100 @@ def _forward(model: nn.Module, backend: str) -> Callable:
     return apply
 
 
+SAVE_VERSION = 1
+
+
+def _flat(tree: Any, prefix: tuple = ()) -> list:
+    """``[(key tuple, array)]`` of a nested dict of arrays, in insertion order."""
+    if isinstance(tree, Mapping):
+        if not tree and prefix:
+            return [(prefix, None)]          # an empty scope (e.g. a layer whose kernel was packed)
+        out = []
+        for k, v in tree.items():
+            out.extend(_flat(v, prefix + (str(k),)))
+        return out
+    return [(prefix, np.asarray(tree))]
+
+
+def _unflat(items: list) -> dict:
+    out: dict = {}
+    for keys, value in items:
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = {} if value is None else jnp.asarray(value)
+    return out
+
+
+def save_exported(path: str, exported: Exported) -> None:
+    """Write an exported model to one ``.npz`` file: the packed layers in ``pallas_kernels``'s own
+    state-dict format (:func:`pallas_kernels.to_state_dict`), the float leaves, the activation
+    quantizers, and a JSON ``meta`` entry (tree structure, shapes, a format version). The model
+    class is not stored: :func:`load_exported` takes it."""
+    tree = exported.tree
+    arrays: dict = {}
+    meta: dict = {"version": SAVE_VERSION, "layers": [], "acts": []}
+    for part in ("params", "batch_stats"):
+        items = _flat(tree[part])
+        meta[part] = [[list(k), a is None] for k, a in items]
+        for i, (_, a) in enumerate(items):
+            if a is not None:
+                arrays[f"{part}/{i}"] = a
+    for j, (lpath, layer) in enumerate(tree["layers"].items()):
+        meta["layers"].append({"path": lpath, "kernel_shape": list(layer.kernel_shape),
+                               "bits": list(layer.bits), "packed": len(layer.packed),
+                               "out_perm": layer.out_perm is not None})
+        for m, p in enumerate(layer.packed):
+            for key, a in pk.to_state_dict(p).items():
+                arrays[f"layers/{j}/{m}/{key}"] = a
+        if layer.out_perm is not None:
+            arrays[f"layers/{j}/out_perm"] = np.asarray(layer.out_perm)
+    for j, (apath, act) in enumerate(tree.get("acts", {}).items()):
+        meta["acts"].append(apath)
+        for key, a in act.items():
+            arrays[f"acts/{j}/{key}"] = np.asarray(a)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:      # np.savez(path) would append ".npz" to a path without it
+        np.savez(f, **arrays)
+
+
+def load_exported(path: str, model: nn.Module, *, backend: str = "auto") -> Exported:
+    """Read a model written by :func:`save_exported`; ``model`` is the Flax model it was exported
+    from (its class and hyperparameters; the wrapper is accepted). ValueError for another
+    format version or a file that is not one."""
+    if isinstance(model, qa.ActQuantized):
+        model = model.model
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    if "meta" not in data:
+        raise ValueError(f"path {path!r} holds no 'meta' entry: not a file written by save_exported")
+    meta = json.loads(data["meta"].tobytes().decode())
+    if meta.get("version") != SAVE_VERSION:
+        raise ValueError(f"path {path!r} has format version {meta.get('version')!r}; this pae reads "
+                         f"version {SAVE_VERSION}: export the model again")
+    tree: dict = {}
+    for part in ("params", "batch_stats"):
+        tree[part] = _unflat([(tuple(k), None if empty else data[f"{part}/{i}"])
+                              for i, (k, empty) in enumerate(meta[part])])
+    layers = {}
+    for j, lm in enumerate(meta["layers"]):
+        packed = []
+        for m in range(lm["packed"]):
+            pre = f"layers/{j}/{m}/"
+            packed.append(pk.from_state_dict({k[len(pre):]: v for k, v in data.items()
+                                              if k.startswith(pre)}))
+        out_perm = jnp.asarray(data[f"layers/{j}/out_perm"]) if lm["out_perm"] else None
+        layers[lm["path"]] = PackedLayer(tuple(packed), out_perm, tuple(lm["kernel_shape"]),
+                                         tuple(lm["bits"]))
+    tree["layers"] = layers
+    acts = {}
+    for j, apath in enumerate(meta["acts"]):
+        pre = f"acts/{j}/"
+        acts[apath] = {k[len(pre):]: jnp.asarray(v) for k, v in data.items() if k.startswith(pre)}
+    tree["acts"] = acts
+    return Exported(tree, _forward(model, backend))
+
+
 def size_bytes(exported: Exported) -> dict:
     """Bytes of the exported model, counted honestly (host integers).
 
@@ -402,5 +527,5 @@ def size_bytes(exported: Exported) -> dict:
     return out
 
 
-__all__ = ["Exported", "NATIVE_BITS", "PackedLayer", "check_tiles", "container_bits", "export", "matmul",
-           "quantize_exported_input", "size_bytes"]
+__all__ = ["Exported", "NATIVE_BITS", "PackedLayer", "SAVE_VERSION", "check_tiles", "container_bits",
+           "export", "load_exported", "matmul", "quantize_exported_input", "save_exported", "size_bytes"]

@@ -188,13 +188,20 @@ def assign(cfg: QuantConfig):
     return enter
 
 
-def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model=None) -> list:
+def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model=None,
+                 base=None) -> list:
     """``[noise, finetune]`` (module doc). Keeps the snapshot ``"noise"`` (the end of phase 1).
 
     Rows carry ``weight_bits``: the average learned width (phase 1) or palette width (phase 2),
     and with ``cfg.activations`` ``act_bits``, the same for the activation widths (plain mean over
     channels). ``model``: the task's model; required with ``cfg.activations`` (the phases then run
-    ``quantize_activations(model)``), optional otherwise (the phases then carry it as is)."""
+    ``quantize_activations(model)``), optional otherwise (the phases then carry it as is).
+
+    ``base``: a transform the quantization reparameterizes (``pae.chain(base, quantization)``),
+    e.g. ``pae.sparsity.fixed_masks()`` to quantize the kept weights of a sparsity ticket: start
+    from ``noise_transform(cfg, select).init(ticket_latent, key)`` (the masks stay outermost, so
+    pruned weights stay exactly zero; :func:`pae.quant.export` packs them with an exact zero code).
+    Zero the pruned weights first if the max-abs ranges should cover the kept weights only."""
     from pae.train.engine import Phase   # imported here: the quantizer pieces need no engine
     if cfg.activations and model is None:
         raise ValueError("quant_phases: cfg.activations=True needs model= (the task's Flax model; the "
@@ -202,6 +209,9 @@ def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model
     if cfg.activations:
         model = qa.quantize_activations(model)
     t = noise_transform(cfg, select)
+    fine = qn.palette_quantizer()
+    if base is not None:
+        t, fine = chain(base, t), chain(base, fine)
 
     def context(epoch):
         return Context.make(key=jax.random.PRNGKey(cfg.seed))
@@ -210,7 +220,7 @@ def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model
                   add_act_stats if cfg.activations else None, keep={cfg.noise_epochs: "noise"},
                   metrics=_bits_metric, model=model)
     finetune = Phase("finetune", cfg.finetune_epochs, lambda spe: quant_optimizer(cfg, "finetune"),
-                     qn.palette_quantizer(), context, assign(cfg), metrics=_bits_metric, model=model)
+                     fine, context, assign(cfg), metrics=_bits_metric, model=model)
     return [noise, finetune]
 
 
