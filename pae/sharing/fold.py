@@ -186,4 +186,62 @@ def with_repeats(folded: Folded, loops) -> Folded:
     return dataclasses.replace(folded, model=model, variables=variables)
 
 
-__all__ = ["Folded", "MERGES", "fold", "with_repeats"]
+def fold_unrolled(model, latent: SharedParams, *, tol: float = 1e-2, merge: str = "mean",
+                  progressive: bool = False):
+    """Fold a template-bank :class:`pae.models.looped.UnrolledNet` into one
+    :class:`pae.models.looped.LoopedNet` (all its blocks become one block run ``depth`` times).
+
+    ``latent``: the net's params under ``templates(block_groups(blocks), k)`` (one group per conv
+    of the block; row ``d`` is ``Block_d``). Every group's rows are compared with their merged row
+    (``merge="mean"``: the mean over the iterations; ``"first"``: ``Block_0``'s), with scale (no
+    normalization follows these convs): ``distance = max_{group, d} ||alpha_d - alpha_m|| /
+    ||alpha_m||``. When ``distance > tol`` the iterations do not coincide: the fold still returns
+    the loop of the merged coefficients (a different function from the soft net) and warns with the
+    distance, so nothing is merged silently. When every row is equal the folded net computes the soft
+    net's function exactly (test).
+
+    Returns ``(looped_model, params, distance)``; ``looped_model.iters == depth``, raise it (or use
+    :func:`pae.models.looped.iterate`) to run more iterations at test time.
+    """
+    from pae.models.looped import LoopedNet, UnrolledNet, block_conv_names
+
+    if not isinstance(model, UnrolledNet):
+        raise TypeError(f"model must be a pae.models.looped.UnrolledNet, got {type(model).__name__}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if not np.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be finite and >= 0, got {tol!r}")
+    latent_root = latent
+    if not isinstance(latent_root, SharedParams):
+        raise TypeError(f"latent must be a sharing latent (pae.sharing.SharedParams), got "
+                        f"{type(latent).__name__}")
+    mats = coefficient_matrices(latent)
+    names = block_conv_names(model.blocks)
+    if sorted(mats) != sorted(names):
+        raise ValueError(f"latent has sharing groups {sorted(mats)}; an UnrolledNet with blocks="
+                         f"{model.blocks} folds from the groups {sorted(names)} (block_groups)")
+    params = build(latent)
+    block, distance = {}, 0.0
+    for name in names:
+        paths, alpha = mats[name]
+        want = [f"Block_{d}/{name}/kernel" for d in range(model.depth)]
+        if list(paths) != want:
+            raise ValueError(f"group {name!r} holds {list(paths)}; expected one row per block, {want}")
+        a = np.asarray(alpha, np.float64)
+        if a.ndim != 2:
+            raise ValueError(f"group {name!r}: coefficients of shape {a.shape}; fold one run at a time")
+        merged = a.mean(0) if merge == "mean" else a[0]
+        distance = max(distance, max(_rel(row, merged) for row in a))
+        use = jnp.asarray(merged, latent.banks[name].dtype) if merge == "mean" else alpha[0]
+        block[name] = {"kernel": combine(use, latent.banks[name])}
+    if distance > tol:
+        warnings.warn(f"fold_unrolled: the {model.depth} iterations do not coincide at tol={tol} "
+                      f"(largest relative distance of a layer's coefficients to the merged ones: "
+                      f"{distance:.3g}); the loop uses the merged coefficients and computes a "
+                      f"different function from the soft net", UserWarning, stacklevel=2)
+    looped = LoopedNet(model.width, model.depth, model.blocks, model.recall, progressive, model.classes)
+    out = {"Projection": params["Projection"], "Loop": {"Block": block}, "Head": params["Head"]}
+    return looped, out, distance
+
+
+__all__ = ["Folded", "MERGES", "fold", "fold_unrolled", "with_repeats"]
