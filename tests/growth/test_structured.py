@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from pae.core import Context, select
@@ -428,3 +429,134 @@ def test_bad_input(vgg_setup, resnet_setup):
         ps.structured_sparsification(model)
     with pytest.raises(ValueError, match="unknown layer"):
         pe.extract_masked(spec, state.params, state.batch_stats, {"Conv_9": np.ones(3, bool)})
+
+
+# ----------------------------------------------------------------------------- state surgery
+
+def _state_with_momentum(spec, state, seed):
+    """A TrainState whose params are a Gated latent with random logits and whose optimizer state
+    (the search's role optimizer) has random momentum in every Gated-shaped moment."""
+    from pae.growth import extraction as pe2  # noqa: F401
+    rng = np.random.default_rng(seed)
+    t = ps.structured_sparsification(spec)
+    latent = t.init(state.params, None).replace(logits=random_logits(spec, rng))
+    tx = ps.structured_optimizer(ps.StructuredConfig(epochs=4), 3)
+    opt = tx.init(latent)
+    opt = jax.tree.map(lambda a: rng.normal(size=np.shape(a)).astype(np.float32) if np.ndim(a) else
+                       np.asarray(7, np.asarray(a).dtype), opt)
+    return state.replace(params=latent, opt_state=opt)
+
+
+def _leaf(tree, path):
+    """The leaf at ``path`` (None for an optax MaskedNode: a moment of another role)."""
+    for k in path.split("/"):
+        tree = tree[k]
+    return None if isinstance(tree, optax.MaskedNode) else np.asarray(tree)
+
+
+def test_compact_state_slices_latent_stats_and_momentum(resnet_setup):
+    model, x, spec, state = resnet_setup
+    st = _state_with_momentum(spec, state, 30)
+    widths = {"stream0": 2, "stream1": 4, "BasicBlock_1/Conv_0": 3, "BasicBlock_2/Conv_0": 6}
+    slim, small = pe.compact_state(spec, st, widths)
+    s = {g: np.asarray(v) for g, v in st.params.logits["channels"].items()}
+    kept = {g: np.sort(np.argsort(-s[g], kind="stable")[:widths[g]]) if g in widths else np.arange(len(s[g]))
+            for g in s}
+    moments = [n for n in jax.tree.leaves(st.opt_state, is_leaf=lambda z: isinstance(z, ps.Gated))
+               if isinstance(n, ps.Gated)]
+    small_moments = [n for n in jax.tree.leaves(small.opt_state, is_leaf=lambda z: isinstance(z, ps.Gated))
+                     if isinstance(n, ps.Gated)]
+    assert len(moments) == len(small_moments) == 2          # the weights' and the logits' traces
+    for layer in spec.layers:
+        for full_tree, small_tree in [(st.params.weights, small.params.weights)] + [
+                (a.weights, b.weights) for a, b in zip(moments, small_moments)]:
+            ref = _leaf(full_tree, layer.path + "/kernel")
+            if ref is None:
+                assert _leaf(small_tree, layer.path + "/kernel") is None
+                continue
+            if layer.in_group:
+                ref = np.take(ref, kept[layer.in_group], axis=-2)
+            if layer.out_group:
+                ref = np.take(ref, kept[layer.out_group], axis=-1)
+            np.testing.assert_array_equal(_leaf(small_tree, layer.path + "/kernel"), ref)
+        if layer.norm:
+            for leaf in ("mean", "var"):
+                np.testing.assert_array_equal(_leaf(small.batch_stats, f"{layer.norm}/{leaf}"),
+                                              _leaf(st.batch_stats, f"{layer.norm}/{leaf}")[kept[layer.out_group]])
+    # the logits' momentum is sliced as the logits are; the step counts are carried
+    is_logit_moment = lambda m: not isinstance(m.logits["channels"]["stream1"], optax.MaskedNode)  # noqa: E731
+    logit_moment = next(m for m in small_moments if is_logit_moment(m))
+    full_moment = next(m for m in moments if is_logit_moment(m))
+    for g in s:
+        np.testing.assert_array_equal(logit_moment.logits["channels"][g],
+                                      np.asarray(full_moment.logits["channels"][g])[kept[g]])
+        np.testing.assert_array_equal(small.params.ids[g], kept[g].astype(np.float32))
+    counts = [a for a in jax.tree.leaves(small.opt_state) if np.ndim(a) == 0]
+    assert counts and all(int(c) == 7 for c in counts)
+    # the compacted optimizer state is what the optimizer makes for the compacted latent
+    tx = ps.structured_optimizer(ps.StructuredConfig(epochs=4), 3)
+    want = jax.eval_shape(tx.init, small.params)
+    assert jax.tree.structure(want) == jax.tree.structure(small.opt_state)
+    assert [a.shape for a in jax.tree.leaves(want)] == [np.shape(a) for a in jax.tree.leaves(small.opt_state)]
+    assert slim.streams == (2, 4, 8)
+    # without carry_optimizer the optimizer restarts
+    assert pe.compact_state(spec, st, widths, carry_optimizer=False)[1].opt_state is None
+
+
+def test_expand_then_restructure_regrows(resnet_setup):
+    """expand_state writes a compacted state back at its ids (dropped channels keep their values);
+    restructure to wider widths brings dropped channels back with those values; a compaction that
+    keeps every active channel leaves the evaluation logits unchanged."""
+    model, x, spec, state = resnet_setup
+    st = _state_with_momentum(spec, state, 31)
+    for g in st.params.logits["channels"]:                  # every group keeps an active channel
+        st.params.logits["channels"][g][0] = 1.5
+    active = {g: int((np.asarray(v) > 0).sum()) for g, v in st.params.logits["channels"].items()}
+    _, small = pe.compact_state(spec, st, active)
+    back = pe.expand_state(spec, st, small)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(st)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # change the compacted state; expanding writes the change at the ids only
+    bumped = small.replace(params=jax.tree.map(lambda a: np.asarray(a) + 1.0 if np.ndim(a) else a,
+                                               small.params).replace(ids=small.params.ids))
+    back = pe.expand_state(spec, st, bumped)
+    k_full = _leaf(st.params.weights, "BasicBlock_2/Conv_1/kernel")
+    k_back = _leaf(back.params.weights, "BasicBlock_2/Conv_1/kernel")
+    ii, oo = (np.asarray(small.params.ids[g]).astype(int) for g in ("BasicBlock_2/Conv_0", "stream1"))
+    inside = np.zeros(k_full.shape[-2:], bool)
+    inside[np.ix_(ii, oo)] = True
+    np.testing.assert_allclose(k_back[..., inside], k_full[..., inside] + 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(k_back[..., ~inside], k_full[..., ~inside])
+    # the evaluation logits of the compacted net equal the full net's (all active channels kept)
+    t = ps.structured_sparsification(spec)
+    ctx = Context.make(train=False)
+    ref = model.apply({"params": t.apply(st.params, ctx), "batch_stats": st.batch_stats}, x)
+    slim, small = pe.compact_state(spec, st, active)
+    sspec = ps.gate_spec(slim, x)
+    ts = ps.structured_sparsification(sspec, reference=spec)
+    out = slim.apply({"params": ts.apply(small.params, ctx), "batch_stats": small.batch_stats}, x)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+    # regrowth: restructure the compacted net to wider widths: dropped channels come back
+    wider = {g: min(n, active[g] + 2) for g, n in spec.groups}
+    slim2, small2, full2 = pe.restructure(spec, st, small, wider)
+    assert all(len(small2.params.ids[g]) == wider[g] for g in wider)
+    for g in wider:
+        assert set(np.asarray(small.params.ids[g]).tolist()) <= set(np.asarray(small2.params.ids[g]).tolist())
+    k2 = _leaf(small2.params.weights, "BasicBlock_2/Conv_1/kernel")
+    ii2, oo2 = (np.asarray(small2.params.ids[g]).astype(int) for g in ("BasicBlock_2/Conv_0", "stream1"))
+    np.testing.assert_array_equal(k2, k_full[..., ii2[:, None], oo2[None, :]])
+    assert slim2.streams == tuple(wider[f"stream{s}"] for s in range(3))
+    with pytest.raises(ValueError, match="widths"):
+        pe.compact_state(spec, st, {"stream0": 0})
+
+
+def test_margin_widths(resnet_setup):
+    model, x, spec, state = resnet_setup
+    latent = ps.structured_sparsification(spec).init(state.params, None)
+    w = ps.margin_widths(spec, latent, 0.25)
+    for g, n in spec.groups:
+        on = int((np.asarray(latent.logits["channels"][g]) > 0).sum())
+        assert w[g] == min(n, on + int(np.ceil(0.25 * n)))
+    assert all(v % 4 == 0 or v == dict(spec.groups)[g] for g, v in ps.margin_widths(spec, latent, 0.1, 4).items())
+    with pytest.raises(ValueError, match="margin"):
+        ps.margin_widths(spec, latent, 1.5)

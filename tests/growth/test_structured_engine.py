@@ -124,3 +124,50 @@ def test_compaction_then_training_equals_masked_full_size_training(carry):
         np.testing.assert_allclose(wa["kernel"], ref, rtol=1e-4, atol=1e-5)
     # the compacted net's metrics are fractions of the full net's cost, as the full run's
     np.testing.assert_allclose(a.last("search1")["flops"], b.last("search1")["flops"], rtol=1e-6)
+
+
+def test_structured_search_segments_equal_one_run_and_restructure():
+    """structured_search restructured at full widths (margin 1: nothing dropped) is the one-call
+    search of structured_phases (temperature, key, lr schedule, momentum and data order continue
+    across the segments); with a margin < 1 it trains narrower nets and still extracts exactly."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(96, 8, 8, 3)).astype(np.float32)
+    y = (x[:, :4, :, 0].mean((1, 2)) > 0).astype(np.int32)
+    model = CifarResNet(8, 2, (4, 8, 8))
+    spec = ps.gate_spec(model, x[:1])
+    cfg = ps.StructuredConfig(epochs=4, lr=0.05, mask_lr=0.5, lmbda=5.0, beta_final=4.0, budget=0.5,
+                              weight_decay=1e-3, seed_width=0.5, seed=3)
+    task = make_task(model, {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])})
+    state = init_state(model, x[:1], 0, cfg.transform(spec).init)
+    one = train_phases(task, ps.structured_phases(cfg, spec), state, batch_size=32, seed=3,
+                       log=lambda s: None)
+    seg = ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0, 2), margin=1.0)
+    assert [r["segment"] for r in seg.history] == [0, 0, 1, 1]
+    assert [r["epoch"] for r in seg.history] == [1, 2, 3, 4]
+    assert all(r["width_flops"] == 1.0 for r in seg.history)
+    for ra, rb in zip(seg.history, one.history):
+        for k in ("train_loss", "test_loss", "flops", "lambda"):
+            np.testing.assert_allclose(ra[k], rb[k], rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(seg.state.params.logits), jax.tree.leaves(one.state.params.logits)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    narrow = ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0, 2), margin=0.25)
+    assert [e for e, _ in narrow.widths] == [0, 2]
+    w0 = narrow.widths[0][1]
+    assert w0 == ps.margin_widths(spec, state.params, 0.25)
+    shares = [r["width_flops"] for r in narrow.history]
+    assert 0 < shares[0] < 1 and shares[0] == shares[1]
+    np.testing.assert_allclose(shares[0], pf.full_cost(ps.gate_spec(pe.slim_model(spec, w0), x[:1]))
+                               / pf.full_cost(spec), rtol=1e-6)
+    st = narrow.state
+    gated = narrow.spec.model.apply(
+        {"params": cfg.transform(narrow.spec, reference=spec).apply(st.params, Context.make(train=False)),
+         "batch_stats": st.batch_stats}, x[64:])
+    ex = pe.extract(narrow.spec, st.params, st.batch_stats)
+    np.testing.assert_allclose(ex.model.apply(ex.variables, x[64:]), gated, rtol=1e-4, atol=1e-4)
+    # the full-size state holds the compacted one at its ids
+    ids = {g: np.asarray(v).astype(int) for g, v in st.params.ids.items()}
+    for g, s in st.params.logits["channels"].items():
+        np.testing.assert_array_equal(np.asarray(narrow.full.params.logits["channels"][g])[ids[g]], s)
+    with pytest.raises(ValueError, match="restructure_at"):
+        ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(4,))

@@ -1,0 +1,490 @@
+"""Growing networks by structured continuous sparsification (arXiv 2007.15353) vs its baselines.
+
+Per model and seed, side by side on the same data, epochs and seeds:
+
+* ``full``: the full net, trained for ``--epochs`` (L2 + Nesterov SGD, step decays at 56/85 and
+  71/85 of the epochs: the weights' optimizer of the search);
+* ``grown``: the structured search from the seed (25% width, one block per stage) under a FLOPs
+  ``--budget``, trained on the *compacted* net: restructured at ``--restructure-at`` epochs to its
+  active channels plus ``--margin`` of each group (regrowth allowed,
+  :func:`pae.growth.structured.structured_search`; optimizer momentum carried), then extracted
+  (``pae.growth.extract``) and evaluated with no fine-tuning;
+* ``uniform``: the full net uniformly thinned (one width multiplier for every layer) to the grown
+  net's inference FLOPs, trained from scratch for ``--epochs``;
+* ``slimming``: network slimming (Liu et al. 2017), the pruning peer: ``--epochs`` minus
+  ``--slim-finetune`` epochs with an L1 penalty ``--slim-l1 * sum|gamma|`` on the BatchNorm scales,
+  channels pruned by a global threshold on ``|gamma|`` (a residual stream by the mean ``|gamma|`` of
+  its BatchNorms) to the grown net's inference FLOPs, then ``--slim-finetune`` epochs of fine-tuning
+  at a tenth of the lr (so the same total epochs).
+
+Measured: inference FLOPs (multiply-accumulates of convs and the classifier, fractions of the full
+net's), test accuracy, cumulative training FLOPs of the search relative to full training (counted:
+the expected FLOPs of the sampled net, the paper's accounting; executed: the compacted shapes
+actually trained), and the wall-clock of the search vs full training, timed one after the other
+in this process with ``os.getloadavg()`` recorded (total, and without the compilations: each
+segment's first epoch less the segment's median epoch).
+
+    python experiments/grow_structured.py                       # ResNet-20 and a VGG on digits, 3 seeds
+    python experiments/grow_structured.py --models resnet20 --seeds 0
+    python experiments/grow_structured.py --paper cifar-resnet56 # CIFAR-10 (needs the data prepared)
+
+The default is reduced to run in minutes on 2 CPU cores: ``digits`` (8x8), ResNet-20 at widths
+(8, 16, 32) and VGG ``vgg8s`` (16, 16, M, 32, 32, M, 64, 64), 16 epochs. ``--paper`` takes the
+paper's networks on CIFAR-10 (ResNet-20/56, VGG-16: 160 epochs, lr 0.1; the paper's exact
+hyperparameters are unverified) and refuses ImageNet ResNet-50 (bottleneck blocks are not supported
+by the gate layout). Writes ``runs/grow_structured/grow_structured_<model>_<dataset>.{json,png}``
+(``--out-dir`` elsewhere) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from pae.core import Context, Transform
+from pae.data import load_dataset
+from pae.growth import extraction as pe, flops as pf, structured as ps
+from pae.models import VGG, CifarResNet
+from pae.models.slim import SlimResNet, SlimVGG
+from pae.train import Phase, evaluate, host, init_state, make_task, train_phases
+from pae.train.metrics import atomic_write
+
+METHODS = ("full", "grown", "uniform", "slimming")
+
+#: the reduced default nets: name -> (num_classes -> model)
+MODELS = {
+    "resnet20": lambda n: CifarResNet(20, n, (8, 16, 32)),
+    "vgg8s": lambda n: SlimVGG((16, 16, "M", 32, 32, "M", 64, 64), n),
+    "resnet8t": lambda n: CifarResNet(8, n, (4, 8, 8)),    # tiny, for the CI test
+}
+#: ``--paper`` presets (CIFAR-10 at the paper's sizes; training settings of the CS protocol)
+PAPER_MODELS = {
+    "cifar-resnet20": lambda n: CifarResNet(20, n),
+    "cifar-resnet56": lambda n: CifarResNet(56, n),
+    "cifar-vgg16": lambda n: VGG(16, n),
+}
+PAPER_FLAGS = dict(dataset="cifar10", epochs=160, batch_size=128, lr=0.1, mask_lr=0.1,
+                   weight_decay=1e-4, beta_final=200.0, lmbda=5.0, slim_finetune=40,
+                   restructure_at=[0, 10, 20, 40, 80])
+UNSUPPORTED = {
+    "imagenet-resnet50": "ImageNet ResNet-50 uses bottleneck blocks (1x1-3x3-1x1, expansion 4), which "
+                         "pae.growth.structured.gate_spec does not lay out (it supports CIFAR "
+                         "ResNets with basic blocks and VGGs); not implemented",
+}
+
+DEFAULTS = dict(models=["resnet20", "vgg8s"], dataset="digits", epochs=16, batch_size=128, lr=0.05,
+                mask_lr=1.0, weight_decay=1e-4, beta_final=10.0, lmbda=30.0, budget=0.5,
+                margin=0.25, restructure_at=[0, 5], slim_l1=1e-4, slim_finetune=5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: resnet20 vgg8s")
+    p.add_argument("--dataset", help="default digits")
+    p.add_argument("--epochs", type=int, help="every method's epochs (default 16)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="weights' lr (default 0.05)")
+    p.add_argument("--mask-lr", type=float, help="mask logits' lr (default 1.0)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--beta-final", type=float, help="final temperature (default 10)")
+    p.add_argument("--lmbda", type=float, help="lambda_base of the budget-aware penalty (default 30)")
+    p.add_argument("--budget", type=float, help="inference-FLOPs budget in (0, 1] (default 0.5)")
+    p.add_argument("--margin", type=float, help="growth margin of a restructuring (default 0.25)")
+    p.add_argument("--restructure-at", type=int, nargs="*",
+                   help="epochs at which the search is restructured (default 0 5); none: masked "
+                        "full-size training")
+    p.add_argument("--slim-l1", type=float, help="network slimming's L1 on BN scales (default 1e-4)")
+    p.add_argument("--slim-finetune", type=int, help="network slimming's fine-tuning epochs (default 5)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--limit-train", type=int, default=0,
+                   help="use only the first N training examples (0: all; for quick checks)")
+    p.add_argument("--paper", choices=sorted(PAPER_MODELS) + sorted(UNSUPPORTED),
+                   help="the paper's CIFAR-10 networks (ImageNet ResNet-50 is refused: bottleneck "
+                        "blocks are not supported)")
+    p.add_argument("--out-dir", default=os.path.join("runs", "grow_structured"),
+                   help="default runs/grow_structured (the recorded results: --out-dir "
+                        "experiments/results)")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def resolve(args):
+    if args.paper in UNSUPPORTED:
+        raise ValueError(f"--paper {args.paper}: {UNSUPPORTED[args.paper]}")
+    out = argparse.Namespace(**vars(args))
+    layered = {**DEFAULTS, **(PAPER_FLAGS if args.paper else {})}
+    if args.paper:
+        layered["models"] = [args.paper]
+    for k, v in layered.items():
+        if getattr(out, k) is None:
+            setattr(out, k, v)
+    if not 0 < out.budget <= 1:
+        raise ValueError(f"--budget must be in (0, 1], got {out.budget}")
+    if out.epochs < 2:
+        raise ValueError(f"--epochs must be >= 2, got {out.epochs}")
+    if not 0 < out.slim_finetune < out.epochs:
+        raise ValueError(f"--slim-finetune must be in [1, epochs), got {out.slim_finetune}")
+    if any(not 0 <= e < out.epochs for e in out.restructure_at):
+        raise ValueError(f"--restructure-at epochs must be in [0, {out.epochs}), got {out.restructure_at}")
+    return out
+
+
+def _model(args, name, n):
+    return (PAPER_MODELS if args.paper else MODELS)[name](n)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def dense_optimizer(cfg: ps.StructuredConfig, epochs: int, lr: float | None = None):
+    """The search's weights' optimizer for plain parameters: L2, Nesterov SGD, step decays."""
+    lr = cfg.lr if lr is None else lr
+
+    def make(spe):
+        bounds = {round(epochs * f) * spe: cfg.lr_decay for f in (56 / 85, 71 / 85)
+                  if 0 < round(epochs * f) < epochs}
+        sgd = optax.sgd(optax.piecewise_constant_schedule(lr, bounds), cfg.momentum, nesterov=True)
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay), sgd) if cfg.weight_decay else sgd
+    return make
+
+
+def bn_l1(strength: float) -> Transform:
+    """Network slimming's penalty: ``strength * sum |BatchNorm scale|`` (params unchanged)."""
+    def penalty(params, ctx):
+        del ctx
+        flat = traverse_util.flatten_dict(params)
+        total = jnp.zeros((), jnp.float32)
+        for k, v in flat.items():
+            if k[-1] == "scale" and any(part.startswith("BatchNorm") for part in k):
+                total = total + jnp.sum(jnp.abs(v))
+        return jnp.float32(strength) * total
+    return Transform(lambda p, k: p, lambda p, c: p, penalty, lambda p, c: p)
+
+
+def _flops(model, example) -> float:
+    return pf.full_cost(ps.gate_spec(model, example))
+
+
+def uniform_model(spec: ps.GateSpec, ratio: float):
+    """The full net with every group at ``round(ratio * width)`` channels (>= 1), all blocks."""
+    return pe.slim_model(spec, {g: max(1, round(ratio * n)) for g, n in spec.groups})
+
+
+def uniform_at(spec: ps.GateSpec, target: float, example):
+    """The widest uniform thinning whose FLOPs fraction is <= ``target`` (bisection on the ratio)."""
+    full = pf.full_cost(spec)
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if _flops(uniform_model(spec, mid), example) / full <= target:
+            lo = mid
+        else:
+            hi = mid
+    return uniform_model(spec, lo), lo
+
+
+def slimming_masks(spec: ps.GateSpec, params, target: float) -> dict[str, np.ndarray]:
+    """``{group: bool mask}``: a global threshold on the channel scores (mean ``|gamma|`` over the
+    BatchNorms writing the group), the lowest that keeps the FLOPs fraction <= ``target``; every
+    group keeps at least its best channel."""
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    scores = {}
+    for g, n in spec.groups:
+        norms = [layer.norm for layer in spec.writers(g) if layer.norm is not None]
+        scores[g] = np.mean([np.abs(flat[tuple(m.split("/")) + ("scale",)]) for m in norms], axis=0)
+    full = pf.full_cost(spec)
+
+    def masks(t):
+        out = {}
+        for g, s in scores.items():
+            m = s > t
+            m[np.argmax(s)] = True
+            out[g] = m
+        return out
+
+    def frac(t):
+        return float(pf.cost(spec, {g: m.astype(np.float32) for g, m in masks(t).items()}, {})) / full
+
+    values = np.sort(np.concatenate(list(scores.values())))
+    lo, hi = -1, len(values) - 1      # frac(values[hi]) <= target always (one channel a group)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if frac(values[mid]) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return masks(values[hi])
+
+
+def _acc(task, state, model, batch_size):
+    phase = Phase("eval", 0, lambda spe: optax.identity(), model=model)
+    return float(evaluate(task, state, batch_size=batch_size, phase=phase)["test_acc"])
+
+
+def _with_variables(model, example, variables, seed):
+    state = init_state(model, example, seed)
+    return state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
+
+
+def _compile_estimate(history, key="segment"):
+    """Each segment's (phase's) first epoch less its median epoch: the compilation, roughly."""
+    total = 0.0
+    for seg in sorted({r.get(key, r["phase"]) for r in history}, key=str):
+        times = [r["epoch_time"] for r in history if r.get(key, r["phase"]) == seg]
+        if len(times) > 1:
+            total += max(0.0, times[0] - float(np.median(times[1:])))
+    return total
+
+
+# ----------------------------------------------------------------------------- one seed
+
+def run_seed(args, name: str, dataset, seed: int, log=print) -> dict:
+    n_classes = dataset.num_classes
+    model = _model(args, name, n_classes)
+    task = make_task(model, dataset, eval_splits=("test",))
+    example = np.asarray(dataset.example_inputs())
+    spec = ps.gate_spec(model, example)
+    full_flops = pf.full_cost(spec)
+    cfg = ps.StructuredConfig(epochs=args.epochs, lr=args.lr, mask_lr=args.mask_lr,
+                              weight_decay=args.weight_decay, beta_final=args.beta_final,
+                              lmbda=args.lmbda, budget=args.budget, seed=seed)
+    bs, E = args.batch_size, args.epochs
+    rows, out = [], {"seed": seed}
+    quiet = lambda s: None  # noqa: E731
+
+    # full training and the search, timed one after the other
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    full = train_phases(task, [Phase("full", E, dense_optimizer(cfg, E))], init_state(model, example, seed),
+                        batch_size=bs, seed=seed, log=quiet)
+    t_full = time.perf_counter() - t0
+    load1 = os.getloadavg()
+    state = init_state(model, example, seed, cfg.transform(spec).init)
+    t0 = time.perf_counter()
+    search = ps.structured_search(task, cfg, spec, state, batch_size=bs,
+                                  restructure_at=args.restructure_at, margin=args.margin, log=quiet)
+    t_search = time.perf_counter() - t0
+    load2 = os.getloadavg()
+    c_full, c_search = _compile_estimate(full.history, "phase"), _compile_estimate(search.history)
+    out["timing"] = {"full_s": t_full, "search_s": t_search, "ratio": t_search / t_full,
+                     "full_compile_est_s": c_full, "search_compile_est_s": c_search,
+                     "ratio_without_compile": (t_search - c_search) / (t_full - c_full),
+                     "loadavg": [list(load0), list(load1), list(load2)]}
+    rows.append({"method": "full", "flops": 1.0, "test_acc": full.history[-1]["test_acc"], "epochs": E,
+                 "params": pf.full_cost(spec, "params") / pf.full_cost(spec, "params")})
+
+    # extraction: logits equal the gated (evaluation) logits
+    current, st = search.spec, search.state
+    ex = pe.extract(current, st.params, st.batch_stats)
+    x_test = dataset.transform(False)(dict(dataset["test"].arrays), np.random.default_rng(0))["inputs"]
+    x_test = np.asarray(x_test[:256], np.float32)
+    t = cfg.transform(current, reference=spec)
+    gated = current.model.apply({"params": t.apply(st.params, Context.make(beta=cfg.beta_final, train=False)),
+                                 "batch_stats": st.batch_stats}, x_test)
+    extracted = ex.model.apply(ex.variables, x_test)
+    grown_flops = _flops(ex.model, example) / full_flops
+    grown_acc = _acc(task, _with_variables(ex.model, example, ex.variables, seed), ex.model, bs)
+    hist = search.history
+    out["search"] = {
+        "history": [{k: r[k] for k in ("epoch", "segment", "flops", "params", "train_flops", "width_flops",
+                                       "channels", "blocks", "lambda", "train_loss", "test_acc",
+                                       "epoch_time") if k in r} for r in hist],
+        "widths": [[e, w] for e, w in search.widths],
+        "seed_flops": float(pf.cost(spec, *ps.hard_gates(state.params.logits)) / full_flops),
+        "learned_widths": {g: int(len(ex.kept[g])) for g in ex.kept},
+        "original_widths": spec.group_sizes,
+        "blocks_on": list(ex.blocks), "gated_blocks": [b.name for b in spec.blocks],
+        "total_channels": int(sum(spec.group_sizes.values())),
+        "extract_max_abs_diff": float(np.max(np.abs(np.asarray(extracted) - np.asarray(gated)))),
+        "gated_acc_last_epoch": hist[-1]["test_acc"],
+        "train_flops_counted": float(np.mean([r["train_flops"] for r in hist])),
+        "train_flops_executed": float(np.mean([r["width_flops"] for r in hist])),
+    }
+    rows.append({"method": "grown", "flops": grown_flops, "test_acc": grown_acc, "epochs": E,
+                 "params": pf.full_cost(ps.gate_spec(ex.model, example), "params") / pf.full_cost(spec, "params")})
+    log(f"[{name} seed {seed}] full {rows[0]['test_acc']:.4f}; grown {grown_acc:.4f} at {grown_flops:.3f} "
+        f"FLOPs (extracted - gated logits {out['search']['extract_max_abs_diff']:.1e}); time search/full "
+        f"{t_search:.1f}/{t_full:.1f} s")
+
+    # uniform thinning at the grown net's FLOPs
+    thin, ratio = uniform_at(spec, grown_flops, example)
+    u = train_phases(task, [Phase("uniform", E, dense_optimizer(cfg, E), model=thin)],
+                     init_state(thin, example, seed), batch_size=bs, seed=seed, log=quiet)
+    rows.append({"method": "uniform", "flops": _flops(thin, example) / full_flops, "ratio": ratio,
+                 "test_acc": u.history[-1]["test_acc"], "epochs": E,
+                 "params": pf.full_cost(ps.gate_spec(thin, example), "params") / pf.full_cost(spec, "params")})
+
+    # network slimming: L1 on BN scales, prune to the grown net's FLOPs, fine-tune
+    F = args.slim_finetune
+    sparse = train_phases(task, [Phase("slim_train", E - F, dense_optimizer(cfg, E - F), bn_l1(args.slim_l1))],
+                          init_state(model, example, seed), batch_size=bs, seed=seed, log=quiet)
+    sp_state = host(sparse.state)
+    group_masks = slimming_masks(spec, sp_state.params, grown_flops)
+    layer_masks = {layer.path: group_masks[layer.out_group] for layer in spec.layers if layer.out_group}
+    pruned = pe.extract_masked(spec, sp_state.params, sp_state.batch_stats, layer_masks)
+    pstate = _with_variables(pruned.model, example, pruned.variables, seed)
+    acc_pruned = _acc(task, pstate, pruned.model, bs)
+    ft = train_phases(task, [Phase("slim_finetune", F, dense_optimizer(cfg, F, cfg.lr * 0.1),
+                                   model=pruned.model, data_epochs_from=E - F)],
+                      pstate, batch_size=bs, seed=seed, log=quiet)
+    rows.append({"method": "slimming", "flops": _flops(pruned.model, example) / full_flops,
+                 "test_acc": ft.history[-1]["test_acc"], "test_acc_pruned": acc_pruned, "epochs": E,
+                 "params": pf.full_cost(ps.gate_spec(pruned.model, example), "params") / pf.full_cost(spec, "params")})
+    log(f"[{name} seed {seed}] uniform {rows[2]['test_acc']:.4f} at {rows[2]['flops']:.3f}; slimming "
+        f"{rows[3]['test_acc']:.4f} at {rows[3]['flops']:.3f} (before fine-tuning {acc_pruned:.4f})")
+    out["rows"] = [{"seed": seed, **r} for r in rows]
+    return out
+
+
+# ----------------------------------------------------------------------------- summary
+
+def summarize(rows):
+    out = []
+    for m in METHODS:
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        a, f = np.array([r["test_acc"] for r in rs]), np.array([r["flops"] for r in rs])
+        sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+        out.append({"method": m, "n": len(rs), "test_acc": float(a.mean()), "test_acc_std": sd(a),
+                    "flops": float(f.mean()), "flops_std": sd(f), "epochs": rs[0]["epochs"],
+                    "params": float(np.mean([r["params"] for r in rs]))})
+    return out
+
+
+def targets(per_seed, summary, budget):
+    by = {r["method"]: r for r in summary}
+    counted = float(np.mean([s["search"]["train_flops_counted"] for s in per_seed]))
+    executed = float(np.mean([s["search"]["train_flops_executed"] for s in per_seed]))
+    ratio = float(np.mean([s["timing"]["ratio"] for s in per_seed]))
+    steady = float(np.mean([s["timing"]["ratio_without_compile"] for s in per_seed]))
+    return {
+        "seeds": len(per_seed),
+        "grown_flops_le_budget": bool(max(r["flops"] for s in per_seed for r in s["rows"]
+                                          if r["method"] == "grown") <= budget + 1e-9),
+        "grown_within_1pt_of_full": by["grown"]["test_acc"] >= by["full"]["test_acc"] - 0.01,
+        "grown_above_uniform": by["grown"]["test_acc"] > by["uniform"]["test_acc"],
+        "grown_above_slimming": by["grown"]["test_acc"] > by["slimming"]["test_acc"],
+        "train_flops_counted": counted, "train_flops_counted_le_0.6": counted <= 0.6,
+        "train_flops_executed": executed, "train_flops_executed_le_0.6": executed <= 0.6,
+        "wallclock_ratio": ratio, "wallclock_le_0.75": ratio <= 0.75,
+        "wallclock_ratio_without_compile": steady, "wallclock_without_compile_le_0.75": steady <= 0.75,
+        "extract_max_abs_diff": float(max(s["search"]["extract_max_abs_diff"] for s in per_seed)),
+    }
+
+
+def table(summary) -> str:
+    lines = [f"{'method':<10}{'FLOPs':>14}{'params':>9}{'test acc':>18}{'epochs':>8}"]
+    for r in summary:
+        acc = f"{100 * r['test_acc']:.2f}" + (f" ±{100 * r['test_acc_std']:.2f}" if r["n"] > 1 else "")
+        fl = f"{r['flops']:.3f}" + (f" ±{r['flops_std']:.3f}" if r["n"] > 1 else "")
+        lines.append(f"{r['method']:<10}{fl:>14}{r['params']:>9.3f}{acc:>18}{r['epochs']:>8}")
+    return "\n".join(lines)
+
+
+def plot(result, path, title):
+    from matplotlib.figure import Figure
+
+    per_seed, summary = result["per_seed"], result["summary"]
+    fig = Figure(figsize=(17, 4.2))
+    ax = fig.subplots(1, 4)
+    for i, s in enumerate(per_seed):
+        h = s["search"]["history"]
+        ep = [0] + [r["epoch"] for r in h]
+        kw = dict(alpha=1.0 if i == 0 else 0.45, lw=1.5 if i == 0 else 1)
+        lab = (lambda t: t) if i == 0 else (lambda t: None)
+        ax[0].plot(ep, [s["search"]["seed_flops"]] + [r["flops"] for r in h], "C0-", label=lab("active (evaluated architecture)"), **kw)
+        ax[0].step(ep, [h[0]["width_flops"]] + [r["width_flops"] for r in h], "C1-", where="post",
+                   label=lab("executed (compacted net trained)"), **kw)
+        ax[0].plot(ep[1:], [r["train_flops"] for r in h], "C2--", label=lab("counted (sampled net)"), **kw)
+        total = s["search"]["total_channels"]
+        ax[1].plot(ep[1:], [r["channels"] / total for r in h], "C0-", label=lab("active channels"), **kw)
+        ax[1].plot(ep[1:], [r["blocks"] / max(1, len(s["search"]["gated_blocks"])) for r in h], "C3-",
+                   label=lab("active gated blocks") if s["search"]["gated_blocks"] else None, **kw)
+    b = result["config"]["budget"]
+    ax[0].axhline(b, color="k", ls=":", lw=1, label=f"budget {b}")
+    ax[0].set(title="FLOPs over the search (fraction of the full net)", xlabel="epoch", ylim=(0, 1.02))
+    ax[1].set(title="active channels / blocks (fraction)", xlabel="epoch", ylim=(0, 1.02))
+    s0 = per_seed[0]["search"]
+    names = list(s0["original_widths"])
+    x = np.arange(len(names))
+    learned = np.array([[s["search"]["learned_widths"][g] for g in names] for s in per_seed], float)
+    ax[2].bar(x - 0.2, [s0["original_widths"][g] for g in names], 0.4, label="original", color="C7")
+    ax[2].bar(x + 0.2, learned.mean(0), 0.4, yerr=learned.std(0) if len(per_seed) > 1 else None,
+              label=f"learned (mean of {len(per_seed)} seeds)", color="C0")
+    ax[2].set_xticks(x, [g.replace("BasicBlock_", "B").replace("/Conv_0", "in").replace("stream", "s")
+                         .replace("Conv_", "c") for g in names], rotation=60, fontsize=7)
+    ax[2].set(title="widths per channel group", ylabel="channels")
+    styles = {"full": "ks", "grown": "C0o", "uniform": "C1^", "slimming": "C2D"}
+    for m, st in styles.items():
+        rs = [r for s in per_seed for r in s["rows"] if r["method"] == m]
+        if not rs:
+            continue
+        ax[3].plot([100 * r["flops"] for r in rs], [100 * r["test_acc"] for r in rs], st, alpha=0.3, ms=4)
+        r = next(r for r in summary if r["method"] == m)
+        ax[3].errorbar(100 * r["flops"], 100 * r["test_acc"], yerr=100 * r["test_acc_std"],
+                       xerr=100 * r["flops_std"], fmt=st, ms=8, capsize=3, label=m)
+    ax[3].set(title="test accuracy vs inference FLOPs", xlabel="inference FLOPs (% of full)",
+              ylabel="test accuracy (%)")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_model(args, name, dataset, log=print) -> dict:
+    per_seed = [run_seed(args, name, dataset, seed, log) for seed in args.seeds]
+    rows = [r for s in per_seed for r in s["rows"]]
+    summary = summarize(rows)
+    config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "no_plot", "models", "traceback")}
+    return {"model": name, "config": config, "per_seed": per_seed, "rows": rows, "summary": summary,
+            "targets": targets(per_seed, summary, args.budget)}
+
+
+def main(argv=None) -> dict:
+    from pae.train.cli import one_line_errors
+
+    args = resolve(one_line_errors(build_parser()).parse_args(argv))
+    dataset = load_dataset(args.dataset)
+    if args.limit_train:
+        from pae.data import ArraySource
+        train = dataset["train"]
+        small = ArraySource({k: v[:args.limit_train] for k, v in train.arrays.items()})
+        import dataclasses
+        dataset = dataclasses.replace(dataset, splits={**dataset.splits, "train": small})
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = {}
+    for name in args.models:
+        result = run_model(args, name, dataset)
+        base = os.path.join(args.out_dir, f"grow_structured_{name}_{args.dataset}")
+        atomic_write(base + ".json", json.dumps(result, indent=1, default=float))
+        if not args.no_plot:
+            plot(result, base + ".png", f"{name} on {args.dataset}: grown (budget {args.budget}) vs "
+                                        f"full, uniform, slimming ({len(args.seeds)} seeds, {args.epochs} epochs)")
+        print(f"== {name} on {args.dataset} ({len(args.seeds)} seeds, {args.epochs} epochs)")
+        print(table(result["summary"]))
+        tg = result["targets"]
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in tg.items()}))
+        loads = [s["timing"]["loadavg"] for s in result["per_seed"]]
+        print("wall-clock search/full per seed: " + ", ".join(
+            f"{s['timing']['search_s']:.1f}/{s['timing']['full_s']:.1f} s" for s in result["per_seed"])
+              + f"; load average (1 min) at the timings: {[[round(l[0], 2) for l in x] for x in loads]}")
+        print(f"wrote {base}.json" + ("" if args.no_plot else f" and {base}.png"))
+        results[name] = result
+    return results
+
+
+if __name__ == "__main__":
+    from pae.train.cli import run_script
+
+    run_script(main, sys.argv[1:])
