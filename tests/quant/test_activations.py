@@ -432,3 +432,24 @@ def test_bad_input_is_refused_naming_the_argument():
     mixed = dict(latent, Dense_0=dict(latent["Dense_0"], act=phase1["Dense_0"]["act"]))
     with pytest.raises(ValueError, match="'Dense_0/act' is a NoisyAct"):
         q.export(m, mixed, stats)
+
+
+def test_resume_with_activations_across_the_transition_is_exact(tmp_path):
+    from pae.train import init_state, make_task, train_phases
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(128, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0).astype(np.int32)
+    task = make_task(MLP(), {"train": (x, y), "test": (x[:32], y[:32])})
+    cfg = q.QuantConfig(noise_epochs=1, finetune_epochs=1, activations=True, act_target_bits=4.0)
+    state = init_state(task.model, task.example, 0, q.noise_transform(cfg).init)
+    train_phases(task, q.quant_phases(cfg, model=task.model), state, batch_size=64,
+                 checkpoint_dir=tmp_path)
+    longer = dataclasses.replace(cfg, finetune_epochs=2)
+    # the engine replays both transitions (statistics added, palette) to restore the structure
+    resumed = train_phases(task, q.quant_phases(longer, model=task.model), state, batch_size=64,
+                           checkpoint_dir=tmp_path, extend_last_phase=True)
+    full = train_phases(task, q.quant_phases(longer, model=task.model), state, batch_size=64)
+    assert [r["phase"] for r in resumed.history] == ["noise", "finetune", "finetune"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get((resumed.state.params, resumed.state.batch_stats)),
+                 jax.device_get((full.state.params, full.state.batch_stats)))
+    assert float(full.state.batch_stats["Dense_1"]["act"]["count"]) == 6       # 3 epochs x 2 steps
