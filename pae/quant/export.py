@@ -37,6 +37,18 @@ input before the patches, so padding stays exact zeros, as in the phase-2 model)
 the activations dequantized (float): ``pallas_kernels`` has no per-channel integer-activation path.
 The running statistics are not kept in the exported tree; :func:`size_bytes` counts the stored
 quantizer as ``acts``.
+
+After sparsity (``pae.chain(pae.sparsity.fixed_masks(), quantization)``: a
+:class:`~pae.sparsity.FixedMask` over a :class:`~pae.quant.QuantWeight`), the phase-2 kernel is
+``Q(w) * mask``, whose pruned entries are exactly 0, a value no mid-rise code holds. Such a layer is
+packed with doubled codes ``2q`` for kept weights and the code ``2**b - 1`` for pruned ones, scale
+``delta / 2`` and offset ``2**b - 1``: ``(2q - (2**b - 1)) * delta / 2 = (q - o) * delta`` and a
+pruned weight dequantizes to exactly 0. It costs one stored bit per weight more (``b + 1``, so a
+masked layer's levels must be <= 7); ``pallas_kernels`` has no sparse storage, so pruning does not
+shrink the packed bytes.
+
+Save and load: :func:`save_exported` / :func:`load_exported` (one ``.npz``; the packed layers in
+``pallas_kernels``'s own state-dict format).
 """
 from __future__ import annotations
 
