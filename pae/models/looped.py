@@ -155,6 +155,7 @@ class LoopedNet(nn.Module):
             kn, kk = jax.random.split(self.make_rng("dropout"))
             n = jax.random.randint(kn, (), 0, self.iters)
             k = jax.random.randint(kk, (), 1, self.iters - n + 1)
+            self.sow("intermediates", "progressive", jnp.stack([n, k]))   # (n, k), for inspection
         else:
             n, k = jnp.zeros((), jnp.int32), jnp.asarray(self.iters, jnp.int32)
         scan = nn.scan(_Step, variable_broadcast="params", split_rngs={"params": False},
