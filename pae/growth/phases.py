@@ -36,6 +36,9 @@ from pae.growth import vt as pvt
 from pae.train.engine import Phase
 
 
+GROW_METHODS = ("pairs", "net2net", "gradmax")
+
+
 @dataclasses.dataclass(frozen=True)
 class VTConfig:
     """Growth hyperparameters (paper defaults: 1/4 width, +20% per step, 8 steps, exponential stage
@@ -43,7 +46,11 @@ class VTConfig:
 
     ``total_epochs``: the last (full-width) stage gets what the earlier stages leave (None: it lasts
     as the schedule says). ``vt``/``new_init``/``new_moments``: see :func:`pae.growth.grow`;
-    ``lra_*``: see :mod:`pae.growth.lra`.
+    ``lra_*``: see :mod:`pae.growth.lra`. ``method``: how new units are made: ``"pairs"`` (the
+    paper's function-preserving pairs, :func:`pae.growth.grow`, default), or the ablation's peers
+    ``"net2net"`` (:func:`~pae.growth.vt.grow_net2net`, noise ``net2net_noise``; ``vt`` and
+    ``new_init`` unused) and ``"gradmax"`` (:func:`~pae.growth.vt.grow_gradmax` with
+    ``gradmax_scale``/``gradmax_fan_in``; needs ``vt_phases(..., gradient_batch=...)``).
     """
 
     start_fraction: float = 0.25
@@ -61,12 +68,16 @@ class VTConfig:
     lra_recompute: str = "growth"
     lra_leaves: str = "kernels"
     seed: int = 0
+    method: str = "pairs"
+    net2net_noise: float = 0.01
+    gradmax_scale: float = 0.5
+    gradmax_fan_in: float = 0.01
 
     def __post_init__(self):
         for name, allowed in (("vt", pvt.VT_RULES), ("new_init", pvt.NEW_INITS),
                               ("new_moments", pvt.NEW_MOMENTS), ("lra_norms", plra.LRA_NORMS),
                               ("lra_recompute", plra.LRA_RECOMPUTE), ("lra_leaves", plra.LRA_LEAVES),
-                              ("epoch_schedule", psched.EPOCH_SCHEDULES)):
+                              ("epoch_schedule", psched.EPOCH_SCHEDULES), ("method", GROW_METHODS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"VTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.growth_steps + 1 > 16:
@@ -90,20 +101,37 @@ def stage_models(cfg: VTConfig, model) -> list:
     return [model.at_widths(w) for w in cfg.widths(model.groups())]
 
 
+def gradient(model, state, batch):
+    """The gradient of the mean cross-entropy of ``batch`` (``inputs``, ``targets``) with respect to
+    ``state.params``, the model in train mode (batch statistics), as GradMax's growth needs it."""
+    def loss(params):
+        logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["inputs"],
+                                train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    return jax.device_get(jax.jit(jax.grad(loss))(state.params))
+
+
 def vt_phases(cfg: VTConfig, model, optimizer: Callable[[int], optax.GradientTransformation],
-              *, name: str = "stage") -> list[Phase]:
+              *, name: str = "stage", gradient_batch=None) -> list[Phase]:
     """One Phase per width stage of ``model`` (its full widths are the last stage's).
 
     ``optimizer``: ``steps_per_epoch -> optax.GradientTransformation`` for the whole run (a schedule
     over all stages is the caller's; the LR adaptation multiplies it per element). Start the run
     from ``init_state(phases[0].model, example, seed)``. Parallel runs (``runs=``) are not
-    supported: the growth transition is host-side.
+    supported: the growth transition is host-side. ``gradient_batch``: ``{"inputs", "targets"}``
+    (model-ready, e.g. normalized) on which ``cfg.method="gradmax"`` takes the loss gradient at
+    every growth (a fixed batch, so the transition stays a pure function of the state).
     """
     if not isinstance(cfg, VTConfig):
         raise TypeError(f"cfg must be a VTConfig, got {type(cfg).__name__}")
     if not callable(optimizer):
         raise TypeError(f"optimizer must be a function steps_per_epoch -> optax.GradientTransformation, "
                         f"got {type(optimizer).__name__}")
+    if cfg.method == "gradmax":
+        if not (isinstance(gradient_batch, dict) and {"inputs", "targets"} <= set(gradient_batch)):
+            raise ValueError("gradient_batch must be a dict with 'inputs' and 'targets' when "
+                             f"cfg.method='gradmax', got {type(gradient_batch).__name__}")
+        gradient_batch = {k: np.asarray(gradient_batch[k]) for k in ("inputs", "targets")}
     models = stage_models(cfg, model)
     epochs = cfg.epochs()
     lra = plra.scale_by_birth_stage(norms=cfg.lra_norms, recompute=cfg.lra_recompute,
@@ -115,7 +143,17 @@ def vt_phases(cfg: VTConfig, model, optimizer: Callable[[int], optax.GradientTra
     def enter_for(t):
         def enter(state, snapshots):
             del snapshots
-            return pvt.grow(state, models[t - 1], models[t], jax.random.fold_in(jax.random.PRNGKey(cfg.seed), t),
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), t)
+            if cfg.method == "net2net":
+                return pvt.grow_net2net(state, models[t - 1], models[t], key, tx=tx_of(1),
+                                        noise=cfg.net2net_noise, new_moments=cfg.new_moments)
+            if cfg.method == "gradmax":
+                jax.tree.map(np.asarray, state.params)    # a tracer fails here (engine replay)
+                grads = gradient(models[t - 1], state, gradient_batch)
+                return pvt.grow_gradmax(state, models[t - 1], models[t], key, grads, tx=tx_of(1),
+                                        scale=cfg.gradmax_scale, fan_in=cfg.gradmax_fan_in,
+                                        new_moments=cfg.new_moments)
+            return pvt.grow(state, models[t - 1], models[t], key,
                             tx=tx_of(1), vt=cfg.vt, new_init=cfg.new_init, new_moments=cfg.new_moments)
         return enter
 
@@ -133,4 +171,4 @@ def vt_phases(cfg: VTConfig, model, optimizer: Callable[[int], optax.GradientTra
     return phases
 
 
-__all__ = ["VTConfig", "stage_models", "vt_phases"]
+__all__ = ["GROW_METHODS", "VTConfig", "gradient", "stage_models", "vt_phases"]

@@ -86,10 +86,11 @@ def _check_model(model, name: str) -> None:
                             f"see pae.models.growable), got {type(model).__name__}")
 
 
-def resolve_widths(model_from, model_to) -> tuple[Any, dict, dict]:
+def resolve_widths(model_from, model_to, *, pairs: bool = True) -> tuple[Any, dict, dict]:
     """``(model_to, old widths, new widths)``; ``model_to`` a model or a ``{group: width}`` mapping.
 
-    Raises ValueError when a width shrinks or grows by an odd number (new units come in pairs).
+    Raises ValueError when a width shrinks or (``pairs``: new units come in pairs) grows by an odd
+    number.
     """
     _check_model(model_from, "model_from")
     old = model_from.groups()
@@ -115,7 +116,7 @@ def resolve_widths(model_from, model_to) -> tuple[Any, dict, dict]:
     if smaller:
         raise ValueError(f"{arg}: widths may only grow, got smaller widths (old, new) {smaller}")
     odd = {g: (old[g], new[g]) for g in old if (new[g] - old[g]) % 2}
-    if odd:
+    if pairs and odd:
         raise ValueError(f"{arg}: every width must grow by an even number (new units come in pairs), "
                          f"got odd increments (old, new) {odd}")
     return model_to, old, new
@@ -341,4 +342,174 @@ def grow(state: TrainState, model_from, model_to, key, *, tx: optax.GradientTran
     return state.replace(params=grown, batch_stats=batch_stats, opt_state=opt_state)
 
 
-__all__ = ["NEW_INITS", "NEW_MOMENTS", "VT_RULES", "grow", "host_rng", "resolve_widths", "vt_factor"]
+# --------------------------------------------------------------------------------------------------
+# Peers for the ablation (experiments/grow_vt.py): Net2Net-style copying and GradMax-style growth.
+
+
+def _peer_prelude(state, model_from, model_to, tx, new_moments):
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a pae.train.TrainState, got {type(state).__name__}")
+    if new_moments not in NEW_MOMENTS:
+        raise ValueError(f"new_moments must be one of {NEW_MOMENTS}, got {new_moments!r}")
+    _, old, new = resolve_widths(model_from, model_to, pairs=False)
+    if state.opt_state is not None and tx is None:
+        raise ValueError("tx is required to grow state.opt_state: pass the optimizer that made it "
+                         "(or set opt_state=None to start a fresh one)")
+    return old, new, jax.tree.map(np.asarray, state.params)
+
+
+def _layers(flat, spec, old, new):
+    """``(index, layer, kernel path, kernel, n_i, m_i, n_o, m_o)`` for every layer of ``spec``."""
+    for idx, layer in enumerate(spec):
+        kpath = tuple(layer.kernel) + ("kernel",)
+        if kpath not in flat:
+            raise ValueError(f"model_from's growth_spec names {'/'.join(kpath)}, which state.params "
+                             f"does not hold (is state from model_from?)")
+        w = flat[kpath]
+        n_i = m_i = w.shape[-2]
+        n_o = m_o = w.shape[-1]
+        if layer.in_group is not None:
+            n_i, m_i = old[layer.in_group], new[layer.in_group]
+        if layer.out_group is not None:
+            n_o, m_o = old[layer.out_group], new[layer.out_group]
+        if w.shape[-2:] != (n_i, n_o):
+            raise ValueError(f"state.params {'/'.join(kpath)} has shape {w.shape}, but model_from's "
+                             f"widths give (..., {n_i}, {n_o}) (is state from model_from?)")
+        yield idx, layer, kpath, w, n_i, m_i, n_o, m_o
+
+
+def _finish(state, tx, params, flat_out, stats_out, flat, stats, new_moments):
+    missed = sorted("/".join(k) for k in set(flat) - set(flat_out))
+    if missed:
+        raise ValueError(f"model_from's growth_spec does not cover the parameters {missed}")
+    missed = sorted("/".join(k) for k in set(stats) - set(stats_out))
+    if missed:
+        raise ValueError(f"model_from's growth_spec does not cover the batch statistics {missed}")
+    unflat = traverse_util.unflatten_dict
+    grown = unflat(flat_out)
+    opt_state = state.opt_state
+    if opt_state is not None:
+        opt_state = _grow_opt_state(opt_state, tx, params, grown, new_moments)
+    return state.replace(params=grown, batch_stats=unflat(stats_out) if stats_out else state.batch_stats,
+                         opt_state=opt_state)
+
+
+def grow_net2net(state: TrainState, model_from, model_to, key, *, tx=None, noise: float = 0.01,
+                 new_moments: str = "zeros") -> TrainState:
+    """Net2WiderNet-style growth (Chen, Goodfellow, Shlens, arXiv 1511.05641): copy units, split
+    their fan-out.
+
+    Every group draws, for each new unit ``j``, a source unit ``src[j]`` uniformly from the old ones
+    (one map per group, so a ResNet's residual stream stays consistent); ``cnt[c]`` counts unit ``c``
+    and its copies. A kernel becomes ``W'[..., a, b] = W[..., src_i[a], src_o[b]] / cnt_i[src_i[a]]``
+    (an ungrown axis maps to itself), biases and BatchNorm parameters and statistics are copied from
+    the source unit: the function is preserved exactly before the noise. Copies of a unit would stay
+    identical forever (same activations, same gradients), so the copies' incoming weights get
+    ``noise * std(W)`` Gaussian noise (Net2Net's symmetry breaking; ``noise=0``: exact copies).
+    No variance transfer. Optimizer state: old entries carried, new entries zero
+    (``new_moments="warm"``: Adam's ``nu`` seeded as in :func:`grow`). Any increment (no pairs).
+    """
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}")
+    old, new, params = _peer_prelude(state, model_from, model_to, tx, new_moments)
+    rng = host_rng(key, 0)
+    maps = {}
+    for g in sorted(old):
+        n, m = old[g], new[g]
+        src = np.concatenate([np.arange(n), rng.integers(0, n, m - n)]) if m > n else np.arange(n)
+        maps[g] = (src, np.bincount(src, minlength=n))
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    stats = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(state.batch_stats or {}).items()}
+    out, out_stats = {}, {}
+    for idx, layer, kpath, w, n_i, m_i, n_o, m_o in _layers(flat, model_from.growth_spec(), old, new):
+        src_i, cnt_i = maps[layer.in_group] if layer.in_group is not None else (np.arange(n_i), np.ones(n_i, int))
+        src_o = maps[layer.out_group][0] if layer.out_group is not None else np.arange(n_o)
+        k = w[..., src_i, :][..., src_o] / cnt_i[src_i][:, None].astype(w.dtype)
+        if noise and m_o > n_o:
+            sd = noise * float(np.std(w))
+            k[..., n_o:] += (host_rng(key, idx + 1).standard_normal(k[..., n_o:].shape) * sd).astype(w.dtype)
+        out[kpath] = k.astype(w.dtype)
+        bpath = tuple(layer.kernel) + ("bias",)
+        if bpath in flat:
+            out[bpath] = flat[bpath][src_o]
+        if layer.norm is not None:
+            for name in ("scale", "bias"):
+                p = tuple(layer.norm) + (name,)
+                if p in flat:
+                    out[p] = flat[p][src_o]
+            for name in ("mean", "var"):
+                p = tuple(layer.norm) + (name,)
+                if p in stats:
+                    out_stats[p] = stats[p][src_o]
+    return _finish(state, tx, params, out, out_stats, flat, stats, new_moments)
+
+
+def grow_gradmax(state: TrainState, model_from, model_to, key, grads, *, tx=None, scale: float = 0.5,
+                 fan_in: float = 0.01, new_moments: str = "zeros") -> TrainState:
+    """GradMax-style growth (Evci et al., ICLR 2022, arXiv 2201.05125), adapted to pae's BN nets.
+
+    New units get (near-)zero fan-in and a fan-out chosen from the loss gradient, so the function is
+    (nearly) preserved while the new units' fan-in gradients are large; the optimizer state is
+    zero-padded (GradMax's ``carry_optimizer``).
+
+    * Fan-out: for every layer whose input group grew from ``n_i`` to ``m_i``, the ``k = m_i - n_i``
+      new input channels read with the top-``k`` right singular vectors of that layer's kernel
+      gradient ``grads`` (at ``model_from``'s widths) reshaped to ``(n_i, kh * kw * n_o)``, each
+      scaled to ``scale`` times the mean fan-out norm of the old input channels (GradMax's ``scale``
+      0.5); vectors beyond the gradient's rank are zero. This is a proxy: GradMax's matrix
+      correlates the next layer's output gradient with the grown layer's *input* (through an
+      auxiliary direct layer), ours with the existing channels of the reader's input, which needs no
+      extra layer and works for every reader of a ResNet's residual stream.
+    * Fan-in: exactly zero makes a unit dead in a conv -> BatchNorm -> ReLU net (BN of a constant
+      zero channel outputs its beta = 0 and ReLU's derivative at 0 is 0), so new fan-in weights are
+      ``fan_in`` times He-normal draws (GradMax's epsilon; ``fan_in=0``: exactly zero, dead units).
+      In eval mode the function changes by O(fan_in); in train mode BatchNorm renormalizes the new
+      channels, so it changes more.
+
+    New biases zero, new BatchNorm units ``gamma = 1, beta = 0, mean = 0, var = 1``; no variance
+    transfer. ``grads``: a params-shaped tree of the loss gradient at ``state.params``. Any increment.
+    """
+    if not scale >= 0 or not fan_in >= 0:
+        raise ValueError(f"scale and fan_in must be >= 0, got scale={scale!r}, fan_in={fan_in!r}")
+    old, new, params = _peer_prelude(state, model_from, model_to, tx, new_moments)
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    if not isinstance(grads, Mapping):
+        raise TypeError(f"grads must be a params-shaped tree of gradients, got {type(grads).__name__}")
+    flat_g = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(grads)).items()}
+    stats = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(state.batch_stats or {}).items()}
+    out, out_stats = {}, {}
+    for idx, layer, kpath, w, n_i, m_i, n_o, m_o in _layers(flat, model_from.growth_spec(), old, new):
+        if kpath not in flat_g or np.shape(flat_g[kpath]) != w.shape:
+            raise ValueError(f"grads must be shaped like state.params; {'/'.join(kpath)} is "
+                             f"{np.shape(flat_g.get(kpath))}, the kernel {w.shape}")
+        rng = host_rng(key, idx)
+        k = np.zeros(w.shape[:-2] + (m_i, m_o), w.dtype)
+        k[..., :n_i, :n_o] = w
+        if m_o > n_o:
+            std = fan_in * float(np.sqrt(2.0 / (int(np.prod(w.shape[:-2], dtype=np.int64)) * m_i)))
+            k[..., n_o:] = (rng.standard_normal(k[..., n_o:].shape) * std).astype(w.dtype)
+        if m_i > n_i:
+            g = np.moveaxis(flat_g[kpath].astype(np.float64), -2, 0).reshape(n_i, -1)
+            _, _, vt = np.linalg.svd(g, full_matrices=False)
+            norms = np.sqrt((np.moveaxis(w.astype(np.float64), -2, 0).reshape(n_i, -1) ** 2).sum(1))
+            r = min(m_i - n_i, vt.shape[0])
+            fan_out = np.zeros((m_i - n_i, vt.shape[1]))
+            fan_out[:r] = vt[:r] * scale * norms.mean()
+            k[..., n_i:, :n_o] = np.moveaxis(fan_out.reshape((m_i - n_i,) + w.shape[:-2] + (n_o,)), 0, -2)
+        out[kpath] = k
+        bpath = tuple(layer.kernel) + ("bias",)
+        if bpath in flat:
+            out[bpath] = _pad(flat[bpath], (m_o,))
+        if layer.norm is not None:
+            for name, fill in (("scale", 1.0), ("bias", 0.0)):
+                p = tuple(layer.norm) + (name,)
+                if p in flat:
+                    out[p] = _pad(flat[p], (m_o,), fill)
+            for name, fill in (("mean", 0.0), ("var", 1.0)):
+                p = tuple(layer.norm) + (name,)
+                if p in stats:
+                    out_stats[p] = _pad(stats[p], (m_o,), fill)
+    return _finish(state, tx, params, out, out_stats, flat, stats, new_moments)
+
+
+__all__ = ["NEW_INITS", "NEW_MOMENTS", "VT_RULES", "grow", "grow_gradmax", "grow_net2net", "host_rng", "resolve_widths", "vt_factor"]

@@ -174,3 +174,119 @@ def test_new_weights_are_drawn_on_the_host_without_compiling(images, g, monkeypa
     assert not np.allclose(a, b) and not np.allclose(a, c)
     with pytest.raises(TypeError, match="key must be a jax PRNG key"):
         growth.grow(state, RESNET, RESNET_TO, np.float32(1.0))
+
+
+# ---- the ablation's peers: Net2Net-style copying and GradMax-style growth --------------------------
+
+ODD_TO = {"resnet": {"stage0": 5, "stage1": 9, "stage2": 12}, "vgg": {"conv0": 7, "conv1": 6, "conv2": 11}}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_net2net_copies_units_and_splits_their_fan_out(name, train, images, g):
+    model, _ = CASES[name]
+    widths = ODD_TO[name]                                   # copying needs no pairs: odd increments
+    state = g.perturbed_state(model, images, seed=4)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = state.replace(opt_state=tx.init(state.params))
+    grown = growth.vt.grow_net2net(state, model, widths, jax.random.PRNGKey(2), tx=tx, noise=0.0)
+    wide = model.at_widths(widths)
+    np.testing.assert_allclose(g.logits(wide, grown, images, train), g.logits(model, state, images, train),
+                               rtol=1e-5, atol=1e-5)
+    # NumPy reference of every kernel from the source maps read off the grown BatchNorm scales
+    old_w = model.groups()
+    p0, p1 = _flat(state.params), _flat(grown.params)
+    src = {}
+    for layer in model.growth_spec():
+        if layer.norm and layer.out_group not in src:
+            s0, s1 = p0["/".join(layer.norm) + "/scale"], p1["/".join(layer.norm) + "/scale"]
+            src[layer.out_group] = np.array([int(np.flatnonzero(s0 == v)[0]) for v in s1])
+    for gname, s in src.items():
+        np.testing.assert_array_equal(s[:old_w[gname]], np.arange(old_w[gname]))
+        assert len(s) == widths[gname] and s.max() < old_w[gname]
+    for layer in model.growth_spec():
+        path = "/".join(layer.kernel) + "/kernel"
+        w0 = p0[path]
+        si = src[layer.in_group] if layer.in_group else np.arange(w0.shape[-2])
+        so = src[layer.out_group] if layer.out_group else np.arange(w0.shape[-1])
+        cnt = np.bincount(si, minlength=w0.shape[-2])[si]
+        want = np.take(np.take(w0, si, axis=-2), so, axis=-1) / cnt[:, None]
+        np.testing.assert_allclose(p1[path], want, rtol=1e-6)
+    # momentum: old entries carried, new ones zero
+    k0, k1 = state.opt_state[0].trace["fc"]["kernel"], grown.opt_state[0].trace["fc"]["kernel"]
+    assert k1.shape == p1["fc/kernel"].shape and not np.asarray(k1)[np.asarray(k0).shape[0]:].any()
+    # noise breaks the copies' symmetry on their incoming weights only
+    noisy = growth.vt.grow_net2net(state, model, widths, jax.random.PRNGKey(2), tx=tx, noise=0.1)
+    n1 = _flat(noisy.params)
+    last = "/".join(model.growth_spec()[-2].kernel) + "/kernel"
+    n_o = p0[last].shape[-1]
+    np.testing.assert_array_equal(n1[last][..., :n_o], p1[last][..., :n_o])
+    assert np.abs(n1[last][..., n_o:] - p1[last][..., n_o:]).max() > 0
+
+
+def test_gradmax_fan_out_is_the_gradients_top_singular_vectors(images, g):
+    """fan_in=0: the function is preserved exactly (train and eval); every reader's new rows are the
+    top right singular vectors of its kernel gradient (as (n_i, kh*kw*n_o)) scaled to 0.5 x the mean
+    old fan-out norm, up to sign; new fan-in columns zero; Adam state zero-padded."""
+    model, widths = VGG, ODD_TO["vgg"]
+    state = g.perturbed_state(model, images, seed=5)
+    tx = optax.adam(1e-3)
+    state = state.replace(opt_state=tx.init(state.params))
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: rng.normal(size=np.shape(p)).astype(np.float32), state.params)
+    grown = growth.vt.grow_gradmax(state, model, widths, jax.random.PRNGKey(0), grads, tx=tx, fan_in=0.0)
+    wide = model.at_widths(widths)
+    for train in (False, True):
+        np.testing.assert_allclose(g.logits(wide, grown, images, train),
+                                   g.logits(model, state, images, train), rtol=1e-5, atol=1e-5)
+    p0, p1, gr = _flat(state.params), _flat(grown.params), _flat(grads)
+    old_w = model.groups()
+    for layer in model.growth_spec():
+        path = "/".join(layer.kernel) + "/kernel"
+        w0, w1 = p0[path], p1[path]
+        n_i, n_o = w0.shape[-2:]
+        if layer.out_group:
+            assert not w1[..., n_o:].any()
+        if not layer.in_group or widths[layer.in_group] == old_w[layer.in_group]:
+            continue
+        k = widths[layer.in_group] - n_i
+        m = np.moveaxis(gr[path].astype(np.float64), -2, 0).reshape(n_i, -1)
+        vt = np.linalg.svd(m)[2][:k]
+        target = 0.5 * np.mean([np.linalg.norm(np.take(w0, i, axis=-2)) for i in range(n_i)])
+        got = np.moveaxis(w1[..., n_i:, :n_o], -2, 0).reshape(k, -1)
+        r = min(k, n_i)
+        np.testing.assert_allclose(np.abs(got[:r]), np.abs(target * vt[:r]), rtol=1e-4, atol=1e-6)
+        assert not got[r:].any()
+    for mu0, mu1 in zip(jax.tree.leaves(state.opt_state[0].mu), jax.tree.leaves(grown.opt_state[0].mu)):
+        assert np.shape(mu1) != () and not np.asarray(mu1)[~_old_mask(mu0, mu1)].any()
+    # the default small random fan-in wakes the new units (not all zero) but stays small
+    awake = _flat(growth.vt.grow_gradmax(state, model, widths, jax.random.PRNGKey(0), grads, tx=tx).params)
+    new_in = awake["conv2/kernel"][..., 8:]
+    assert 0 < np.abs(new_in).max() < 0.1 * np.abs(p0["conv2/kernel"]).max()
+
+
+def _old_mask(old, new):
+    m = np.zeros(np.shape(new), bool)
+    m[tuple(slice(0, s) for s in np.shape(old))] = True
+    return m
+
+
+def test_peers_bad_input_fails_clearly(images, g):
+    state = g.perturbed_state(VGG, images)
+    key = jax.random.PRNGKey(0)
+    grads = jax.tree.map(np.zeros_like, state.params)
+    with pytest.raises(ValueError, match="new_widths: widths may only grow.*conv1"):
+        growth.vt.grow_net2net(state, VGG, {"conv1": 4}, key)
+    with pytest.raises(ValueError, match="new_widths: widths may only grow.*conv1"):
+        growth.vt.grow_gradmax(state, VGG, {"conv1": 4}, key, grads)
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        growth.vt.grow_net2net(state, VGG, VGG_TO, key, noise=-1.0)
+    with pytest.raises(ValueError, match="grads must be shaped like state.params"):
+        growth.vt.grow_gradmax(state, VGG, VGG_TO, key, {"fc": grads["fc"]})
+    with pytest.raises(TypeError, match="grads must be a params-shaped tree"):
+        growth.vt.grow_gradmax(state, VGG, VGG_TO, key, 3.0)
+    sgd = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="tx: state.opt_state holds no parameter-shaped moments"):
+        growth.vt.grow_net2net(state.replace(opt_state=sgd.init(state.params)), VGG, VGG_TO, key, tx=sgd)
+    with pytest.raises(ValueError, match="tx is required"):
+        growth.vt.grow_gradmax(state.replace(opt_state=sgd.init(state.params)), VGG, VGG_TO, key, grads)

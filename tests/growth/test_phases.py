@@ -123,3 +123,29 @@ def test_a_resnet_grows_through_the_engine_with_every_option_changed(task):
     scale = np.asarray(res.state.opt_state[1].scale["s1b0"]["conv1"]["kernel"])
     assert len(np.unique(np.round(scale, 5))) == 2            # stage 0 (1) and stage 1 (global ratio)
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("method", ["net2net", "gradmax"])
+def test_peer_growth_methods_run_as_stages_and_learn(task, method):
+    """The ablation's peers through the same phases: widths reach the model's, the grown stages learn;
+    GradMax takes its gradient on the given batch (a pure transition: two runs agree exactly)."""
+    cfg = growth.VTConfig(growth_steps=2, first_epochs=1, epoch_schedule="fixed", total_epochs=4,
+                          method=method, vt="none", lra=False, new_moments="zeros")
+    x, y = _data()["train"]
+    phases = growth.vt_phases(cfg, MODEL, _adam, gradient_batch={"inputs": x[:64], "targets": y[:64]})
+    runs = [train_phases(task, phases, init_state(phases[0].model, task.example, 0), batch_size=32)
+            for _ in range(2)]
+    res = runs[0]
+    assert [r["stage"] for r in res.history] == [0, 1, 2, 2]
+    assert res.state.params["conv1"]["kernel"].shape == (3, 3, 8, 16)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] - 0.1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(runs[1].state.params),
+                 jax.device_get(res.state.params))
+
+
+def test_peer_configs_fail_clearly():
+    with pytest.raises(ValueError, match="VTConfig.method must be one of"):
+        growth.VTConfig(method="firefly")
+    cfg = growth.VTConfig(growth_steps=1, method="gradmax")
+    with pytest.raises(ValueError, match="gradient_batch must be a dict with 'inputs' and 'targets'"):
+        growth.vt_phases(cfg, MODEL, _adam)
