@@ -27,11 +27,11 @@ from pae.growth.structured import (BlockGate, Gated, GatedLayer, GateSpec, Struc
 from pae.growth.lra import BirthState, birth_scales, scale_by_birth_stage
 from pae.growth.phases import VTConfig, stage_models, vt_phases
 from pae.growth.schedule import round_even, stage_epochs, width_schedule
-from pae.growth.vt import grow, resolve_widths, vt_factor
+from pae.growth.vt import grow, grow_gradmax, grow_net2net, resolve_widths, vt_factor
 
 __all__ = ["BirthState", "BlockGate", "Extracted", "GateSpec", "Gated", "GatedLayer", "StructuredConfig",
            "VTConfig", "birth_scales", "channel_sets", "compact", "cost", "extract", "extract_masked",
-           "full_cost", "gate_params", "gate_spec", "gates", "grow", "hard_gates", "layer_costs",
+           "full_cost", "gate_params", "gate_spec", "gates", "grow", "grow_gradmax", "grow_net2net", "hard_gates", "layer_costs",
            "probabilities", "resolve_widths", "round_even", "scale_by_birth_stage", "seed_logits",
            "slim_model", "stage_epochs", "stage_models", "structured_metrics", "structured_optimizer",
            "structured_phases", "structured_sparsification", "training_flops", "uniforms",
