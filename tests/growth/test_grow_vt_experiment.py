@@ -1,0 +1,95 @@
+"""experiments/grow_vt.py, reduced: every method of the ablation side by side on digits with a tiny
+VGG, one growth step. Run as a subprocess (its persistent compilation cache stays out of this
+process's JAX configuration)."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from pae import growth
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "experiments" / "grow_vt.py"
+METHODS = ["fixed_full", "fixed_small", "net2net", "random_pairs", "vt", "lra", "full", "gradmax"]
+EPOCHS, FIRST = 4, 1
+
+
+def _macs(c0, c1):
+    """Independent count for GrowableVGG((c0, 'M', c1)) on 8x8x1 digits, 10 classes: conv0 at 8x8,
+    2x2 pool, conv1 at 4x4, global pool, fc."""
+    return 8 * 8 * 9 * 1 * c0 + 4 * 4 * 9 * c0 * c1 + c1 * 10
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grow_vt")
+    cmd = [sys.executable, str(SCRIPT), "--model", "vgg_tiny", "--dataset", "digits", "--epochs", str(EPOCHS),
+           "--first-epochs", str(FIRST), "--growth-steps", "1", "--seeds", "0", "--lr", "0.2", "--batch-size", "64",
+           "--out-dir", str(out), "--compilation-cache", str(out / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "grow_vt_vgg_tiny_digits.json").read_text())
+    assert (out / "grow_vt_vgg_tiny_digits.png").stat().st_size > 1000
+    return data, proc.stdout
+
+
+def test_every_method_is_in_the_table(result):
+    data, stdout = result
+    assert [r["method"] for r in data["summary"]] == METHODS
+    assert all(r["n"] == 1 for r in data["summary"])
+    for label in ("fixed full width", "Net2Net copying", "GradMax-style", "full (VT + LRA)"):
+        assert label in stdout
+
+
+def test_growth_runs_end_at_the_final_widths(result):
+    data, _ = result
+    start = growth.width_schedule({"conv0": 8, "conv1": 16}, steps=1)[0]
+    for row in data["rows"]:
+        assert row["param_shapes_match_final"]
+        if row["method"] == "fixed_small":
+            assert row["final_widths"] == start
+        else:
+            assert row["final_widths"] == {"conv0": 8, "conv1": 16}
+        if row["method"] not in ("fixed_full", "fixed_small"):
+            assert row["stage_widths"] == [start, {"conv0": 8, "conv1": 16}]
+            assert [h["stage"] for h in row["history"]] == [0] * FIRST + [1] * (EPOCHS - FIRST)
+
+
+def test_training_flops_fractions_match_an_independent_count(result):
+    data, _ = result
+    s = {r["method"]: r for r in data["summary"]}
+    start = growth.width_schedule({"conv0": 8, "conv1": 16}, steps=1)[0]
+    full, small = _macs(8, 16), _macs(start["conv0"], start["conv1"])
+    grown = (FIRST * small + (EPOCHS - FIRST) * full) / (EPOCHS * full)
+    assert data["full_width_macs"] == full
+    assert s["fixed_full"]["flops_rel"] == 1.0
+    assert s["fixed_small"]["flops_rel"] == pytest.approx(small / full, rel=1e-9)
+    for m in METHODS[2:]:
+        assert s[m]["flops_rel"] == pytest.approx(grown, rel=1e-9)
+    assert s["full"]["flops_rel"] < s["fixed_full"]["flops_rel"] - 0.2
+    assert data["targets"]["full_flops_at_most_60pct"] == (grown <= 0.6)
+
+
+def test_accuracy_above_chance_and_times_recorded(result):
+    data, _ = result
+    s = {r["method"]: r for r in data["summary"]}
+    assert s["fixed_full"]["test_acc"] > 0.5 and s["full"]["test_acc"] > 0.5     # chance: 0.1
+    for row in data["rows"]:
+        assert row["wall_s"] > 0 and 0 <= row["compile_s"] < row["wall_s"] + 1e-6
+        assert len(row["loadavg_before"]) == 3 and len(row["loadavg_after"]) == 3
+    assert set(data["targets"]["ordering"]) == {"random_pairs >= net2net", "vt >= random_pairs",
+                                                "lra >= random_pairs", "full >= vt", "full >= lra"}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "mobilenet_v1"], "error: --model mobilenet_v1: MobileNetV1 is not growable"),
+    (["--methods", "full"], "error: --methods must include fixed_full"),
+    (["--epochs", "0"], "error: --epochs must be >= 1"),
+])
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(tmp_path), *flags],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
