@@ -1,0 +1,108 @@
+"""The structured-growth experiment (experiments/grow_structured.py) in a reduced setting: the search
+grows from the seed and settles at the budget on a compacted net, the extracted net computes the
+gated logits at no more than the budget's FLOPs, and every method is there at matched FLOPs."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("grow_structured", os.path.join(
+        ROOT, "experiments", "grow_structured.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
+    gs = _load()
+    monkeypatch.chdir(tmp_path)   # results go under ./runs/grow_structured by default
+    budget = 0.5
+    results = gs.main(["--models", "vgg3t", "--seeds", "0", "--epochs", "8", "--restructure-at", "0",
+                       "--margin", "0.5", "--slim-finetune", "2", "--limit-train", "256",
+                       "--batch-size", "64", "--mask-lr", "2", "--lmbda", "30", "--beta-final", "5",
+                       "--budget", str(budget)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    out = tmp_path / "runs" / "grow_structured"
+    result = results["vgg3t"]
+    assert sorted(r["method"] for r in result["rows"]) == sorted(gs.METHODS)
+    search = result["per_seed"][0]["search"]
+    flops = np.array([r["flops"] for r in search["history"]])
+    lam = np.array([r["lambda"] for r in search["history"]])
+    assert search["seed_flops"] < 0.15 and lam[0] < 0             # starts small, under budget
+    assert flops.max() > 0.4 and np.argmax(flops > 0.4) > 0       # grew, not at the first epoch
+    assert abs(flops[-1] - budget) < 0.08                          # settled near the budget
+    # trained on the compacted net (seed + margin), not the full one
+    widths = np.array([r["width_flops"] for r in search["history"]])
+    assert np.all(widths < 0.9) and np.all(widths >= flops - 1e-6)
+    assert search["train_flops_executed"] == pytest.approx(widths.mean())
+    # the extracted net computes the gated (evaluation) logits, at the counted FLOPs
+    assert search["extract_max_abs_diff"] < 1e-4
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["grown"]["flops"] == pytest.approx(flops[-1], rel=1e-5)
+    assert rows["grown"]["flops"] <= budget + 0.05
+    assert rows["grown"]["test_acc"] == pytest.approx(search["gated_acc_last_epoch"], abs=1e-6)
+    # the baselines are matched to the grown net's inference FLOPs from below
+    for m in ("uniform", "slimming"):
+        assert rows["grown"]["flops"] - 0.12 < rows[m]["flops"] <= rows["grown"]["flops"] + 1e-9, m
+    assert rows["full"]["test_acc"] > 0.3                          # chance is 0.1
+    saved = json.load(open(out / "grow_structured_vgg3t_digits.json"))
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert (out / "grow_structured_vgg3t_digits.png").stat().st_size > 10_000
+    assert set(saved["targets"]) >= {"grown_flops_le_budget", "grown_within_1pt_of_full",
+                                     "grown_above_uniform", "train_flops_counted", "wallclock_ratio"}
+    assert len(saved["per_seed"][0]["timing"]["loadavg"]) == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "1.5"], "budget must be in (0, 1]"),
+    (["--budget", "0"], "budget must be in (0, 1]"),
+    (["--paper", "imagenet-resnet50"], "bottleneck"),
+    (["--restructure-at", "99"], "restructure-at"),
+    (["--models", "mlp"], "invalid choice"),
+])
+def test_bad_input_is_one_line(argv, message, capsys):
+    gs = _load()
+    from pae.train.cli import run_script
+    with pytest.raises(SystemExit) as err:
+        run_script(gs.main, argv)
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_uniform_and_slimming_helpers_hit_the_target():
+    """uniform_at and slimming_masks return the widest thinning at or under a FLOPs fraction."""
+    gs = _load()
+    from pae.growth import flops as pf, structured as ps
+    from pae.models import CifarResNet
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    spec = ps.gate_spec(CifarResNet(14, 10, (8, 16, 16)), x)
+    full = pf.full_cost(spec)
+    for target in (0.3, 0.5):
+        thin, ratio = gs.uniform_at(spec, target, x)
+        f = pf.full_cost(ps.gate_spec(thin, x)) / full
+        assert f <= target
+        wider = pf.full_cost(ps.gate_spec(gs.uniform_model(spec, ratio + 0.1), x)) / full
+        assert wider > target
+    rng = np.random.default_rng(0)
+    params = {k: v for k, v in spec.model.init(__import__("jax").random.PRNGKey(0), x)["params"].items()}
+    import jax
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: rng.uniform(0, 1, v.shape).astype(np.float32) if p[-1].key == "scale" else v, params)
+    masks = gs.slimming_masks(spec, params, 0.5)
+    f = float(pf.cost(spec, {g: m.astype(np.float32) for g, m in masks.items()}, {})) / full
+    assert 0.35 < f <= 0.5
+    # a global threshold: every kept channel scores at least every dropped one (groups with more
+    # than their forced best channel)
+    flat = {"/".join(k): np.asarray(v) for k, v in __import__("flax").traverse_util.flatten_dict(params).items()}
+    scores = {g: np.mean([np.abs(flat[f"{layer.norm}/scale"]) for layer in spec.writers(g) if layer.norm],
+                         axis=0) for g, _ in spec.groups}
+    kept = np.concatenate([scores[g][m] for g, m in masks.items() if m.sum() > 1])
+    dropped = np.concatenate([scores[g][~m] for g, m in masks.items()])
+    assert kept.min() > dropped.max()
