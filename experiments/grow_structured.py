@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default runs/grow_structured (the recorded results: --out-dir "
                         "experiments/results)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", metavar="JSON",
+                   help="only redraw the figure of a saved result (its .png beside it) and print its table")
     return p
 
 
@@ -407,7 +409,7 @@ def plot(result, path, title):
         kw = dict(alpha=1.0 if i == 0 else 0.45, lw=1.5 if i == 0 else 1)
         lab = (lambda t: t) if i == 0 else (lambda t: None)
         ax[0].plot(ep, [s["search"]["seed_flops"]] + [r["flops"] for r in h], "C0-", label=lab("active (evaluated architecture)"), **kw)
-        ax[0].step(ep, [h[0]["width_flops"]] + [r["width_flops"] for r in h], "C1-", where="post",
+        ax[0].step(ep, [h[0]["width_flops"]] + [r["width_flops"] for r in h], "C1-", where="pre",
                    label=lab("executed (compacted net trained)"), **kw)
         ax[0].plot(ep[1:], [r["train_flops"] for r in h], "C2--", label=lab("counted (sampled net)"), **kw)
         total = s["search"]["total_channels"]
@@ -459,7 +461,19 @@ def run_model(args, name, dataset, log=print) -> dict:
 def main(argv=None) -> dict:
     from pae.train.cli import one_line_errors
 
-    args = resolve(one_line_errors(build_parser()).parse_args(argv))
+    args = one_line_errors(build_parser()).parse_args(argv)
+    if args.replot:
+        if not os.path.exists(args.replot):
+            raise FileNotFoundError(f"--replot: no such file {args.replot!r}")
+        with open(args.replot) as f:
+            result = json.load(f)
+        cfg = result["config"]
+        plot(result, os.path.splitext(args.replot)[0] + ".png",
+             f"{result['model']} on {cfg['dataset']}: grown (budget {cfg['budget']}) vs full, uniform, "
+             f"slimming ({len(cfg['seeds'])} seeds, {cfg['epochs']} epochs)")
+        print(table(result["summary"]))
+        return {result["model"]: result}
+    args = resolve(args)
     dataset = load_dataset(args.dataset)
     if args.limit_train:
         from pae.data import ArraySource
