@@ -41,6 +41,14 @@ Budget-aware penalty (the form of CSQ's code; whether the paper uses exactly thi
 ``C`` is :func:`pae.growth.flops.cost`; at the probabilities it is the expected cost of the sampled
 net (the relaxed, FLOPs-weighted L1 penalty of the indicators). Below budget ``lambda_t < 0``
 rewards switching components on (growth from the seed), above it the penalty prunes.
+
+Training savings (a choice of this implementation; the paper's schedule is unverified): masked
+full-size training (:func:`structured_phases`) costs what full training costs. Compaction trains the
+smaller net instead: :func:`structured_phases` ``(compactions=...)`` at widths fixed in advance, or
+:func:`structured_search`, which restructures at chosen epochs to the active channels plus a growth
+margin (regrowth from the full-size state kept on the host). Both carry the optimizer state with
+the channels (momentum sliced, step count continuing), so compaction then training equals masked
+full-size training with the dropped channels held off (tested).
 """
 from __future__ import annotations
 
