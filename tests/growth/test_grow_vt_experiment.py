@@ -83,13 +83,29 @@ def test_accuracy_above_chance_and_times_recorded(result):
                                                 "lra >= random_pairs", "full >= vt", "full >= lra"}
 
 
+def _script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("grow_vt_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("flags,message", [
-    (["--model", "mobilenet_v1"], "error: --model mobilenet_v1: MobileNetV1 is not growable"),
-    (["--methods", "full"], "error: --methods must include fixed_full"),
-    (["--epochs", "0"], "error: --epochs must be >= 1"),
+    (["--model", "mobilenet_v1"], "--model mobilenet_v1: MobileNetV1 is not growable"),
+    (["--methods", "full"], "--methods must include fixed_full"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--seeds", "1", "1"], "must not repeat"),
 ])
-def test_bad_flags_are_one_line_errors(flags, message, tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(tmp_path), *flags],
+def test_bad_flags_fail_clearly(flags, message):
+    script = _script()
+    with pytest.raises(ValueError, match=message):
+        script.resolve(script.build_parser().parse_args(flags))
+
+
+def test_a_bad_flag_is_one_line_on_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(tmp_path), "--model", "mobilenet_v1"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --model mobilenet_v1: MobileNetV1 is not growable")
