@@ -414,8 +414,9 @@ def plot(result, path, title):
         ax[0].plot(ep[1:], [r["train_flops"] for r in h], "C2--", label=lab("counted (sampled net)"), **kw)
         total = s["search"]["total_channels"]
         ax[1].plot(ep[1:], [r["channels"] / total for r in h], "C0-", label=lab("active channels"), **kw)
-        ax[1].plot(ep[1:], [r["blocks"] / max(1, len(s["search"]["gated_blocks"])) for r in h], "C3-",
-                   label=lab("active gated blocks") if s["search"]["gated_blocks"] else None, **kw)
+        if s["search"]["gated_blocks"]:
+            ax[1].plot(ep[1:], [r["blocks"] / len(s["search"]["gated_blocks"]) for r in h], "C3-",
+                       label=lab("active gated blocks"), **kw)
     b = result["config"]["budget"]
     ax[0].axhline(b, color="k", ls=":", lw=1, label=f"budget {b}")
     ax[0].set(title="FLOPs over the search (fraction of the full net)", xlabel="epoch", ylim=(0, 1.02))
