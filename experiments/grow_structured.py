@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -55,7 +53,7 @@ from pae.core import Context, Transform
 from pae.data import load_dataset
 from pae.growth import extraction as pe, flops as pf, structured as ps
 from pae.models import VGG, CifarResNet
-from pae.models.slim import SlimResNet, SlimVGG
+from pae.models.slim import SlimVGG
 from pae.train import Phase, evaluate, host, init_state, make_task, train_phases
 from pae.train.metrics import atomic_write
 

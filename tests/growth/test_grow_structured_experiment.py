@@ -5,8 +5,10 @@ import importlib.util
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,8 +93,7 @@ def test_uniform_and_slimming_helpers_hit_the_target():
         wider = pf.full_cost(ps.gate_spec(gs.uniform_model(spec, ratio + 0.1), x)) / full
         assert wider > target
     rng = np.random.default_rng(0)
-    params = {k: v for k, v in spec.model.init(__import__("jax").random.PRNGKey(0), x)["params"].items()}
-    import jax
+    params = spec.model.init(jax.random.PRNGKey(0), x)["params"]
     params = jax.tree_util.tree_map_with_path(
         lambda p, v: rng.uniform(0, 1, v.shape).astype(np.float32) if p[-1].key == "scale" else v, params)
     masks = gs.slimming_masks(spec, params, 0.5)
@@ -100,7 +101,7 @@ def test_uniform_and_slimming_helpers_hit_the_target():
     assert 0.35 < f <= 0.5
     # a global threshold: every kept channel scores at least every dropped one (groups with more
     # than their forced best channel)
-    flat = {"/".join(k): np.asarray(v) for k, v in __import__("flax").traverse_util.flatten_dict(params).items()}
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
     scores = {g: np.mean([np.abs(flat[f"{layer.norm}/scale"]) for layer in spec.writers(g) if layer.norm],
                          axis=0) for g, _ in spec.groups}
     kept = np.concatenate([scores[g][m] for g, m in masks.items() if m.sum() > 1])

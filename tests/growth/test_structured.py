@@ -436,7 +436,6 @@ def test_bad_input(vgg_setup, resnet_setup):
 def _state_with_momentum(spec, state, seed):
     """A TrainState whose params are a Gated latent with random logits and whose optimizer state
     (the search's role optimizer) has random momentum in every Gated-shaped moment."""
-    from pae.growth import extraction as pe2  # noqa: F401
     rng = np.random.default_rng(seed)
     t = ps.structured_sparsification(spec)
     latent = t.init(state.params, None).replace(logits=random_logits(spec, rng))
