@@ -22,6 +22,8 @@ over the run); the growing methods start every channel group at 1/4 of its width
     python experiments/grow_vt.py --preset cifar100      # ResNet-20 (paper: ResNet-18), CIFAR-100, 200 epochs
     python experiments/grow_vt.py --preset imagenet      # VGG-11 on ImageNet (paper: ResNet-50, MobileNetV1)
     python experiments/grow_vt.py --model vgg11 --dataset cifar10
+    python experiments/grow_vt.py --dataset mnist_subset --methods fixed_full full --seeds 0 \
+        --name resnet8_mnist_subset_speed          # 28x28 images: compute-bound steps, 1 seed
 
 Columns (one process, methods interleaved per seed so load drifts hit all of them):
 
