@@ -17,6 +17,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow   # three WRN-22-1 programs compiled: about 2 CPU minutes under load
 def test_reduced_sharing_experiment_saves_parameters_learns_and_folds(tmp_path, monkeypatch):
     sharing = _load("sharing")
     monkeypatch.chdir(tmp_path)
