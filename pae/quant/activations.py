@@ -242,19 +242,11 @@ def act_size_penalty(latent: Any, lmbda: Any = 0.0, target_bits: float | None = 
                      budget_weight: Any = 1.0, budget_form: str = "two_sided") -> jax.Array:
     """``lmbda * avg + budget_weight * |avg - target|`` (or the hinge), ``avg`` the mean learned
     activation width over the phase-1 nodes (the weights' forms, :func:`pae.quant.size_penalty`)."""
-    from pae.quant.noise import BUDGET_FORMS
+    from pae.quant.noise import BUDGET_FORMS, budget_penalty
     if budget_form not in BUDGET_FORMS:
         raise ValueError(f"budget_form must be one of {BUDGET_FORMS}, got {budget_form!r}")
     total, count = _act_size(latent, NoisyAct)
-    if count == 0:
-        return jnp.zeros((), jnp.float32)
-    avg = total / count
-    out = lmbda * avg
-    if target_bits is not None:
-        excess = avg - target_bits
-        out = out + budget_weight * (jnp.abs(excess) if budget_form == "two_sided"
-                                     else jnp.maximum(excess, 0.0))
-    return jnp.asarray(out, jnp.float32)
+    return budget_penalty(total, count, lmbda, target_bits, budget_weight, budget_form)
 
 
 def _parent(tree: dict, path: str):

@@ -156,6 +156,13 @@ def size_penalty(latent: Any, lmbda: Any = 0.0, target_bits: float | None = None
         _, per = channel_sizes(n)
         total = total + per * jnp.sum(learned_bits(n))
         count += per * int(np.size(n.logits))
+    return budget_penalty(total, count, lmbda, target_bits, budget_weight, budget_form)
+
+
+def budget_penalty(total, count: int, lmbda: Any, target_bits: float | None, budget_weight: Any,
+                   budget_form: str) -> jax.Array:
+    """The size penalty of an average width ``avg = total / count`` (0 when ``count`` is 0):
+    ``lmbda * avg``, plus ``budget_weight * |avg - target_bits|`` (two-sided) or its hinge."""
     if count == 0:
         return jnp.zeros((), jnp.float32)
     avg = total / count
