@@ -183,21 +183,7 @@ def _grow_params(params, batch_stats, spec, old, new, key, vt, new_init):
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
     stats = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(batch_stats or {}).items()}
     out, out_stats, covered = {}, {}, set()
-    for idx, layer in enumerate(spec):
-        kpath = tuple(layer.kernel) + ("kernel",)
-        if kpath not in flat:
-            raise ValueError(f"model_from's growth_spec names {'/'.join(kpath)}, which state.params "
-                             f"does not hold (is state from model_from?)")
-        w = flat[kpath]
-        n_i = m_i = w.shape[-2]
-        n_o = m_o = w.shape[-1]
-        if layer.in_group is not None:
-            n_i, m_i = old[layer.in_group], new[layer.in_group]
-        if layer.out_group is not None:
-            n_o, m_o = old[layer.out_group], new[layer.out_group]
-        if w.shape[-2:] != (n_i, n_o):
-            raise ValueError(f"state.params {'/'.join(kpath)} has shape {w.shape}, but model_from's "
-                             f"widths give (..., {n_i}, {n_o}) (is state from model_from?)")
+    for idx, layer, kpath, w, n_i, m_i, n_o, m_o in _layers(flat, spec, old, new):
         c = vt_factor(n_i, m_i, vt) if layer.in_group is not None else 1.0
         std = _std(new_init, w, c, int(np.prod(w.shape[:-2], dtype=np.int64)) * m_i)
         rng = host_rng(key, idx)
