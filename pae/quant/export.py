@@ -47,8 +47,11 @@ pruned weight dequantizes to exactly 0. It costs one stored bit per weight more 
 masked layer's levels must be <= 7); ``pallas_kernels`` has no sparse storage, so pruning does not
 shrink the packed bytes.
 
-Save and load: :func:`save_exported` / :func:`load_exported` (one ``.npz``; the packed layers in
-``pallas_kernels``'s own state-dict format).
+Save and load: :func:`save_exported` / :func:`load_exported` (one ``.npz``). The file is tight: the
+tile padding is an inference-time layout fully determined by the shapes, so each packed layer is
+written as its true codes bit-packed at their own width, true-size scales and permutations in the
+smallest integer dtype; loading re-packs the exact padded ``pallas_kernels`` arrays.
+:func:`size_bytes` reports both (``memory``: padded; ``file``/``tight``: what is written).
 """
 from __future__ import annotations
 
@@ -407,7 +410,7 @@ def _forward(model: nn.Module, backend: str) -> Callable:
     return apply
 
 
-SAVE_VERSION = 1
+SAVE_VERSION = 2     # 2: tight packed layers (no tile padding, bit-packed codes)
 
 
 def _flat(tree: Any, prefix: tuple = ()) -> list:
@@ -432,11 +435,77 @@ def _unflat(items: list) -> dict:
     return out
 
 
+def _perm_dtype(size: int) -> np.dtype:
+    """The smallest integer dtype holding indices ``0 .. size - 1`` (uint8, uint16, else int32)."""
+    return np.dtype(np.uint8 if size <= 2 ** 8 else np.uint16 if size <= 2 ** 16 else np.int32)
+
+
+def _code_width(codes: np.ndarray, bits: int) -> int:
+    """Bits per code in the file: the fewest that hold the largest code (<= the segment's width)."""
+    return min(int(bits), max(1, int(codes.max()).bit_length()))
+
+
+def _packbits(codes: np.ndarray, width: int) -> np.ndarray:
+    """(K, N) codes < 2**width -> ``ceil(K * N * width / 8)`` uint8, ``width`` bits per code,
+    row-major, least significant bit first."""
+    c = np.asarray(codes, np.uint8).reshape(-1, 1)
+    planes = (c >> np.arange(width, dtype=np.uint8)) & 1
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def _unpackbits(buf: np.ndarray, shape: tuple, width: int) -> np.ndarray:
+    """Inverse of :func:`_packbits`: the (K, N) uint8 codes."""
+    count = int(np.prod(shape)) * width
+    planes = np.unpackbits(np.asarray(buf, np.uint8), count=count, bitorder="little")
+    planes = planes.reshape(-1, width).astype(np.uint8)
+    return (planes << np.arange(width, dtype=np.uint8)).sum(axis=1, dtype=np.uint8).reshape(shape)
+
+
+def _tight_packed(p) -> tuple[dict, dict]:
+    """A ``PackedWeight`` without its tile padding: ``(meta, arrays)``. Per segment the true
+    (K_s, N) codes bit-packed at their width (:func:`_code_width`) and the true-size float32 scales;
+    the input permutation in the smallest integer dtype. :func:`_untight_packed` re-packs it."""
+    segs, arrays = [], {}
+    for i, (seg, un) in enumerate(zip(p.segments, pk.unpack(p))):
+        codes = np.asarray(un.codes)
+        width = _code_width(codes, seg.bits)
+        segs.append({"bits": seg.bits, "k": seg.k, "offset": seg.offset, "width": width})
+        arrays[f"seg{i}/codes"] = _packbits(codes, width)
+        arrays[f"seg{i}/scales"] = np.asarray(un.scales, np.float32)
+    if p.input_perm is not None:
+        arrays["input_perm"] = np.asarray(p.input_perm).astype(_perm_dtype(p.k))
+    meta = {"version": p.version, "n": p.n, "k_tile": p.k_tile, "n_tile": p.n_tile,
+            "group_size": p.group_size, "has_perm": p.input_perm is not None, "segments": segs}
+    return meta, arrays
+
+
+def _untight_packed(meta: dict, arrays: Mapping):
+    """The exact padded ``PackedWeight`` of :func:`_tight_packed`'s output (``pallas_kernels.pack_mixed``
+    with the stored, already folded, rows: ``fold_perm=False``)."""
+    if meta.get("version") != pk.FORMAT_VERSION:
+        raise ValueError(f"packed layer has pallas_kernels format version {meta.get('version')!r}; "
+                         f"this pallas_kernels reads version {pk.FORMAT_VERSION}")
+    codes, bits, scales, offsets = [], [], [], []
+    for i, sm in enumerate(meta["segments"]):
+        codes.append(_unpackbits(arrays[f"seg{i}/codes"], (sm["k"], meta["n"]), sm["width"]))
+        bits.append(sm["bits"])
+        scales.append(np.asarray(arrays[f"seg{i}/scales"], np.float32))
+        offsets.append(sm["offset"])
+    perm = np.asarray(arrays["input_perm"]).astype(np.int32) if meta["has_perm"] else None
+    return pk.pack_mixed(codes, bits, scales, offsets=offsets, group_size=meta["group_size"],
+                         input_perm=perm, k_tile=meta["k_tile"], n_tile=meta["n_tile"], fold_perm=False)
+
+
 def save_exported(path: str, exported: Exported) -> None:
-    """Write an exported model to one ``.npz`` file: the packed layers in ``pallas_kernels``'s own
-    state-dict format (:func:`pallas_kernels.to_state_dict`), the float leaves, the activation
-    quantizers, and a JSON ``meta`` entry (tree structure, shapes, a format version). The model
-    class is not stored: :func:`load_exported` takes it."""
+    """Write an exported model to one ``.npz`` file, tight: the tile padding of ``pallas_kernels``'s
+    layout is fully determined by the shapes, so it is not written. Per packed layer and segment
+    the true (K_s, N) codes bit-packed at their own width (the fewest bits holding the segment's
+    largest code, at most its stored width) into ``ceil(K_s * N * width / 8)`` bytes, the true-size
+    float32 scales, and the permutations in the smallest integer dtype holding them (uint8, uint16
+    or int32); then the float leaves, the activation quantizers, and a JSON ``meta`` entry (tree
+    structure, shapes, tiles, widths, a format version). :func:`load_exported` re-packs the exact
+    padded layout. ``size_bytes(exported)["file"]`` is the bytes of the arrays written (the ``.npz``
+    container and ``meta`` add a little). The model class is not stored: :func:`load_exported` takes it."""
     tree = exported.tree
     arrays: dict = {}
     meta: dict = {"version": SAVE_VERSION, "layers": [], "acts": []}
@@ -447,14 +516,18 @@ def save_exported(path: str, exported: Exported) -> None:
             if a is not None:
                 arrays[f"{part}/{i}"] = a
     for j, (lpath, layer) in enumerate(tree["layers"].items()):
-        meta["layers"].append({"path": lpath, "kernel_shape": list(layer.kernel_shape),
-                               "bits": list(layer.bits), "packed": len(layer.packed),
-                               "out_perm": layer.out_perm is not None})
+        packed_meta = []
         for m, p in enumerate(layer.packed):
-            for key, a in pk.to_state_dict(p).items():
+            pm, pa = _tight_packed(p)
+            packed_meta.append(pm)
+            for key, a in pa.items():
                 arrays[f"layers/{j}/{m}/{key}"] = a
+        meta["layers"].append({"path": lpath, "kernel_shape": list(layer.kernel_shape),
+                               "bits": list(layer.bits), "packed": packed_meta,
+                               "out_perm": layer.out_perm is not None})
         if layer.out_perm is not None:
-            arrays[f"layers/{j}/out_perm"] = np.asarray(layer.out_perm)
+            op = np.asarray(layer.out_perm)
+            arrays[f"layers/{j}/out_perm"] = op.astype(_perm_dtype(op.size))
     for j, (apath, act) in enumerate(tree.get("acts", {}).items()):
         meta["acts"].append(apath)
         for key, a in act.items():
@@ -465,9 +538,10 @@ def save_exported(path: str, exported: Exported) -> None:
 
 
 def load_exported(path: str, model: nn.Module, *, backend: str = "auto") -> Exported:
-    """Read a model written by :func:`save_exported`; ``model`` is the Flax model it was exported
-    from (its class and hyperparameters; the wrapper is accepted). ValueError for another
-    format version or a file that is not one."""
+    """Read a model written by :func:`save_exported` and re-pack its layers into
+    ``pallas_kernels``'s padded layout (the same arrays as the exported model's, bit for bit);
+    ``model`` is the Flax model it was exported from (its class and hyperparameters; the wrapper
+    is accepted). ValueError for another format version or a file that is not one."""
     if isinstance(model, qa.ActQuantized):
         model = model.model
     with np.load(path, allow_pickle=False) as f:
@@ -485,11 +559,12 @@ def load_exported(path: str, model: nn.Module, *, backend: str = "auto") -> Expo
     layers = {}
     for j, lm in enumerate(meta["layers"]):
         packed = []
-        for m in range(lm["packed"]):
+        for m, pm in enumerate(lm["packed"]):
             pre = f"layers/{j}/{m}/"
-            packed.append(pk.from_state_dict({k[len(pre):]: v for k, v in data.items()
-                                              if k.startswith(pre)}))
-        out_perm = jnp.asarray(data[f"layers/{j}/out_perm"]) if lm["out_perm"] else None
+            packed.append(_untight_packed(pm, {k[len(pre):]: v for k, v in data.items()
+                                               if k.startswith(pre)}))
+        out_perm = (jnp.asarray(data[f"layers/{j}/out_perm"].astype(np.int32)) if lm["out_perm"]
+                    else None)
         layers[lm["path"]] = PackedLayer(tuple(packed), out_perm, tuple(lm["kernel_shape"]),
                                          tuple(lm["bits"]))
     tree["layers"] = layers
@@ -504,38 +579,57 @@ def load_exported(path: str, model: nn.Module, *, backend: str = "auto") -> Expo
 def size_bytes(exported: Exported) -> dict:
     """Bytes of the exported model, counted honestly (host integers).
 
-    ``codes``: the packed words as stored (padded to ``k_tile``/``n_tile``); ``scales``: float32 scales
-    as stored (padded); ``perms``: input and output permutations; ``acts``: the activation
-    quantizers (per channel a uint8 width, a float32 scale and a float32 offset); ``float``: every
-    float leaf left (biases, BatchNorm parameters and statistics, unquantized layers); ``total``:
-    their sum.
-    ``codes_unpadded`` / ``scales_unpadded`` / ``total_unpadded``: the same without tile padding
-    (``ceil(K_s * N * stored_bits / 8)`` per segment, 4 bytes per scale), what a tight format would
-    hold. ``fp32``: the same model with every parameter and statistic in float32.
+    In memory (``pallas_kernels``'s padded inference layout, what the kernels read):
+    ``codes``: the packed int32 words (K padded to ``k_tile``, N to ``n_tile``); ``scales``: the
+    float32 scales, padded likewise; ``perms``: input and output permutations (int32); ``acts``:
+    the activation quantizers (per channel a uint8 width, a float32 scale and a float32 offset);
+    ``float``: every float leaf left (biases, BatchNorm parameters and statistics, unquantized
+    layers); ``total``: their sum, also reported as ``memory``.
+
+    Without tile padding at the stored widths: ``codes_unpadded`` (``ceil(K_s * N * bits / 8)`` per
+    segment, ``bits`` its stored width, 8 for a 5-7-bit level), ``scales_unpadded`` (4 bytes per
+    true scale), ``total_unpadded`` (those, ``perms``, ``acts`` and ``float``).
+
+    In the file (:func:`save_exported`, tight): ``codes_file`` (per segment
+    ``ceil(K_s * N * width / 8)``, ``width`` the fewest bits holding its largest code, <= its stored
+    width), ``scales_file`` (= ``scales_unpadded``), ``perms_file`` (permutations in uint8, uint16 or
+    int32, the smallest that holds them), and ``file`` (alias ``tight``): those plus ``acts`` and
+    ``float``, the bytes of the arrays :func:`save_exported` writes (the ``.npz`` container and its
+    JSON metadata add a small overhead on top).
+
+    ``fp32``: the same model with every parameter and statistic in float32.
     """
     out = dict.fromkeys(("codes", "scales", "perms", "acts", "float", "codes_unpadded",
-                         "scales_unpadded", "fp32"), 0)
+                         "scales_unpadded", "codes_file", "scales_file", "perms_file", "fp32"), 0)
     for leaf in jax.tree.leaves(exported.tree.get("acts", {})):
         out["acts"] += int(np.asarray(leaf).nbytes)
     for layer in exported.tree["layers"].values():
         out["fp32"] += 4 * int(np.prod(layer.kernel_shape))
         if layer.out_perm is not None:
-            out["perms"] += int(np.asarray(layer.out_perm).nbytes)
+            op = np.asarray(layer.out_perm)
+            out["perms"] += int(op.nbytes)
+            out["perms_file"] += op.size * _perm_dtype(op.size).itemsize
         for p in layer.packed:
-            for seg in p.segments:
+            for seg, un in zip(p.segments, pk.unpack(p)):
                 out["codes"] += sum(int(np.asarray(w).nbytes) for w in seg.words)
                 out["scales"] += int(np.asarray(seg.scales).nbytes)
                 out["codes_unpadded"] += -(-seg.k * p.n * seg.bits // 8)
-                out["scales_unpadded"] += 4 * p.n
+                out["codes_file"] += -(-seg.k * p.n * _code_width(np.asarray(un.codes), seg.bits) // 8)
+                out["scales_unpadded"] += int(np.asarray(un.scales).nbytes)
             if p.input_perm is not None:
                 out["perms"] += int(np.asarray(p.input_perm).nbytes)
+                out["perms_file"] += p.k * _perm_dtype(p.k).itemsize
+    out["scales_file"] = out["scales_unpadded"]
     for leaf in jax.tree.leaves((exported.tree["params"], exported.tree["batch_stats"])):
         leaf = np.asarray(leaf)
         out["float"] += int(leaf.nbytes)
         out["fp32"] += 4 * int(leaf.size)
     out["total"] = out["codes"] + out["scales"] + out["perms"] + out["acts"] + out["float"]
+    out["memory"] = out["total"]
     out["total_unpadded"] = (out["codes_unpadded"] + out["scales_unpadded"] + out["perms"]
                              + out["acts"] + out["float"])
+    out["file"] = out["tight"] = (out["codes_file"] + out["scales_file"] + out["perms_file"]
+                                  + out["acts"] + out["float"])
     return out
 
 
