@@ -284,25 +284,14 @@ def act_noise_injection(select: pselect.Selector | None = None, *, b_min: float 
       lmbda, target_bits, budget_weight, budget_form: :func:`act_size_penalty`.
       eval_mode: ``"quantize"`` (evaluate at the rounded widths) or ``"clean"``.
     """
-    from pae.quant.noise import BUDGET_FORMS, EVAL_MODES, _check_context, _check_nonneg
+    from pae.quant.noise import _check_context, check_penalty_args, check_width_args
     select = pselect.kernels() if select is None else select
-    qz.check_bits("act b_min", b_min, integer=False)
-    qz.check_bits("act b_max", b_max, integer=False)
-    if not b_min < b_max:
-        raise ValueError(f"act b_min must be < act b_max, got b_min={b_min}, b_max={b_max}")
-    theta0 = qz.logits_for_bits(float(b_init), float(b_min), float(b_max))
+    theta0 = check_width_args("act ", b_min, b_max, b_init)
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-    if budget_form not in BUDGET_FORMS:
-        raise ValueError(f"budget_form must be one of {BUDGET_FORMS}, got {budget_form!r}")
-    if eval_mode not in EVAL_MODES:
-        raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
-    _check_nonneg("lmbda", lmbda)
-    _check_nonneg("budget_weight", budget_weight)
-    if target_bits is not None:
-        qz.check_bits("act target_bits", target_bits, integer=False, lo=b_min, hi=b_max)
+    check_penalty_args("act ", b_min, b_max, lmbda, target_bits, budget_weight, budget_form, eval_mode)
     b_min, b_max, momentum = float(b_min), float(b_max), float(momentum)
 
     def init(params, key):

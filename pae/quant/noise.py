@@ -174,6 +174,28 @@ def budget_penalty(total, count: int, lmbda: Any, target_bits: float | None, bud
     return jnp.asarray(out, jnp.float32)
 
 
+def check_width_args(prefix: str, b_min, b_max, b_init) -> float:
+    """Check a learned-width range (``prefix`` names it in errors); the logit of ``b_init``."""
+    qz.check_bits(f"{prefix}b_min", b_min, integer=False)
+    qz.check_bits(f"{prefix}b_max", b_max, integer=False)
+    if not b_min < b_max:
+        raise ValueError(f"{prefix}b_min must be < {prefix}b_max, got b_min={b_min}, b_max={b_max}")
+    return qz.logits_for_bits(float(b_init), float(b_min), float(b_max))
+
+
+def check_penalty_args(prefix: str, b_min, b_max, lmbda, target_bits, budget_weight, budget_form,
+                       eval_mode) -> None:
+    """Check the size penalty's and evaluation's arguments (``prefix`` names the target in errors)."""
+    if budget_form not in BUDGET_FORMS:
+        raise ValueError(f"budget_form must be one of {BUDGET_FORMS}, got {budget_form!r}")
+    if eval_mode not in EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+    _check_nonneg("lmbda", lmbda)
+    _check_nonneg("budget_weight", budget_weight)
+    if target_bits is not None:
+        qz.check_bits(f"{prefix}target_bits", target_bits, integer=False, lo=b_min, hi=b_max)
+
+
 def _check_context(ctx) -> None:
     if not (hasattr(ctx, "key") and hasattr(ctx, "train")):
         raise TypeError(f"ctx must carry a PRNG key and a train flag (pae.Context.make(...)), got "
@@ -210,21 +232,10 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
     own optimizer and no weight decay (SMOL: Adam, lr 1e-3, no decay).
     """
     select = pselect.kernels() if select is None else select
-    qz.check_bits("b_min", b_min, integer=False)
-    qz.check_bits("b_max", b_max, integer=False)
-    if not b_min < b_max:
-        raise ValueError(f"b_min must be < b_max, got b_min={b_min}, b_max={b_max}")
-    theta0 = qz.logits_for_bits(float(b_init), float(b_min), float(b_max))
+    theta0 = check_width_args("", b_min, b_max, b_init)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if budget_form not in BUDGET_FORMS:
-        raise ValueError(f"budget_form must be one of {BUDGET_FORMS}, got {budget_form!r}")
-    if eval_mode not in EVAL_MODES:
-        raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
-    _check_nonneg("lmbda", lmbda)
-    _check_nonneg("budget_weight", budget_weight)
-    if target_bits is not None:
-        qz.check_bits("target_bits", target_bits, integer=False, lo=b_min, hi=b_max)
+    check_penalty_args("", b_min, b_max, lmbda, target_bits, budget_weight, budget_form, eval_mode)
     axis = _AXIS[granularity]
     b_min, b_max = float(b_min), float(b_max)
 
