@@ -17,7 +17,12 @@ basic blocks, DeepThinking's ``dt_net_recall``) and trained on the one engine:
   budget of ``dt`` (equal width when ``k = 1``), with the recurrence pull
   (:func:`pae.sharing.pull_penalty`, period 1, weight ``--pull``) so that its iterations coincide;
   tested as trained (``bank``) and folded into one block (:func:`pae.sharing.fold_unrolled`,
-  ``bank_folded``) run for more iterations at test time.
+  ``bank_folded``) run for more iterations at test time. It trains at full depth, as a
+  feed-forward net does (the thesis's setting: a soft-shared net trained normally, then folded).
+* ``bank_prog``: the same bank trained with the progressive loss over its distinct blocks
+  (:class:`pae.models.looped.UnrolledNet` ``progressive=True``: blocks ``0..n-1`` cut from the
+  gradient, ``n..n+k-1`` with it; pae's extension), then folded (``bank_prog_folded``): it asks
+  whether DeepThinking's training objective, not the weight tying, is what makes a loop extrapolate.
 
 Optimizer (all methods): DeepThinking's Adam, lr ``--lr`` with a linear warmup over ``--warmup``
 epochs, x0.1 at 40 % and 67 % of the run (its 60/100 of 150 epochs), gradient clipping at 1, no
@@ -52,7 +57,7 @@ from pae.models.looped import LoopedNet, UnrolledNet, block_groups, iterate
 from pae.train import Phase, init_state, make_task, train_phases
 from pae.train.metrics import atomic_write
 
-METHODS = ("dt", "ff", "ff_budget", "bank")
+METHODS = ("dt", "ff", "ff_budget", "bank", "bank_prog")
 TASKS = ("prefix_sums", "mazes")
 
 DEFAULTS = {
@@ -210,7 +215,7 @@ def run_method(args, method: str, splits: dict, log) -> dict:
         model = UnrolledNet(budget_width(args, in_ch, budget, spatial, args.iters), args.iters, args.blocks)
     else:
         width = budget_width(args, in_ch, budget, spatial, args.k) if args.k > 1 else args.width
-        model = UnrolledNet(width, args.iters, args.blocks)
+        model = UnrolledNet(width, args.iters, args.blocks, progressive=method == "bank_prog")
         transform = sh.templates(block_groups(args.blocks), args.k, pull=args.pull, pull_period=1)
     task = make_task(model, {"train": splits["train"], "val": splits["val"]})
     state = init_state(model, task.example, args.seed, transform.init if transform else None)
@@ -233,14 +238,14 @@ def run_method(args, method: str, splits: dict, log) -> dict:
         apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
         for s in sizes:
             out["sizes"][str(s)] = {args.iters: exact(lambda x: apply(params, x), *xy[s])}
-    if method == "bank":
+    if method in ("bank", "bank_prog"):
         out["coefficients"] = {g: np.asarray(a).tolist() for g, (_, a) in sh.coefficient_matrices(latent).items()}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             looped, fparams, dist = sh.fold_unrolled(model, latent, tol=1e-2)
         out["fold_distance"] = dist
         out["fold_warning"] = "; ".join(str(w.message) for w in caught)
-        folded = {"method": "bank_folded", "width": model.width, "params": count(fparams),
+        folded = {"method": f"{method}_folded", "width": model.width, "params": count(fparams),
                   "budget": budget, "fold_distance": dist, "sizes": {}}
         for s in sizes:
             folded["sizes"][str(s)] = curve(looped, fparams, *xy[s], test_iters_for(args, s))
@@ -255,8 +260,8 @@ def best(sizes: dict) -> dict:
 def table(rows, args) -> str:
     sizes = [str(args.train_sizes)] + [str(s) for s in args.test_sizes]
     unit = "bits" if args.task == "prefix_sums" else "px"
-    head = f"{'method':<13}{'width':>6}{'params':>9}" + "".join(f"{s + ' ' + unit:>22}" for s in sizes)
-    lines = [head, " " * 28 + "".join(f"{'exact @ its (best @ its)':>22}" for _ in sizes)]
+    head = f"{'method':<18}{'width':>6}{'params':>9}" + "".join(f"{s + ' ' + unit:>22}" for s in sizes)
+    lines = [head, " " * 33 + "".join(f"{'exact @ its (best @ its)':>22}" for _ in sizes)]
     for r in rows:
         cells = []
         for s in sizes:
@@ -264,7 +269,7 @@ def table(rows, args) -> str:
             at = c.get(args.iters, next(iter(c.values())))
             n_best = max(c, key=c.get)
             cells.append(f"{at:.3f} ({c[n_best]:.3f} @ {n_best})")
-        lines.append(f"{r['method']:<13}{r['width']:>6}{r['params']:>9}" + "".join(f"{c:>22}" for c in cells))
+        lines.append(f"{r['method']:<18}{r['width']:>6}{r['params']:>9}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
 
 
@@ -301,7 +306,7 @@ def targets(rows, args) -> dict:
     if args.task != "prefix_sums" or 48 not in args.test_sizes:
         return {}
     by = {r["method"]: r for r in rows}
-    loop_best = max((max(by[m]["sizes"]["48"].values()) for m in ("dt", "bank_folded") if m in by), default=None)
+    loop_best = max((max(by[m]["sizes"]["48"].values()) for m in ("dt", "bank_folded", "bank_prog_folded") if m in by), default=None)
     ff = [max(by[m]["sizes"]["48"].values()) for m in ("ff", "ff_budget") if m in by]
     return {"looped_48bit_exact": loop_best, "ff_48bit_exact": max(ff) if ff else None,
             "looped_solves_90pct_of_48bit": bool(loop_best is not None and loop_best >= 0.9),

@@ -28,7 +28,11 @@ research notes): convs without biases, PyTorch's default ``kaiming_uniform(a=sqr
 * :class:`UnrolledNet`: ``depth`` distinct :class:`RecurBlock` modules (``Block_0 ..``): the
   feed-forward net of the same depth, and the net a template bank (:func:`pae.sharing.templates`
   over :func:`block_groups`) shares; :func:`pae.sharing.fold_unrolled` turns such a bank into a
-  :class:`LoopedNet`.
+  :class:`LoopedNet`. Its ``progressive=True`` is the same progressive loss over its distinct blocks
+  (pae's extension, not in DeepThinking, whose feed-forward nets train at full depth): blocks
+  ``0..n-1`` run cut from the gradient, blocks ``n..n+k-1`` with it, the head reads after block
+  ``n+k-1``; with every block's weights equal it is exactly :class:`LoopedNet`'s progressive
+  training (same draws of ``n, k``; tested). Off by default.
 """
 from __future__ import annotations
 
@@ -125,11 +129,26 @@ class _Step(nn.Module):
     @nn.compact
     def __call__(self, carry, _, x, n, k):
         h, i = carry
-        cut = jnp.logical_and(i == n, n > 0)
-        h_in = jnp.where(cut, jax.lax.stop_gradient(h), h)
-        new = RecurBlock(self.width, self.blocks, self.recall, name="Block")(h_in, x)
-        h = jnp.where(i < n + k, new, h_in)
-        return (h, i + 1), None
+        return (_progressive_step(RecurBlock(self.width, self.blocks, self.recall, name="Block"),
+                                  h, x, i, n, k), i + 1), None
+
+
+def _progressive_step(block, h, x, i, n, k):
+    """Iteration ``i`` under the progressive cut: the state entering iteration ``n`` (``n > 0``) is
+    cut from the gradient; iterations at or past ``n + k`` leave it unchanged."""
+    cut = jnp.logical_and(i == n, n > 0)
+    h_in = jnp.where(cut, jax.lax.stop_gradient(h), h)
+    return jnp.where(i < n + k, block(h_in, x), h_in)
+
+
+def _draw_progressive(module: nn.Module, iters: int):
+    """DeepThinking's draw ``n ~ U{0..iters-1}``, ``k ~ U{1..iters-n}`` from the ``"dropout"`` rng,
+    sown as ``intermediates/progressive`` for inspection."""
+    kn, kk = jax.random.split(module.make_rng("dropout"))
+    n = jax.random.randint(kn, (), 0, iters)
+    k = jax.random.randint(kk, (), 1, iters - n + 1)
+    module.sow("intermediates", "progressive", jnp.stack([n, k]))
+    return n, k
 
 
 class LoopedNet(nn.Module):
@@ -152,10 +171,7 @@ class LoopedNet(nn.Module):
         _check("blocks", self.blocks, 0)
         h = Projection(self.width, name="Projection")(x)
         if train and self.progressive:
-            kn, kk = jax.random.split(self.make_rng("dropout"))
-            n = jax.random.randint(kn, (), 0, self.iters)
-            k = jax.random.randint(kk, (), 1, self.iters - n + 1)
-            self.sow("intermediates", "progressive", jnp.stack([n, k]))   # (n, k), for inspection
+            n, k = _draw_progressive(self, self.iters)
         else:
             n, k = jnp.zeros((), jnp.int32), jnp.asarray(self.iters, jnp.int32)
         scan = nn.scan(_Step, variable_broadcast="params", split_rngs={"params": False},
@@ -167,23 +183,29 @@ class LoopedNet(nn.Module):
 
 class UnrolledNet(nn.Module):
     """``Projection``, ``depth`` distinct ``RecurBlock`` s (``Block_0 .. Block_{depth-1}``), ``Head``:
-    the feed-forward net of the same depth as a :class:`LoopedNet` of ``iters = depth``."""
+    the feed-forward net of the same depth as a :class:`LoopedNet` of ``iters = depth``
+    (``progressive``: the progressive loss over the distinct blocks in training; see the module doc)."""
 
     width: int = 32
     depth: int = 20
     blocks: int = 2
     recall: bool = True
     classes: int = 2
+    progressive: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False, *, mask=None):
-        del mask, train
+        del mask
         _check("width", self.width)
         _check("depth", self.depth)
         _check("blocks", self.blocks, 0)
         h = Projection(self.width, name="Projection")(x)
+        progressive = train and self.progressive
+        if progressive:
+            n, k = _draw_progressive(self, self.depth)
         for d in range(self.depth):
-            h = RecurBlock(self.width, self.blocks, self.recall, name=f"Block_{d}")(h, x)
+            block = RecurBlock(self.width, self.blocks, self.recall, name=f"Block_{d}")
+            h = _progressive_step(block, h, x, d, n, k) if progressive else block(h, x)
         return Head(self.width, self.classes, name="Head")(h)
 
 

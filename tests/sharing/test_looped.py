@@ -104,6 +104,52 @@ def test_progressive_training_runs_n_cut_iterations_then_k_with_gradients():
     assert seen == {True, False}
 
 
+def test_unrolled_progressive_trains_only_blocks_n_to_n_plus_k_and_equals_the_loop_when_tied():
+    x = np.random.default_rng(4).integers(0, 2, (3, 9, 1)).astype(np.float32)
+    depth = 4
+    unrolled = L.UnrolledNet(width=5, depth=depth, blocks=1, progressive=True)
+    looped = L.LoopedNet(width=5, iters=depth, blocks=1)
+    lp = looped.init(jax.random.PRNGKey(1), x)["params"]
+    tied = {"Projection": lp["Projection"], "Head": lp["Head"],
+            **{f"Block_{d}": lp["Loop"]["Block"] for d in range(depth)}}
+    up = unrolled.init(jax.random.PRNGKey(2), x)["params"]
+    # evaluation runs every block, whatever progressive says
+    plain = L.UnrolledNet(width=5, depth=depth, blocks=1)
+    np.testing.assert_array_equal(unrolled.apply({"params": up}, x), plain.apply({"params": up}, x))
+    seen = set()
+    for seed in range(8):
+        rngs = {"dropout": jax.random.PRNGKey(seed)}
+        _, sown = unrolled.apply({"params": up}, x, train=True, rngs=rngs, mutable=["intermediates"])
+        n, k = (int(v) for v in sown["intermediates"]["progressive"][0])
+        seen.add((n, k))
+        # tied weights: exactly the loop's progressive training, same draw of (n, k)
+        _, lsown = looped.apply({"params": lp}, x, train=True, rngs=rngs, mutable=["intermediates"])
+        assert [int(v) for v in lsown["intermediates"]["progressive"][0]] == [n, k]
+        np.testing.assert_allclose(unrolled.apply({"params": tied}, x, train=True, rngs=rngs),
+                                   looped.apply({"params": lp}, x, train=True, rngs=rngs), rtol=1e-5, atol=1e-6)
+        # distinct weights: a reference that runs blocks 0..n+k-1 and cuts before block n
+        block, proj, head = L.RecurBlock(5, 1), L.Projection(5), L.Head(5)
+
+        def reference(p):
+            h = proj.apply({"params": p["Projection"]}, x)
+            for d in range(n + k):
+                if d == n and n > 0:
+                    h = jax.lax.stop_gradient(h)
+                h = block.apply({"params": p[f"Block_{d}"]}, h, x)
+            return jnp.sum(head.apply({"params": p["Head"]}, h) ** 2)
+
+        def loss(p):
+            return jnp.sum(unrolled.apply({"params": p}, x, train=True, rngs=rngs) ** 2)
+
+        np.testing.assert_allclose(loss(up), reference(up), rtol=1e-5)
+        g = jax.grad(loss)(up)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), g,
+                     jax.grad(reference)(up))
+        trained = {d for d in range(depth) if float(jnp.abs(g[f"Block_{d}"]["Recall"]["kernel"]).sum()) > 0}
+        assert trained == set(range(n, n + k))
+    assert len({n for n, _ in seen}) > 1
+
+
 def _bank(depth=4, k=2, blocks=1, width=5, seed=0):
     x = np.random.default_rng(seed).integers(0, 2, (3, 10, 1)).astype(np.float32)
     net = L.UnrolledNet(width, depth, blocks)
