@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="epochs of linear lr warmup")
     p.add_argument("--k", type=int, default=1, help="templates per bank (default 1: equal width to dt)")
     p.add_argument("--pull", type=float, default=1.0, help="weight of the recurrence pull on the bank")
+    p.add_argument("--coefficient-init", choices=sh.COEFFICIENT_INITS, default="unit_rows",
+                   help="the bank's coefficients at init (default unit_rows: each layer starts at its "
+                        "template's variance, as no BatchNorm follows these convs; orthogonal: the "
+                        "official SWRN init, about 1/sqrt(iters) as large)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--paper", action="store_true", help="DeepThinking's recipe (needs an accelerator)")
     p.add_argument("--name", default="")
@@ -216,7 +220,8 @@ def run_method(args, method: str, splits: dict, log) -> dict:
     else:
         width = budget_width(args, in_ch, budget, spatial, args.k) if args.k > 1 else args.width
         model = UnrolledNet(width, args.iters, args.blocks, progressive=method == "bank_prog")
-        transform = sh.templates(block_groups(args.blocks), args.k, pull=args.pull, pull_period=1)
+        transform = sh.templates(block_groups(args.blocks), args.k, pull=args.pull, pull_period=1,
+                                 coefficient_init=args.coefficient_init)
     task = make_task(model, {"train": splits["train"], "val": splits["val"]})
     state = init_state(model, task.example, args.seed, transform.init if transform else None)
     phase = Phase("train", args.epochs, optimizer(args), **({"transform": transform} if transform else {}),

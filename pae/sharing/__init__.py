@@ -13,7 +13,7 @@
 * ``pull_penalty`` (``templates(..., pull=)``): an optional regularizer pulling layers together.
 * ``sharing_phases(cfg, transform)``: the official training recipe as a phase on the engine.
 """
-from pae.sharing.bank import (COEFFICIENTS, SharedKernel, SharedParams, build, coefficient_matrices,
+from pae.sharing.bank import (COEFFICIENT_INITS, COEFFICIENTS, SharedKernel, SharedParams, build, coefficient_matrices,
                               combine, find_groups, group_by_shape, layer_paths, num_parameters,
                               pull_penalty, template_init, templates)
 from pae.sharing.fold import MERGES, Folded, fold, fold_unrolled, with_repeats
@@ -21,7 +21,7 @@ from pae.sharing.phases import SharingConfig, sharing_optimizer, sharing_phases
 from pae.sharing.similarity import layer_similarity, plot_similarity, similarity_matrix
 from pae.sharing.swrn import STAGES, SWRN, swrn, wrn_groups
 
-__all__ = ["COEFFICIENTS", "Folded", "MERGES", "STAGES", "SWRN", "SharedKernel", "SharedParams",
+__all__ = ["COEFFICIENT_INITS", "COEFFICIENTS", "Folded", "MERGES", "STAGES", "SWRN", "SharedKernel", "SharedParams",
            "SharingConfig", "build", "coefficient_matrices", "combine", "find_groups", "fold", "fold_unrolled",
            "group_by_shape", "layer_paths", "layer_similarity", "num_parameters", "plot_similarity",
            "pull_penalty", "sharing_optimizer", "sharing_phases", "similarity_matrix", "swrn",

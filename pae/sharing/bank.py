@@ -166,8 +166,11 @@ def _check_k(num_templates) -> int:
     return int(num_templates)
 
 
+COEFFICIENT_INITS = ("orthogonal", "unit_rows")
+
+
 def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0.0,
-              pull_period: int = 1) -> Transform:
+              pull_period: int = 1, coefficient_init: str = "orthogonal") -> Transform:
     """The soft-sharing transform: template banks + per-layer coefficients (arXiv 1902.09701).
 
     Args:
@@ -180,6 +183,14 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
         official code).
       pull_period: layers ``pull_period`` apart in a group are pulled together (2 for WRN groups,
         whose rows alternate conv1, conv2).
+      coefficient_init: ``"orthogonal"`` (the official code): the ``L x k`` coefficient matrix has
+        orthonormal columns, so a layer's coefficients have norm about ``sqrt(k / L)``; harmless when
+        BatchNorm follows every shared conv (WRN), but without normalization (e.g. the looped nets
+        of :mod:`pae.models.looped`) each layer starts ``sqrt(L / k)`` times smaller than its
+        template's He init and the signal fades with depth. ``"unit_rows"`` (pae's option): the
+        same matrix with each row scaled to norm 1 and signed so its first entry is positive, so
+        every layer starts at its template's variance; with ``k = 1`` every layer starts equal to
+        the template (the net is a loop at initialization).
 
     ``apply``/``finalize``: the ordinary params with ``W_i = sum_j alpha_ij T_j``. ``init`` keeps the
     unshared leaves and draws templates and coefficients from ``key`` (the shared layers' own
@@ -200,6 +211,8 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
         raise ValueError(f"pull must be >= 0, got {pull}")
     if isinstance(pull_period, bool) or not isinstance(pull_period, numbers.Integral) or pull_period < 1:
         raise ValueError(f"pull_period must be an int >= 1, got {pull_period!r}")
+    if coefficient_init not in COEFFICIENT_INITS:
+        raise ValueError(f"coefficient_init must be one of {COEFFICIENT_INITS}, got {coefficient_init!r}")
 
     def k_of(name):
         if per_group is None:
@@ -219,7 +232,11 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
             shape, dtype = np.shape(members[0][1]), jnp.result_type(members[0][1])
             kt, kc = jax.random.split(jax.random.fold_in(key, g))
             banks[name] = template_init(kt, (k,) + tuple(shape), dtype)
-            alpha = nn.initializers.orthogonal()(kc, (len(members), k), jnp.float32).astype(dtype)
+            alpha = nn.initializers.orthogonal()(kc, (len(members), k), jnp.float32)
+            if coefficient_init == "unit_rows":
+                sign = jnp.where(alpha[:, :1] < 0, -1.0, 1.0)
+                alpha = sign * alpha / jnp.linalg.norm(alpha, axis=1, keepdims=True)
+            alpha = alpha.astype(dtype)
             for i, (path, _) in enumerate(members):
                 slots[path] = SharedKernel(alpha[i], name, i, path)
         shared = pselect.map_selected(params, pselect.Selector(lambda p, x: p in slots, "sharing groups"),
@@ -304,6 +321,6 @@ def num_parameters(tree: Any) -> int:
     return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
-__all__ = ["COEFFICIENTS", "SharedKernel", "SharedParams", "build", "coefficient_matrices", "combine",
+__all__ = ["COEFFICIENTS", "COEFFICIENT_INITS", "SharedKernel", "SharedParams", "build", "coefficient_matrices", "combine",
            "find_groups", "group_by_shape", "layer_paths", "num_parameters", "pull_penalty",
            "template_init", "templates"]

@@ -101,6 +101,26 @@ def test_init_he_normal_templates_per_template_fan_in_and_orthogonal_coefficient
     assert not np.allclose(alpha, 0)
 
 
+@pytest.mark.parametrize("layers,k", [(6, 1), (6, 2), (3, 8)])
+def test_unit_rows_init_is_the_orthogonal_draw_with_rows_normalized_and_signed(layers, k):
+    params = {f"l{i}": {"kernel": np.zeros((3, 4, 5), np.float32)} for i in range(layers)}
+    group = {"g": S.path(r"^l\d/kernel")}
+    key = jax.random.PRNGKey(5)
+    ortho = np.asarray(sh.coefficient_matrices(sh.templates(group, k).init(params, key))["g"][1], np.float64)
+    latent = sh.templates(group, k, coefficient_init="unit_rows").init(params, key)
+    alpha = np.asarray(sh.coefficient_matrices(latent)["g"][1], np.float64)
+    want = ortho / np.linalg.norm(ortho, axis=1, keepdims=True) * np.sign(ortho[:, :1])
+    np.testing.assert_allclose(alpha, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(alpha, axis=1), 1.0, rtol=1e-5)
+    assert np.all(alpha[:, 0] > 0)
+    if k == 1:      # every layer starts equal to the template: a loop at initialization
+        built = sh.build(latent)
+        for i in range(layers):
+            np.testing.assert_allclose(built[f"l{i}"]["kernel"], latent.banks["g"][0], rtol=1e-6)
+    with pytest.raises(ValueError, match="coefficient_init must be one of"):
+        sh.templates(group, k, coefficient_init="zeros")
+
+
 def test_coefficients_have_their_own_role_and_no_weight_decay():
     params = _tree(np.random.default_rng(2))
     latent = sh.templates(GROUPS, 2).init(params, jax.random.PRNGKey(0))
