@@ -17,12 +17,13 @@ import numpy as np
 from flax import traverse_util
 
 from pae.growth import structured as ps
-from pae.models.slim import SlimResNet, SlimVGG
+from pae.models.slim import SlimBottleneckResNet, SlimResNet, SlimVGG
 from pae.models.vgg import CONFIGS as VGG_CONFIGS, VGG
 
 
 class Extracted(NamedTuple):
-    """``model``: the slim net (:class:`~pae.models.slim.SlimResNet` / ``SlimVGG``); ``variables``:
+    """``model``: the slim net (:class:`~pae.models.slim.SlimResNet` / ``SlimBottleneckResNet`` /
+    ``SlimVGG``); ``variables``:
     its ``{"params", "batch_stats"}``; ``kept``: ``{group: kept channel indices}`` (into the gated
     net's channels); ``blocks``: the kept gated blocks."""
 
@@ -110,6 +111,16 @@ def slim_model(spec: ps.GateSpec, widths: Mapping[str, int], active_blocks=None)
                        for index, stage, _ in _resnet_blocks(model)
                        if f"BasicBlock_{index}" not in gated or f"BasicBlock_{index}" in active)
         return SlimResNet(streams, blocks, model.num_classes)
+    if spec.kind == "bottleneck":
+        active = {b.name for b in spec.blocks} if active_blocks is None else set(active_blocks)
+        gated = {b.name for b in spec.blocks}
+        described = ps._bottleneck_blocks(model)
+        streams = tuple(int(sizes[f"stream{s}"]) for s in range(1 + max(b[1] for b in described)))
+        blocks = tuple((index, stage, int(sizes[f"Bottleneck_{index}/Conv_0"]),
+                        int(sizes[f"Bottleneck_{index}/Conv_1"]))
+                       for index, stage, _, _ in described
+                       if f"Bottleneck_{index}" not in gated or f"Bottleneck_{index}" in active)
+        return SlimBottleneckResNet(int(sizes["stem"]), streams, blocks, model.num_classes)
     config = VGG_CONFIGS[model.depth] if isinstance(model, VGG) else model.config
     widths_out, i = [], 0
     for item in config:

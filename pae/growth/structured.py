@@ -24,6 +24,23 @@ Where a gate acts (the *gate algebra*):
   drop a stream channel everywhere at once. Internal block channels (``BasicBlock_<k>/Conv_0``) and
   VGG layers (``Conv_<i>``) have one gate vector each.
 
+Bottleneck ResNets (ImageNet ResNet-50 layout: :class:`pae.models.ResNet` with ``bottleneck=True``,
+:class:`pae.models.slim.SlimBottleneckResNet`; 1x1-reduce, 3x3 with the stride, 1x1-expand by 4,
+projection shortcut with BatchNorm on the first block of every stage) get, as the paper does for
+ResNets, channel gates on both inner widths of every bottleneck (``Bottleneck_<k>/Conv_0``: the
+1x1-reduce output; ``Bottleneck_<k>/Conv_1``: the 3x3 output), one block gate per residual block
+with an identity shortcut (on ``BatchNorm_2``, the branch's last BatchNorm; the first block of each
+stage has a projection shortcut and is always on, as in the basic-block layout), one gate vector
+for the stem's output (``stem``: read by the first block's 1x1 and its projection shortcut, so it
+is independent of every residual add), and ONE gate vector per stage for the residual (expanded)
+width (``stream<k>``: written by every ``Conv_2`` of the stage and by its projection shortcut's
+BatchNorm ``shortcut_bn``). Choice (the paper's treatment of the expanded width of ResNet-50 is
+unverified): the expanded width is gated but shared within a stage, the same rule as the
+basic-block layout's streams, because every residual add of a stage must see one channel set for
+the net to be extractable into a dense one; it stays learnable (a stage may narrow its stream).
+To keep the residual widths fixed (gate only the inner widths and the blocks), pass
+``channels=pae.select.path(r"Bottleneck_\\d+/Conv_[01]/kernel")``.
+
 Gradient estimators (``estimator=``), both through ``sigmoid(beta * s)`` with the draw ``q`` held fixed:
 
 * ``"straight_through"`` (default): forward ``m = q`` exactly, backward ``dm/ds = d sigmoid(beta s)/ds``
@@ -67,14 +84,16 @@ from flax import traverse_util
 from pae.core import Context, Transform, check_finite, latent_node, role_optimizer, select as pselect
 from pae.growth import flops as pflops
 from pae.models.resnet_cifar import CifarResNet
-from pae.models.slim import SlimResNet, SlimVGG
+from pae.models.resnet_imagenet import ResNet as ImageNetResNet
+from pae.models.slim import SlimBottleneckResNet, SlimResNet, SlimVGG
 from pae.models.vgg import CONFIGS as VGG_CONFIGS, VGG
 from pae.sparsity.cs import temperature_schedule
 from pae.train.engine import Phase
 
 ESTIMATORS = ("straight_through", "scaled")
 MEASURES = pflops.MEASURES
-SUPPORTED = "pae.models.CifarResNet (resnet20/32/56), pae.models.VGG (vgg11/16), SlimResNet, SlimVGG"
+SUPPORTED = ("pae.models.CifarResNet (resnet20/32/56), pae.models.ResNet with bottleneck=True "
+             "(resnet50), pae.models.VGG (vgg11/16), SlimResNet, SlimBottleneckResNet, SlimVGG")
 
 
 # ----------------------------------------------------------------------------- structure
@@ -161,16 +180,65 @@ def _resnet_blocks(model):
     return model.blocks
 
 
+def _bottleneck_blocks(model):
+    """``(index, stage, mid0, mid1)`` of every block of a bottleneck ResNet or its slim form."""
+    if isinstance(model, ImageNetResNet):
+        if not model.bottleneck:
+            raise ValueError(f"structured sparsification supports pae.models.ResNet with bottleneck "
+                             f"blocks only (ResNet-50 layout), got bottleneck=False (basic blocks, "
+                             f"ResNet-18/34); supported models: {SUPPORTED}")
+        return SlimBottleneckResNet.like(model).blocks
+    return model.blocks
+
+
+def _bottleneck_spec(model, example):
+    """Layers, gated blocks and always-on blocks per stage of a bottleneck ResNet (module doc)."""
+    variables, outputs = _shapes(model, example)
+    params = variables["params"]
+    blocks_desc = _bottleneck_blocks(model)
+    stages = 1 + max(stage for _, stage, _, _ in blocks_desc)
+    layers = [_layer(params, outputs, "Conv_0", None, "stem", "BatchNorm_0", None)]
+    blocks, ungated, src = [], [0] * stages, "stem"
+    for index, stage, _, _ in blocks_desc:
+        name = f"Bottleneck_{index}"
+        has_shortcut = "shortcut_conv" in params[name]
+        gate = None if has_shortcut else name
+        if has_shortcut:
+            ungated[stage] += 1
+        else:
+            blocks.append(BlockGate(name, stage, f"{name}/BatchNorm_2"))
+        layers.append(_layer(params, outputs, f"{name}/Conv_0", src, f"{name}/Conv_0",
+                             f"{name}/BatchNorm_0", gate))
+        layers.append(_layer(params, outputs, f"{name}/Conv_1", f"{name}/Conv_0", f"{name}/Conv_1",
+                             f"{name}/BatchNorm_1", gate))
+        layers.append(_layer(params, outputs, f"{name}/Conv_2", f"{name}/Conv_1", f"stream{stage}",
+                             f"{name}/BatchNorm_2", gate))
+        if has_shortcut:
+            layers.append(_layer(params, outputs, f"{name}/shortcut_conv", src, f"stream{stage}",
+                                 f"{name}/shortcut_bn", None))
+        src = f"stream{stage}"
+    layers.append(_layer(params, outputs, "Dense_0", src, None, None, None))
+    return layers, blocks, ungated
+
+
 def gate_spec(model, example) -> GateSpec:
     """The gate structure of ``model`` on inputs like ``example`` (one batch; for FLOPs).
 
     ResNets (:class:`~pae.models.CifarResNet`, :class:`~pae.models.slim.SlimResNet`): groups
     ``stream0..2`` (stem, every block's ``Conv_1`` and shortcut of a stage) and
     ``BasicBlock_<k>/Conv_0`` (a block's inner channels); block gates on every block with an
-    identity shortcut. VGGs (:class:`~pae.models.VGG`, :class:`~pae.models.slim.SlimVGG`): one group
-    per conv, ``Conv_<i>``. The classifier's outputs are never gated. Other models: ValueError.
+    identity shortcut. Bottleneck ResNets (:class:`~pae.models.ResNet` with ``bottleneck=True``,
+    :class:`~pae.models.slim.SlimBottleneckResNet`; kind ``"bottleneck"``): groups ``stem``,
+    ``stream<k>`` per stage (every ``Conv_2`` and the projection shortcut of the stage),
+    ``Bottleneck_<k>/Conv_0`` and ``Bottleneck_<k>/Conv_1`` (the two inner widths); block gates on
+    every block with an identity shortcut (module doc). VGGs (:class:`~pae.models.VGG`,
+    :class:`~pae.models.slim.SlimVGG`): one group per conv, ``Conv_<i>``. The classifier's outputs
+    are never gated. Other models: ValueError.
     """
-    if isinstance(model, (CifarResNet, SlimResNet)):
+    if isinstance(model, (ImageNetResNet, SlimBottleneckResNet)):
+        layers, blocks, ungated = _bottleneck_spec(model, example)
+        kind = "bottleneck"
+    elif isinstance(model, (CifarResNet, SlimResNet)):
         variables, outputs = _shapes(model, example)
         params = variables["params"]
         layers = [_layer(params, outputs, "Conv_0", None, "stream0", "BatchNorm_0", None)]
