@@ -15,7 +15,9 @@ Choices the paper leaves open (sharing_and_growth.md section 2.4), as named opti
   after each growth (that is, from the grown, rescaled weights) and then frozen until the next
   growth; ``"step"``: recomputed from the current parameters at every update.
 * ``leaves="kernels"`` (default): leaves with ``ndim >= 2`` are adapted, biases and BatchNorm
-  parameters keep ``lr_0``; ``"all"``: every leaf.
+  parameters keep ``lr_0``; ``"all"``: every leaf. A depthwise kernel ``(kh, kw, 1, C)``
+  (MobileNetV1) is a kernel like any other: a new channel's filter is born at the stage its channel
+  is, and ``||W_dt||`` of that leaf is the norm of the filters born at ``t``.
 
 The norms are the raw Frobenius norms, as in the paper's formula (no per-element normalization), so
 a subnetwork with more elements than ``W_0`` gets a larger multiplier. A stage with ``||W_0|| = 0``

@@ -50,7 +50,9 @@ class VTConfig:
     paper's function-preserving pairs, :func:`pae.growth.grow`, default), or the ablation's peers
     ``"net2net"`` (:func:`~pae.growth.vt.grow_net2net`, noise ``net2net_noise``; ``vt`` and
     ``new_init`` unused) and ``"gradmax"`` (:func:`~pae.growth.vt.grow_gradmax` with
-    ``gradmax_scale``/``gradmax_fan_in``; needs ``vt_phases(..., gradient_batch=...)``).
+    ``gradmax_scale``/``gradmax_fan_in``/``gradmax_depthwise``; needs
+    ``vt_phases(..., gradient_batch=...)``). Depthwise convs (MobileNetV1) grow by the rule of each
+    method (:mod:`pae.growth.vt`).
     """
 
     start_fraction: float = 0.25
@@ -72,12 +74,14 @@ class VTConfig:
     net2net_noise: float = 0.01
     gradmax_scale: float = 0.5
     gradmax_fan_in: float = 0.01
+    gradmax_depthwise: str = "identity"
 
     def __post_init__(self):
         for name, allowed in (("vt", pvt.VT_RULES), ("new_init", pvt.NEW_INITS),
                               ("new_moments", pvt.NEW_MOMENTS), ("lra_norms", plra.LRA_NORMS),
                               ("lra_recompute", plra.LRA_RECOMPUTE), ("lra_leaves", plra.LRA_LEAVES),
-                              ("epoch_schedule", psched.EPOCH_SCHEDULES), ("method", GROW_METHODS)):
+                              ("epoch_schedule", psched.EPOCH_SCHEDULES), ("method", GROW_METHODS),
+                              ("gradmax_depthwise", pvt.GRADMAX_DEPTHWISE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"VTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.growth_steps + 1 > 16:
@@ -152,6 +156,7 @@ def vt_phases(cfg: VTConfig, model, optimizer: Callable[[int], optax.GradientTra
                 grads = gradient(models[t - 1], state, gradient_batch)
                 return pvt.grow_gradmax(state, models[t - 1], models[t], key, grads, tx=tx_of(1),
                                         scale=cfg.gradmax_scale, fan_in=cfg.gradmax_fan_in,
+                                        depthwise=cfg.gradmax_depthwise,
                                         new_moments=cfg.new_moments)
             return pvt.grow(state, models[t - 1], models[t], key,
                             tx=tx_of(1), vt=cfg.vt, new_init=cfg.new_init, new_moments=cfg.new_moments)

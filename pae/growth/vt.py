@@ -34,6 +34,26 @@ running variance ``* c**2`` on the old channels. The function then
   the residual sum of the first block of stages 2 and 3 and so change every feature after it.
   (The stem's fan-in, the image channels, never grows: it is never rescaled.)
 
+Depthwise convs (``GrowthLayer.depthwise``: MobileNetV1's ``(kh, kw, 1, C)`` kernels, channel
+multiplier 1, input and output both the group ``g`` of the conv that writes the channels). Growing
+``g`` by ``k = 2h`` channels adds one depthwise filter per new channel; the pairs go through it with
+*tied* filters, the column rule above with a one-row input axis::
+
+             old channels (n)   new A (h)   new B (h)
+  filters    W (unchanged)      D           D
+
+The writer's new columns are equal within a pair, so the pair's channels are equal; equal filters
+and identical fresh BatchNorm keep them equal; the next pointwise conv reads them with rows A = -B,
+so they cancel there (function preserved, train and eval mode, as above). Its sign flip lives on
+the pointwise rows: a depthwise filter has no new-input x new-output corner, only its diagonal.
+Variance transfer: a depthwise conv's fan-in is ``kh * kw``, not ``kh * kw * C``, so it does not
+grow with ``g``: factor 1 on the old filters and on the depthwise BatchNorm's statistics. The next
+pointwise conv's fan-in ``1 * 1 * n`` grows to ``m`` and gets ``c`` (its BatchNorm's statistics to
+match), and the classifier reading the last group gets ``c`` with no normalization after it (logits
+``* c``, as in a VGG; MobileNetV1 has no unnormalized shortcut). New filters ``D`` are drawn by the
+same ``new_init`` law with ``fan_in' = kh * kw`` (``"he"``: ``N(0, 2 / (kh kw))``, the model's own
+init; ``"mup"``: std ``1 / (kh kw)``; ``"empirical"``: the std of the old filters).
+
 New weights ``V, Z, U`` are drawn i.i.d. on the host (NumPy, seeded by the key and the layer's
 index: :func:`host_rng`; no program is compiled per new shape) with ``new_init``: ``"he"`` (default) ``N(0, 2 / fan_in')``
 with the new fan-in ``fan_in' = receptive field * m_i`` (the growable models' own init, so new
@@ -67,6 +87,7 @@ from pae.train.state import TrainState
 VT_RULES = ("sqrt", "linear", "none")
 NEW_INITS = ("he", "mup", "empirical")
 NEW_MOMENTS = ("warm", "zeros")
+GRADMAX_DEPTHWISE = ("identity", "fan_in")
 
 
 def vt_factor(old: int, new: int, rule: str = "sqrt") -> float:
@@ -184,7 +205,8 @@ def _grow_params(params, batch_stats, spec, old, new, key, vt, new_init):
     stats = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(batch_stats or {}).items()}
     out, out_stats, covered = {}, {}, set()
     for idx, layer, kpath, w, n_i, m_i, n_o, m_o in _layers(flat, spec, old, new):
-        c = vt_factor(n_i, m_i, vt) if layer.in_group is not None else 1.0
+        # a depthwise conv's fan-in (kh * kw) does not grow: factor 1 (n_i = m_i = 1 from _layers)
+        c = vt_factor(n_i, m_i, vt) if layer.in_group is not None and not layer.depthwise else 1.0
         std = _std(new_init, w, c, int(np.prod(w.shape[:-2], dtype=np.int64)) * m_i)
         rng = host_rng(key, idx)
 
@@ -354,7 +376,13 @@ def _layers(flat, spec, old, new):
         w = flat[kpath]
         n_i = m_i = w.shape[-2]
         n_o = m_o = w.shape[-1]
-        if layer.in_group is not None:
+        if layer.depthwise:
+            if layer.in_group != layer.out_group or layer.out_group is None or w.shape[-2] != 1:
+                raise ValueError(f"model_from's growth_spec marks {'/'.join(kpath)} depthwise, which "
+                                 f"needs in_group == out_group (not None) and a (kh, kw, 1, C) kernel; "
+                                 f"got groups {layer.in_group!r} -> {layer.out_group!r}, kernel {w.shape}")
+            # channel multiplier 1: the kernel's input axis is 1 whatever the group's width
+        elif layer.in_group is not None:
             n_i, m_i = old[layer.in_group], new[layer.in_group]
         if layer.out_group is not None:
             n_o, m_o = old[layer.out_group], new[layer.out_group]
@@ -392,7 +420,9 @@ def grow_net2net(state: TrainState, model_from, model_to, key, *, tx=None, noise
     the source unit: the function is preserved exactly before the noise. Copies of a unit would stay
     identical forever (same activations, same gradients), so the copies' incoming weights get
     ``noise * std(W)`` Gaussian noise (Net2Net's symmetry breaking; ``noise=0``: exact copies).
-    No variance transfer. Optimizer state: old entries carried, new entries zero
+    A depthwise conv (``GrowthLayer.depthwise``, MobileNetV1) copies the source channel's filter
+    whole (each channel has its own filter, nothing to split); the next pointwise conv splits the
+    fan-out as above. No variance transfer. Optimizer state: old entries carried, new entries zero
     (``new_moments="warm"``: Adam's ``nu`` seeded as in :func:`grow`). Any increment (no pairs).
     """
     if not noise >= 0:
@@ -408,7 +438,10 @@ def grow_net2net(state: TrainState, model_from, model_to, key, *, tx=None, noise
     stats = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(state.batch_stats or {}).items()}
     out, out_stats = {}, {}
     for idx, layer, kpath, w, n_i, m_i, n_o, m_o in _layers(flat, model_from.growth_spec(), old, new):
-        src_i, cnt_i = maps[layer.in_group] if layer.in_group is not None else (np.arange(n_i), np.ones(n_i, int))
+        if layer.in_group is None or layer.depthwise:    # a depthwise filter is copied, not split
+            src_i, cnt_i = np.arange(n_i), np.ones(n_i, int)
+        else:
+            src_i, cnt_i = maps[layer.in_group]
         src_o = maps[layer.out_group][0] if layer.out_group is not None else np.arange(n_o)
         k = w[..., src_i, :][..., src_o] / cnt_i[src_i][:, None].astype(w.dtype)
         if noise and m_o > n_o:
@@ -430,8 +463,17 @@ def grow_net2net(state: TrainState, model_from, model_to, key, *, tx=None, noise
     return _finish(state, tx, params, out, out_stats, flat, stats, new_moments)
 
 
+def _delta(shape, dtype) -> np.ndarray:
+    """Identity depthwise filters ``(kh, kw, 1, k)``: 1 at the centre tap (``kh // 2, kw // 2``), 0
+    elsewhere (with the symmetric padding of pae's convs the centre tap reads the same pixel)."""
+    out = np.zeros(shape, dtype)
+    out[shape[0] // 2, shape[1] // 2] = 1
+    return out
+
+
 def grow_gradmax(state: TrainState, model_from, model_to, key, grads, *, tx=None, scale: float = 0.5,
-                 fan_in: float = 0.01, new_moments: str = "zeros") -> TrainState:
+                 fan_in: float = 0.01, depthwise: str = "identity",
+                 new_moments: str = "zeros") -> TrainState:
     """GradMax-style growth (Evci et al., ICLR 2022, arXiv 2201.05125), adapted to pae's BN nets.
 
     New units get (near-)zero fan-in and a fan-out chosen from the loss gradient, so the function is
@@ -452,11 +494,22 @@ def grow_gradmax(state: TrainState, model_from, model_to, key, grads, *, tx=None
       In eval mode the function changes by O(fan_in); in train mode BatchNorm renormalizes the new
       channels, so it changes more.
 
+    * Depthwise convs (``GrowthLayer.depthwise``, MobileNetV1): a new channel's fan-in is the
+      writer's (pointwise or stem) ``fan_in`` columns; its depthwise filter only passes it on. With
+      ``depthwise="identity"`` (default, as GradMax's reference code grows depthwise layers) the new
+      filters are identity (1 at the centre tap), so the new channel reaches the next pointwise conv
+      unchanged and scaled by ``fan_in`` once (in eval mode); ``depthwise="fan_in"``: ``fan_in``
+      times He-normal draws (fan-in ``kh * kw``), like every other new fan-in (the channel is then
+      scaled by ``fan_in`` twice). The depthwise conv has no fan-out rows to choose (its input axis
+      is 1); the next pointwise conv's new rows come from its gradient as above.
+
     New biases zero, new BatchNorm units ``gamma = 1, beta = 0, mean = 0, var = 1``; no variance
     transfer. ``grads``: a params-shaped tree of the loss gradient at ``state.params``. Any increment.
     """
     if not scale >= 0 or not fan_in >= 0:
         raise ValueError(f"scale and fan_in must be >= 0, got scale={scale!r}, fan_in={fan_in!r}")
+    if depthwise not in GRADMAX_DEPTHWISE:
+        raise ValueError(f"depthwise must be one of {GRADMAX_DEPTHWISE}, got {depthwise!r}")
     old, new, params = _peer_prelude(state, model_from, model_to, tx, new_moments)
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
     if not isinstance(grads, Mapping):
@@ -471,7 +524,9 @@ def grow_gradmax(state: TrainState, model_from, model_to, key, grads, *, tx=None
         rng = host_rng(key, idx)
         k = np.zeros(w.shape[:-2] + (m_i, m_o), w.dtype)
         k[..., :n_i, :n_o] = w
-        if m_o > n_o:
+        if m_o > n_o and layer.depthwise and depthwise == "identity":
+            k[..., n_o:] = _delta(w.shape[:-2] + (1, m_o - n_o), w.dtype)
+        elif m_o > n_o:
             std = fan_in * float(np.sqrt(2.0 / (int(np.prod(w.shape[:-2], dtype=np.int64)) * m_i)))
             k[..., n_o:] = (rng.standard_normal(k[..., n_o:].shape) * std).astype(w.dtype)
         if m_i > n_i:
@@ -498,4 +553,4 @@ def grow_gradmax(state: TrainState, model_from, model_to, key, grads, *, tx=None
     return _finish(state, tx, params, out, out_stats, flat, stats, new_moments)
 
 
-__all__ = ["NEW_INITS", "NEW_MOMENTS", "VT_RULES", "grow", "grow_gradmax", "grow_net2net", "host_rng", "resolve_widths", "vt_factor"]
+__all__ = ["GRADMAX_DEPTHWISE", "NEW_INITS", "NEW_MOMENTS", "VT_RULES", "grow", "grow_gradmax", "grow_net2net", "host_rng", "resolve_widths", "vt_factor"]

@@ -1,4 +1,5 @@
-"""Width-parameterized models for growth (``pae.growth``): a CIFAR ResNet and a VGG-like net.
+"""Width-parameterized models for growth (``pae.growth``): a CIFAR ResNet, a VGG-like net and
+MobileNetV1.
 
 Each model names its modules explicitly and describes its channel structure for
 :func:`pae.growth.grow`:
@@ -9,9 +10,11 @@ Each model names its modules explicitly and describes its channel structure for
 * ``growth_spec() -> tuple[GrowthLayer, ...]``: for every layer, the module path of its kernel
   (``(..., in, out)``, a ``bias`` if the module has one), the group of its input and output channels
   (``None``: fixed, e.g. the image channels or the classes) and the BatchNorm that normalizes its
-  output (``None``: nothing does, so variance transfer changes the function there).
+  output (``None``: nothing does, so variance transfer changes the function there); ``depthwise``
+  marks a depthwise conv (kernel ``(kh, kw, 1, C)``, channel multiplier 1, input and output both
+  its one group).
 
-Both use He-normal (untruncated) conv kernels, N(0, 2 / fan_in), the same law
+All use He-normal (untruncated) conv kernels, N(0, 2 / fan_in), the same law
 :func:`pae.growth.grow` draws new units from by default, and PyTorch-equivalent BatchNorm.
 ``mask`` keeps padding rows out of BatchNorm statistics as in every pae model.
 """
@@ -27,12 +30,18 @@ from pae.models import init
 class GrowthLayer(NamedTuple):
     """One growable layer: ``kernel`` is the module path (its ``kernel`` leaf is ``(..., in, out)``),
     ``in_group`` / ``out_group`` the channel groups of its input / output axes (None: fixed size),
-    ``norm`` the path of the BatchNorm module on its output (None: no normalization follows)."""
+    ``norm`` the path of the BatchNorm module on its output (None: no normalization follows).
+
+    ``depthwise``: a depthwise conv with channel multiplier 1 (``feature_group_count`` = its
+    channels): the kernel is ``(kh, kw, 1, C)``, output channel ``c`` reads input channel ``c`` only,
+    ``in_group == out_group``, and its fan-in is ``kh * kw`` whatever ``C`` is (see
+    :func:`pae.growth.grow` for how such a layer grows)."""
 
     kernel: tuple[str, ...]
     in_group: str | None
     out_group: str | None
     norm: tuple[str, ...] | None
+    depthwise: bool = False
 
 
 def _check_widths(name: str, widths, n: int | None = None) -> tuple[int, ...]:
@@ -167,4 +176,109 @@ class GrowableVGG(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=init.kaiming_normal, name="fc")(x)
 
 
-__all__ = ["GrowableResNet", "GrowableVGG", "GrowthLayer"]
+#: MobileNetV1's stem width then its 13 depthwise-separable blocks' widths (Howard et al., Table 1)
+MOBILENET_V1_WIDTHS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
+#: the strides of the stem and of the 13 blocks' depthwise convs (ImageNet layout)
+MOBILENET_V1_STRIDES = (2, 1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)
+
+
+def mobilenet_v1_widths(alpha: float = 1.0, widths=MOBILENET_V1_WIDTHS) -> tuple[int, ...]:
+    """MobileNetV1's width multiplier: ``max(8, int(alpha * c))`` for every width (as
+    :class:`pae.models.MobileNetV1`), e.g. ``GrowableMobileNetV1(10, mobilenet_v1_widths(0.25))``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+    return tuple(max(8, int(c * alpha)) for c in _check_widths("mobilenet_v1_widths", widths))
+
+
+class _SeparableBlock(nn.Module):
+    """Depthwise 3x3 (stride ``stride``, channel multiplier 1) + BN + ReLU, then pointwise 1x1 to
+    ``features`` + BN + ReLU; both convs bias-free."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mask=None):
+        channels = x.shape[-1]
+        x = nn.Conv(channels, (3, 3), (self.stride, self.stride), padding=1, use_bias=False,
+                    feature_group_count=channels, kernel_init=init.kaiming_normal, name="dw")(x)
+        x = nn.relu(init.batch_norm_masked(x, train, mask, name="dw_bn"))
+        x = init.conv(self.features, 1, name="pw")(x)
+        return nn.relu(init.batch_norm_masked(x, train, mask, name="pw_bn"))
+
+
+class GrowableMobileNetV1(nn.Module):
+    """MobileNetV1 (Howard et al., arXiv 1704.04861): a 3x3 stem conv + BN + ReLU, depthwise-separable
+    blocks (:class:`_SeparableBlock`, modules ``b<i>/dw``, ``dw_bn``, ``pw``, ``pw_bn``), global
+    average pool, ``fc``. ``widths``: the stem's width then every block's pointwise width (default
+    MobileNetV1's 32, 64, ..., 1024; :func:`mobilenet_v1_widths` applies a width multiplier);
+    ``strides``: the stem's stride then every block's depthwise stride (default the ImageNet layout;
+    e.g. a stem stride of 1 for 32x32 images). He-normal fan-in kernels (a depthwise kernel's fan-in
+    is ``3 * 3 = 9``), no biases, a He-normal ``fc`` with zero bias.
+
+    Groups ``stem`` and ``block0..`` (one per pointwise conv, plus the stem): a group's channels are
+    written by its conv (the stem or block ``i``'s ``pw``), pass through the *next* block's depthwise
+    conv channel by channel (the depthwise conv's input and output are that same group, so it is
+    listed with ``depthwise=True``) and are read by the next pointwise conv (or ``fc``).
+
+    Growing group ``g`` from ``n`` to ``m`` channels (:func:`pae.growth.grow`) therefore means: new
+    output columns of the conv that writes ``g``, one new depthwise filter per new channel (channel
+    multiplier 1), new input rows of the next pointwise conv. Function-preserving pairs go through
+    the depthwise conv with *tied* filters: paired channels (equal after the writer, whose new
+    columns are equal within a pair) get the same depthwise filter and identical fresh BatchNorm, so
+    they stay equal, and the next pointwise conv's rows of the pair have opposite signs, so the pair
+    cancels there. Variance transfer: the depthwise conv's fan-in ``kh * kw`` does not grow with
+    ``g``, so its old filters and its BatchNorm statistics are not rescaled (factor 1); the next
+    pointwise conv's fan-in ``1 * 1 * n`` grows to ``m`` and gets the usual factor (``sqrt(n / m)``
+    by default). Every conv is followed by BatchNorm, so the function stays preserved (up to BN's
+    epsilon) everywhere except the classifier, whose logits are scaled by the factor of the last
+    group, as in the VGG.
+    """
+
+    num_classes: int = 10
+    widths: tuple = MOBILENET_V1_WIDTHS
+    strides: tuple = MOBILENET_V1_STRIDES
+
+    def _layout(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        widths = _check_widths("GrowableMobileNetV1", self.widths)
+        strides = tuple(self.strides)
+        if len(strides) != len(widths) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in strides):
+            raise ValueError(f"GrowableMobileNetV1: strides must be {len(widths)} ints >= 1 (the stem's, "
+                             f"then one per block, as many as widths), got {strides}")
+        return widths, strides
+
+    def groups(self) -> dict[str, int]:
+        widths, _ = self._layout()
+        return {"stem": widths[0], **{f"block{i}": w for i, w in enumerate(widths[1:])}}
+
+    def at_widths(self, widths: Mapping[str, int]) -> "GrowableMobileNetV1":
+        widths = _widths_for(self.groups(), widths, "GrowableMobileNetV1")
+        return self.clone(widths=(int(widths["stem"]),) + tuple(
+            int(widths[f"block{i}"]) for i in range(len(self._layout()[0]) - 1)))
+
+    def growth_spec(self) -> tuple[GrowthLayer, ...]:
+        layers = [GrowthLayer(("stem",), None, "stem", ("stem_bn",))]
+        prev = "stem"
+        for i in range(len(self._layout()[0]) - 1):
+            blk, g = f"b{i}", f"block{i}"
+            layers += [GrowthLayer((blk, "dw"), prev, prev, (blk, "dw_bn"), depthwise=True),
+                       GrowthLayer((blk, "pw"), prev, g, (blk, "pw_bn"))]
+            prev = g
+        layers.append(GrowthLayer(("fc",), prev, None, None))
+        return tuple(layers)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, *, mask=None):
+        init.check_mask(mask, x, "GrowableMobileNetV1")
+        widths, strides = self._layout()
+        x = init.conv(widths[0], 3, strides[0], name="stem")(x)
+        x = nn.relu(init.batch_norm_masked(x, train, mask, name="stem_bn"))
+        for i, (features, stride) in enumerate(zip(widths[1:], strides[1:])):
+            x = _SeparableBlock(features, stride, name=f"b{i}")(x, train, mask)
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=init.kaiming_normal, name="fc")(x)
+
+
+__all__ = ["GrowableMobileNetV1", "GrowableResNet", "GrowableVGG", "GrowthLayer", "MOBILENET_V1_STRIDES",
+           "MOBILENET_V1_WIDTHS", "mobilenet_v1_widths"]
