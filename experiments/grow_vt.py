@@ -21,7 +21,10 @@ over the run); the growing methods start every channel group at 1/4 of its width
     python experiments/grow_vt.py --preset cifar10       # ResNet-20, CIFAR-10, 100 epochs (needs tfds data)
     python experiments/grow_vt.py --preset cifar100      # ResNet-20 (paper: ResNet-18), CIFAR-100, 200 epochs
     python experiments/grow_vt.py --preset imagenet      # VGG-11 on ImageNet (paper: ResNet-50, MobileNetV1)
+    python experiments/grow_vt.py --preset imagenet --model mobilenet_v1   # MobileNetV1 on ImageNet
     python experiments/grow_vt.py --model vgg11 --dataset cifar10
+    python experiments/grow_vt.py --model mobilenet_v1_cifar --dataset cifar10   # stem stride 1
+    python experiments/grow_vt.py --model mobilenet_v1_025 --seeds 0   # MobileNetV1 x0.25 on digits
     python experiments/grow_vt.py --dataset mnist_subset --methods fixed_full full --seeds 0 \
         --name resnet8_mnist_subset_speed          # 28x28 images: compute-bound steps, 1 seed
 
@@ -49,8 +52,14 @@ Targets (issue 15): ``full`` within 0.5 points of ``fixed_full``, at <= 60% of i
 says which hold (mean over seeds; with n=3 a difference below ~2 sd is noise).
 
 Writes ``runs/grow_vt/grow_vt_<name>.{json,png}`` (``--out-dir`` elsewhere) and prints the table.
-MobileNetV1 is not growable in pae (its depthwise convs need their own growth rule): ``--model
-mobilenet_v1`` is a clear error.
+Models: ``resnet8``/``resnet20`` (``GrowableResNet``), ``vgg11``/``vgg_small``/``vgg_tiny``
+(``GrowableVGG``), ``mobilenet_v1`` (``GrowableMobileNetV1``, ImageNet layout: a stride-2 stem),
+``mobilenet_v1_cifar`` (the same with a stride-1 stem, for 32x32 images), ``mobilenet_v1_025``
+(width multiplier 0.25: 8..256 channels, ImageNet layout) and ``mobilenet_tiny`` (4 convs, for
+tests). MobileNetV1's depthwise convs grow with their channels (one new filter per new channel,
+tied within a pair, no variance transfer: their fan-in is 3 x 3; see ``pae.growth.vt``); their MACs
+``H_out W_out * 9 * C`` are counted by :func:`forward_macs` from the kernel shape ``(3, 3, 1, C)``.
+ResNet-18/50 are not growable in pae: ``--model resnet50`` is a clear error.
 """
 from __future__ import annotations
 
@@ -67,7 +76,8 @@ import optax
 
 from pae import growth
 from pae.data import load_dataset
-from pae.models.growable import GrowableResNet, GrowableVGG
+from pae.models.growable import (MOBILENET_V1_STRIDES, GrowableMobileNetV1, GrowableResNet, GrowableVGG,
+                                 mobilenet_v1_widths)
 from pae.train import Phase, init_state, make_task, train_phases
 from pae.train.metrics import atomic_write
 
@@ -94,8 +104,12 @@ MODELS = {
     "vgg11": lambda c: GrowableVGG(num_classes=c),
     "vgg_small": lambda c: GrowableVGG((16, "M", 32, "M", 64), c),
     "vgg_tiny": lambda c: GrowableVGG((8, "M", 16), c),          # the CI test's
+    "mobilenet_v1": lambda c: GrowableMobileNetV1(c),
+    "mobilenet_v1_cifar": lambda c: GrowableMobileNetV1(c, strides=(1,) + MOBILENET_V1_STRIDES[1:]),
+    "mobilenet_v1_025": lambda c: GrowableMobileNetV1(c, mobilenet_v1_widths(0.25)),
+    "mobilenet_tiny": lambda c: GrowableMobileNetV1(c, (8, 16, 32, 32), (1, 1, 2, 1)),
 }
-NOT_GROWABLE = {"mobilenet_v1": "MobileNetV1", "resnet50": "ResNet-50", "resnet18": "ResNet-18"}
+NOT_GROWABLE = {"resnet50": "ResNet-50", "resnet18": "ResNet-18"}
 
 DEFAULTS = dict(model="resnet8", dataset="digits", epochs=22, first_epochs=2, epoch_schedule="fixed",
                 growth_steps=8, width_growth=0.2, start_fraction=0.25, batch_size=128, lr=0.1,
@@ -149,8 +163,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(out, key, value)
     if out.model in NOT_GROWABLE:
         raise ValueError(f"--model {out.model}: {NOT_GROWABLE[out.model]} is not growable in pae "
-                         f"(pae.models.growable has {sorted(MODELS)}; a growable MobileNetV1 needs a "
-                         f"growth rule for depthwise convs)")
+                         f"(pae.models.growable has {sorted(MODELS)}; a growable ResNet-18/50 needs "
+                         f"bottleneck/projection growth rules)")
     if out.model not in MODELS:
         raise ValueError(f"--model must be one of {sorted(MODELS)}, got {out.model!r}")
     if "fixed_full" not in out.methods:

@@ -92,7 +92,7 @@ def _script():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--model", "mobilenet_v1"], "--model mobilenet_v1: MobileNetV1 is not growable"),
+    (["--model", "resnet50"], "--model resnet50: ResNet-50 is not growable"),
     (["--methods", "full"], "--methods must include fixed_full"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--seeds", "1", "1"], "must not repeat"),
@@ -104,8 +104,8 @@ def test_bad_flags_fail_clearly(flags, message):
 
 
 def test_a_bad_flag_is_one_line_on_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(tmp_path), "--model", "mobilenet_v1"],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(tmp_path), "--model", "resnet50"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --model mobilenet_v1: MobileNetV1 is not growable")
+    assert len(lines) == 1 and lines[0].startswith("error: --model resnet50: ResNet-50 is not growable")
