@@ -15,7 +15,7 @@ from pae.quant.activations import (GRIDS, ActQuantized, NoisyAct, QuantAct, act_
                                    act_size_penalty, average_act_bits, quantize_activations,
                                    with_act_stats)
 from pae.quant.noise import (BUDGET_FORMS, EVAL_MODES, GRANULARITIES, NoisyWeight, QuantWeight, average_bits,
-                             channel_range, learned_bits, noise_injection, palette_quantizer,
+                             channel_range, kernel_layouts, learned_bits, noise_injection, palette_quantizer,
                              quantize_params, rounded_bits, size_penalty)
 from pae.quant.export import Exported, PackedLayer, export, load_exported, save_exported, size_bytes
 from pae.quant.palette import assign_palette, choose_palette, level_cost
@@ -28,7 +28,7 @@ __all__ = [
     "add_act_stats", "average_act_bits", "load_exported", "save_exported", "quantize_activations", "with_act_stats",
     "BUDGET_FORMS", "EVAL_MODES", "Exported", "GRANULARITIES", "PackedLayer", "MAX_BITS", "MIN_BITS", "NoisyWeight", "QuantConfig", "QuantWeight",
     "assign", "assign_palette", "average_bits", "bits_from_logits", "channel_range",
-    "choose_palette", "codes", "export", "learned_bits", "level_cost", "max_abs_range", "noise_injection",
+    "choose_palette", "codes", "export", "kernel_layouts", "learned_bits", "level_cost", "max_abs_range", "noise_injection",
     "noise_transform", "offset", "palette_quantizer", "quant_optimizer", "quant_phases",
     "quantize", "quantize_params", "rounded_bits", "size_bytes", "size_penalty", "step_size",
 ]

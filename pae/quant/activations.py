@@ -1,7 +1,8 @@
 """Activation quantization: learned per-input-channel bit widths for the inputs of selected layers.
 
-The inputs ``x`` of each selected ``nn.Dense``/``nn.Conv`` (a layer is selected when its kernel
-is: the activation channels are the kernel's input channels, axis -2, the GEMM's K axis) get
+The inputs ``x`` of each selected ``nn.Dense``/``nn.Conv``/``nn.DenseGeneral`` (a layer is selected
+when its kernel is: the activation channels are the kernel's input channels, axis -2, the GEMM's K
+axis; a DenseGeneral's K rows, its contracted trailing input axes flattened, see ``layouts``) get
 
 * phase 1 (:func:`act_noise_injection`, training): ``x~ = clip(x, lo, hi) + delta(b) * u``,
   ``u ~ U(-1/2, 1/2)`` i.i.d. from ``ctx.key``, with ``b`` a learned per-channel width
@@ -41,7 +42,7 @@ How the model sees it: the latent holds a :class:`NoisyAct` (phase 1) or :class:
 (phase 2) node at ``params[<layer>]["act"]`` beside the layer's ``kernel``; the transform's ``apply``
 turns it into a small dict of arrays (the widths, the grid, the momentum, a noise key) that the
 layer's scope carries; :func:`quantize_activations` wraps a Flax model so that, through
-``flax.linen.intercept_methods``, every ``nn.Dense``/``nn.Conv`` whose scope has an ``"act"`` entry
+``flax.linen.intercept_methods``, every ``nn.Dense``/``nn.Conv``/``nn.DenseGeneral`` whose scope has an ``"act"`` entry
 quantizes its input before computing. Layers called twice share their statistics and noise key.
 """
 from __future__ import annotations
@@ -269,7 +270,8 @@ def act_noise_injection(select: pselect.Selector | None = None, *, b_min: float 
                         b_max: float = 8.0, b_init: float = 6.0, grid: str = "auto",
                         momentum: float = 0.9, learned_range: bool = False, lmbda: float = 0.0,
                         target_bits: float | None = None, budget_weight: float = 1.0,
-                        budget_form: str = "two_sided", eval_mode: str = "quantize") -> Transform:
+                        budget_form: str = "two_sided", eval_mode: str = "quantize",
+                        layouts: Any = None) -> Transform:
     """The phase-1 transform for activations (module doc); run the model through
     :func:`quantize_activations`, and give it running statistics with :func:`with_act_stats`
     (:func:`pae.quant.quant_phases` does both).
@@ -283,8 +285,16 @@ def act_noise_injection(select: pselect.Selector | None = None, *, b_min: float 
       learned_range: learn a per-channel log multiplier of the running range (role ``"range"``).
       lmbda, target_bits, budget_weight, budget_form: :func:`act_size_penalty`.
       eval_mode: ``"quantize"`` (evaluate at the rounded widths) or ``"clean"``.
+      layouts: kernel layouts as :func:`pae.quant.noise_injection`'s: a DenseGeneral kernel with
+        ``k_axes`` contracted axes quantizes its input's trailing ``k_axes`` axes flattened
+        (``C = K``, one channel per K row, e.g. ``heads * head_dim`` for attention's output
+        projection). Only leaves named ``kernel`` get an input quantizer: a selected lookup table
+        (``nn.Embed``'s ``embedding``, a raw ``pos_embedding``) has integer indices or no input, so
+        it is skipped here (its weights are still quantized by ``noise_injection``).
     """
-    from pae.quant.noise import _check_context, check_penalty_args, check_width_args
+    from pae.quant.noise import (_check_context, check_layout_paths, check_layouts,
+                                 check_penalty_args, check_width_args, layout_of)
+    layouts = check_layouts(layouts)
     select = pselect.kernels() if select is None else select
     theta0 = check_width_args("act ", b_min, b_max, b_init)
     if grid not in GRIDS:
@@ -298,12 +308,18 @@ def act_noise_injection(select: pselect.Selector | None = None, *, b_min: float 
         del key
         hits = []
 
+        check_layout_paths(params, layouts)
+
         def record(path, w):
             if np.ndim(w) < 2:
                 raise ValueError(f"select matched {path!r} (shape {np.shape(w)}), but activations are "
                                  f"quantized per input channel of a kernel (ndim >= 2); narrow the "
                                  f"selector (e.g. pae.select.kernels())")
-            hits.append((path, int(np.shape(w)[-2])))
+            if path.rsplit("/", 1)[-1] != "kernel":
+                return w                 # a lookup table: no input to quantize (docstring)
+            k = layout_of(path, np.shape(w), layouts)
+            hits.append((path, int(np.shape(w)[-2]) if k is None
+                         else int(np.prod(np.shape(w)[:k]))))
             return w
 
         pselect.map_selected(params, select, record, what="select")
@@ -371,12 +387,40 @@ def with_act_stats(batch_stats: Any, latent: Any) -> dict:
 # ----------------------------------------------------------------------------------------------
 # the model wrapper
 
+#: the modules whose inputs can be quantized (and whose kernels export packs as GEMMs)
+GEMM_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv)
+
+
+def general_k_axes(mod: nn.DenseGeneral, ndim: int) -> int:
+    """How many trailing input axes an ``nn.DenseGeneral`` contracts (its kernel's ``k_axes``).
+    NotImplementedError unless they are the input's trailing axes in order and ``batch_dims`` is
+    empty (then the GEMM is ``x.reshape(-1, K) @ kernel.reshape(K, N)``)."""
+    axis = mod.axis if isinstance(mod.axis, (tuple, list)) else (mod.axis,)
+    norm = tuple(int(a) % ndim for a in axis)
+    k = len(norm)
+    if tuple(mod.batch_dims) or norm != tuple(range(ndim - k, ndim)):
+        raise NotImplementedError(f"{'/'.join(mod.path)!r}: DenseGeneral with axis={mod.axis!r}, "
+                                  f"batch_dims={mod.batch_dims!r}; only the trailing input axes in "
+                                  f"order and no batch_dims are supported")
+    return k
+
+
 def quantize_input(mod: nn.Module, x: jax.Array, train: bool) -> jax.Array:
     """The input of layer ``mod`` as the model sees it (inside a Flax interceptor): unchanged if its
     scope has no ``"act"`` entry; else noisy (phase-1 training), quantized, or clean (module doc).
-    Updates the layer's running statistics when training with ``batch_stats`` mutable."""
+    Updates the layer's running statistics when training with ``batch_stats`` mutable. An
+    ``nn.DenseGeneral`` contracting ``k`` axes has its trailing ``k`` axes flattened into channels."""
     if not mod.has_variable("params", ACT):
         return x
+    if isinstance(mod, nn.DenseGeneral):
+        x = jnp.asarray(x)
+        k = general_k_axes(mod, x.ndim)
+        flat = x.reshape(x.shape[:x.ndim - k] + (-1,))
+        return _quantize_channels(mod, flat, train).reshape(x.shape)
+    return _quantize_channels(mod, x, train)
+
+
+def _quantize_channels(mod: nn.Module, x: jax.Array, train: bool) -> jax.Array:
     a = mod.get_variable("params", ACT)
     if not mod.has_variable("batch_stats", ACT):
         raise ValueError(f"layer {'/'.join(mod.path)!r} quantizes its inputs but has no running "
@@ -387,7 +431,8 @@ def quantize_input(mod: nn.Module, x: jax.Array, train: bool) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
     if x.shape[-1] != np.shape(stats["ema"])[0]:
         raise ValueError(f"layer {'/'.join(mod.path)!r}: input has {x.shape[-1]} channels, its "
-                         f"activation quantizer {np.shape(stats['ema'])[0]}")
+                         f"activation quantizer {np.shape(stats['ema'])[0]} (a DenseGeneral kernel "
+                         f"needs its layout: layouts=pae.quant.kernel_layouts(model, example))")
     if train and mod.is_mutable_collection("batch_stats"):
         stats = update_stats(stats, x, a["momentum"])
         mod.put_variable("batch_stats", ACT, stats)
@@ -437,7 +482,7 @@ class ActQuantized:
 
         def intercept(next_fun, a, kw, context):
             mod = context.module
-            if (context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv))
+            if (context.method_name != "__call__" or not isinstance(mod, GEMM_MODULES)
                     or not a):
                 return next_fun(*a, **kw)
             return next_fun(quantize_input(mod, a[0], train), *a[1:], **kw)
@@ -457,7 +502,7 @@ def quantize_activations(model: Any) -> ActQuantized:
     return ActQuantized(model)
 
 
-__all__ = ["ACT", "ActQuantized", "GRIDS", "NoisyAct", "QuantAct", "act_bits", "act_codes",
+__all__ = ["ACT", "ActQuantized", "GEMM_MODULES", "GRIDS", "general_k_axes", "NoisyAct", "QuantAct", "act_bits", "act_codes",
            "act_noise_injection", "act_paths", "act_size_penalty", "average_act_bits", "grid_params",
            "has_acts", "init_stats", "is_unsigned", "noisy_act", "quantize_act", "quantize_activations",
            "quantize_input", "rounded_act_bits", "running_range", "update_stats", "visible_acts",

@@ -18,8 +18,24 @@ strides/dilations, ``feature_group_count=1``) are lowered to patches with
 ``lax.conv_general_dilated_patches``, whose features are ordered (Cin, kh, kw), so the kernel is
 transposed to that row order and an input channel owns ``kh * kw`` consecutive rows.
 
+DenseGeneral kernels (attention's q/k/v ``(in, heads, head_dim)`` and out ``(heads, head_dim, out)``;
+their layout ``k_axes``, the number of leading contracted axes, comes from
+:func:`pae.quant.kernel_layouts` at phase 1 and is stored in the node and the :class:`PackedLayer`):
+the GEMM is ``(K, N) = (prod(shape[:k_axes]), prod(shape[k_axes:]))``, the kernel is reshaped to it
+in C order (per input channel: one width per K row), packed like a Dense kernel, and the forward
+computes ``x.reshape(-1, K) @ W`` and reshapes the result to ``lead + features``. A DenseGeneral
+whose kernel carries another layout (e.g. a 4-D kernel left at the conv default) is a ValueError at
+the first call, never a silently mis-grouped product.
+
+Lookup tables (a quantized leaf not named ``kernel``: ``nn.Embed``'s ``embedding``, a raw
+``pos_embedding`` parameter; a 2-D table is a ``(rows, features)`` GEMM of a one-hot input, so per
+input channel means one width per row, e.g. per token): packed the same way (``table=True``) and,
+in the forward, dequantized from the codes (``pallas_kernels.dequantize``) and handed to the model
+as that parameter, so the lookup reads the phase-2 values; :func:`size_bytes` counts their codes,
+scales and permutations like any packed layer. They get no activation quantizer.
+
 The forward function runs the model's own ``__call__`` under ``flax.linen.intercept_methods``: each
-``nn.Dense``/``nn.Conv`` whose kernel was quantized computes through ``packed_matmul`` instead
+``nn.Dense``/``nn.DenseGeneral``/``nn.Conv`` whose kernel was quantized computes through ``packed_matmul`` instead
 (its float kernel is not in the exported tree); everything else (biases, BatchNorm, unquantized
 layers) runs as in the float model, in inference mode: the model is called with ``train=False``, so
 its ``__call__`` must take that keyword (every ``pae.models`` model does). Integer inputs of a packed
@@ -37,6 +53,15 @@ input before the patches, so padding stays exact zeros, as in the phase-2 model)
 the activations dequantized (float): ``pallas_kernels`` has no per-channel integer-activation path.
 The running statistics are not kept in the exported tree; :func:`size_bytes` counts the stored
 quantizer as ``acts``.
+
+After sharing (``pae.chain(quantization, pae.sharing.templates(...))``: the quantization is the
+outer level, so it quantizes the combined kernels ``W_i = sum_j alpha_ij T_j`` the sharing builds,
+not the templates; a :class:`~pae.quant.QuantWeight` holds a ``SharedKernel`` until the chain's
+``apply`` combines it): :func:`export` combines the banks first and packs each ``Q(W_i)``, so the
+exported model is the phase-2 model; the banks and coefficients are not stored (an inference model
+needs the combined kernels; :func:`size_bytes` counts the packed ``W_i``). Quantizing the templates
+instead (``pae.chain(templates, quantization)``) would leave ``sum_j alpha_ij Q(T_j)`` off any
+grid, which no packed format stores exactly: export refuses it (the ``SharedParams`` node error).
 
 After sparsity (``pae.chain(pae.sparsity.fixed_masks(), quantization)``: a
 :class:`~pae.sparsity.FixedMask` over a :class:`~pae.quant.QuantWeight`), the phase-2 kernel is
@@ -85,16 +110,21 @@ def container_bits(bits: int) -> int:
 class PackedLayer:
     """One exported kernel: ``packed`` (one ``PackedWeight``; two for output-channel widths, low
     then high), ``out_perm`` (int32 (N,) inverse column permutation, or None), static
-    ``kernel_shape`` and ``bits`` (the stored levels, for reporting)."""
+    ``kernel_shape`` and ``bits`` (the stored levels, for reporting), ``k_axes`` (None: a Dense/Conv
+    kernel; else a DenseGeneral kernel's contracted leading axes, its GEMM ``(prod(shape[:k_axes]),
+    prod(shape[k_axes:]))``) and ``table`` (a lookup table, dequantized where the model reads it,
+    not a GEMM; module doc)."""
 
     packed: tuple
     out_perm: Any
     kernel_shape: tuple
     bits: tuple
+    k_axes: Any = None
+    table: bool = False
 
 
 jax.tree_util.register_dataclass(PackedLayer, data_fields=["packed", "out_perm"],
-                                 meta_fields=["kernel_shape", "bits"])
+                                 meta_fields=["kernel_shape", "bits", "k_axes", "table"])
 
 
 class Exported(NamedTuple):
@@ -106,12 +136,24 @@ class Exported(NamedTuple):
     apply: Callable
 
 
-def _rows(w: np.ndarray) -> np.ndarray:
-    """The (K, N) GEMM matrix of a kernel: Dense as is, Conv ``(..., Cin, N)`` in (Cin, kh, kw) row order."""
+def _rows(w: np.ndarray, k_axes: int | None = None) -> np.ndarray:
+    """The (K, N) GEMM matrix of a kernel: Dense as is, Conv ``(..., Cin, N)`` in (Cin, kh, kw) row
+    order, a DenseGeneral kernel (``k_axes`` contracted leading axes) reshaped to
+    ``(prod(shape[:k_axes]), prod(shape[k_axes:]))`` (C order)."""
+    if k_axes is not None:
+        return w.reshape(int(np.prod(w.shape[:k_axes])), -1)
     if w.ndim == 2:
         return w
     w = np.moveaxis(w, -2, 0)
     return w.reshape(-1, w.shape[-1])
+
+
+def _unrows(w2, shape: tuple, k_axes: int | None = None):
+    """Inverse of :func:`_rows`: the (K, N) matrix back in the kernel's shape (jnp or NumPy)."""
+    if k_axes is not None or len(shape) == 2:
+        return w2.reshape(shape)
+    w = w2.reshape((shape[-2],) + tuple(shape[:-2]) + (shape[-1],))
+    return jnp.moveaxis(w, 0, -2)
 
 
 def _finite(path: str, value, what: str = "weights") -> None:
@@ -135,7 +177,7 @@ def _pack_layer(path: str, node: qn.QuantWeight, k_tile: int, n_tile: int, mask=
     if w.ndim < 2:
         raise ValueError(f"export: leaf {path!r} has shape {w.shape}; kernels need ndim >= 2")
     r = np.asarray(qn.channel_range(node), np.float32)
-    codes, scale = _codes_and_scales(w, qn.expand(bits, node.axis), r)
+    codes, scale = _codes_and_scales(w, qn.node_bits(node, bits), r)
     codes = np.asarray(codes).astype(np.int64)
     scale = np.broadcast_to(np.asarray(scale, np.float32), w.shape)
     stored = {int(b): int(b) for b in np.unique(bits)}      # level -> code width
@@ -149,16 +191,18 @@ def _pack_layer(path: str, node: qn.QuantWeight, k_tile: int, n_tile: int, mask=
             raise ValueError(f"export: {path!r} is masked (sparse) and has {qz.MAX_BITS}-bit channels; a "
                              f"masked layer stores b + 1 bits per weight (the exact zero is one more "
                              f"code), so its levels must be <= {qz.MAX_BITS - 1}")
-        b_full = np.broadcast_to(np.asarray(qn.expand(bits, node.axis)), w.shape)
+        b_full = np.broadcast_to(np.asarray(qn.node_bits(node, bits)), w.shape)
         keep = np.asarray(mask) != 0
         codes = np.where(keep, 2 * codes, (2 ** b_full - 1).astype(np.int64))
         scale = scale / 2
         stored = {lv: lv + 1 for lv in stored}
         offset_of = {lv: 2.0 ** lv - 1 for lv in stored}
-    codes = _rows(codes.astype(np.uint8))
-    scale = _rows(np.ascontiguousarray(scale))
+    kax = node.k_axes
+    codes = _rows(codes.astype(np.uint8), kax)
+    scale = _rows(np.ascontiguousarray(scale), kax)
     k, n = codes.shape
     levels = sorted(stored)
+    table = path.rsplit("/", 1)[-1] != "kernel"
     if node.axis == -2:
         per = k // bits.size
         row_bits = np.repeat(bits, per)          # (Cin, kh, kw) row order: a channel's rows are consecutive
@@ -168,12 +212,12 @@ def _pack_layer(path: str, node: qn.QuantWeight, k_tile: int, n_tile: int, mask=
         perm = None if len(segs) == 1 else np.concatenate(segs).astype(np.int32)
         packed = pk.pack_mixed(parts["codes"], parts["bits"], parts["scales"], offsets=parts["offsets"],
                                input_perm=perm, k_tile=k_tile, n_tile=n_tile)
-        return PackedLayer((packed,), None, tuple(w.shape), tuple(levels))
+        return PackedLayer((packed,), None, tuple(w.shape), tuple(levels), kax, table)
     cols = [np.flatnonzero(bits == lv) for lv in levels]
     packed = tuple(pk.pack(codes[:, c], container_bits(stored[lv]), scale[0, c], offset=offset_of[lv],
                            k_tile=k_tile, n_tile=n_tile) for c, lv in zip(cols, levels))
     out_perm = None if len(cols) == 1 else jnp.asarray(np.argsort(np.concatenate(cols)).astype(np.int32))
-    return PackedLayer(packed, out_perm, tuple(w.shape), tuple(levels))
+    return PackedLayer(packed, out_perm, tuple(w.shape), tuple(levels), kax, table)
 
 
 def _masked_quant(tree) -> bool:
@@ -223,6 +267,30 @@ def matmul(x: jax.Array, layer: PackedLayer, backend: str = "auto") -> jax.Array
 def _dense(x, layer: PackedLayer, backend: str):
     lead = x.shape[:-1]
     return matmul(x.reshape(-1, x.shape[-1]), layer, backend).reshape(lead + (layer.kernel_shape[-1],))
+
+
+def dequantize_layer(layer: PackedLayer) -> jax.Array:
+    """The float kernel (its own shape) an exported layer holds: ``pallas_kernels.dequantize`` of
+    each packed piece, columns un-permuted, the (K, N) matrix reshaped back (:func:`_rows`)."""
+    w2 = jnp.concatenate([pk.dequantize(p) for p in layer.packed], axis=1)
+    if layer.out_perm is not None:
+        w2 = jnp.take(w2, layer.out_perm, axis=1)
+    return _unrows(w2, layer.kernel_shape, layer.k_axes)
+
+
+def _general(path: str, mod: nn.DenseGeneral, x, layer: PackedLayer, backend: str):
+    """A DenseGeneral through the packed GEMM: ``x.reshape(-1, K) @ W(K, N)``, reshaped back."""
+    k = qa.general_k_axes(mod, x.ndim)
+    shape = layer.kernel_shape
+    if (layer.k_axes if layer.k_axes is not None else (1 if len(shape) == 2 else None)) != k:
+        raise ValueError(f"export: {path!r} is an nn.DenseGeneral contracting {k} axes, but its kernel "
+                         f"{shape} was quantized with the "
+                         f"{'Dense/Conv' if layer.k_axes is None else f'k_axes={layer.k_axes}'} layout "
+                         f"(its channels grouped wrongly); quantize it with "
+                         f"layouts=pae.quant.kernel_layouts(model, example)")
+    lead = x.shape[:x.ndim - k]
+    y = matmul(x.reshape(-1, int(np.prod(shape[:k]))), layer, backend)
+    return y.reshape(lead + tuple(shape[k:]))
 
 
 def _conv(path: str, mod: nn.Conv, x, layer: PackedLayer, backend: str):
@@ -327,6 +395,7 @@ def export(model: nn.Module, latent: Any, batch_stats: Any = None, *, k_tile: in
     if isinstance(model, qa.ActQuantized):
         model = model.model
     check_tiles(k_tile, n_tile)
+    latent = _build_shared(latent)
     layers: dict = {}
     act_nodes: dict = {}
     params = _split(latent, "", layers, k_tile, n_tile, act_nodes)
@@ -343,6 +412,19 @@ def export(model: nn.Module, latent: Any, batch_stats: Any = None, *, k_tile: in
     return Exported(tree, _forward(model, backend))
 
 
+def _build_shared(latent: Any) -> Any:
+    """A sharing latent (``pae.chain(quantization, pae.sharing.templates(...))``) with its template
+    banks combined: every ``SharedKernel`` inside a :class:`~pae.quant.QuantWeight` becomes
+    ``sum_j alpha_ij T_j`` (``pae.sharing.build``), so the packed kernels are the combined ones."""
+    try:
+        from pae.sharing.bank import SharedParams, build
+    except ImportError:     # pragma: no cover
+        return latent
+    if isinstance(latent, SharedParams):
+        return build(latent)
+    return latent
+
+
 def _finite_tree(prefix: str, tree: Any) -> None:
     for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
         _finite(prefix + "/" + "/".join(str(getattr(k, "key", k)) for k in keypath), leaf, "values")
@@ -357,6 +439,14 @@ def check_tiles(k_tile: int, n_tile: int) -> bool:
     return True
 
 
+def _set_leaf(tree: Mapping, path: str, value) -> dict:
+    """A copy of the nested dict ``tree`` with ``value`` at ``path`` ("a/b/leaf")."""
+    head, _, rest = path.partition("/")
+    out = dict(tree)
+    out[head] = _set_leaf(tree.get(head, {}), rest, value) if rest else value
+    return out
+
+
 def _forward(model: nn.Module, backend: str) -> Callable:
     """The pure forward ``apply(tree, x)`` of an exported ``model`` (module doc)."""
 
@@ -364,10 +454,15 @@ def _forward(model: nn.Module, backend: str) -> Callable:
         layers = tree["layers"]
         acts = tree.get("acts", {})
         used = set()
+        params = tree["params"]
+        for path, layer in layers.items():       # lookup tables: codes dequantized where read
+            if layer.table:
+                params = _set_leaf(params, path, dequantize_layer(layer))
+                used.add(path)
 
         def intercept(next_fun, args, kwargs, context):
             mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
+            if context.method_name != "__call__" or not isinstance(mod, qa.GEMM_MODULES):
                 return next_fun(*args, **kwargs)
             scope = "/".join(mod.path)
             path = scope + "/kernel"
@@ -376,27 +471,42 @@ def _forward(model: nn.Module, backend: str) -> Callable:
             x = jnp.asarray(args[0])
             if not jnp.issubdtype(x.dtype, jnp.floating):   # as flax promotes int inputs
                 x = x.astype(jnp.float32)
+            general = isinstance(mod, nn.DenseGeneral)
             if scope in acts:
                 used.add(scope)
-                x = quantize_exported_input(x, acts[scope]).astype(x.dtype)
+                if general:
+                    k = qa.general_k_axes(mod, x.ndim)
+                    flat = x.reshape(x.shape[:x.ndim - k] + (-1,))
+                    x = quantize_exported_input(flat, acts[scope]).astype(x.dtype).reshape(x.shape)
+                else:
+                    x = quantize_exported_input(x, acts[scope]).astype(x.dtype)
             if path not in layers:
                 return next_fun(x, *args[1:], **kwargs)
             used.add(path)
             layer = layers[path]
-            y = (_dense(x, layer, backend) if isinstance(mod, nn.Dense)
-                 else _conv(path, mod, x, layer, backend))
+            if isinstance(mod, nn.Conv) and layer.k_axes is not None:
+                raise ValueError(f"export: {path!r} is an nn.Conv, but its kernel was quantized with "
+                                 f"the DenseGeneral layout k_axes={layer.k_axes}; fix layouts")
+            if general:
+                y = _general(path, mod, x, layer, backend)
+            elif isinstance(mod, nn.Dense):
+                y = _dense(x, layer, backend)
+            else:
+                y = _conv(path, mod, x, layer, backend)
             if mod.use_bias:
                 y = y + mod.get_variable("params", "bias")
             return y
 
-        variables = {"params": tree["params"]}
+        variables = {"params": params}
         if tree["batch_stats"]:
             variables["batch_stats"] = tree["batch_stats"]
         def unconsumed(err=None):
             missing = sorted((set(layers) | set(acts)) - used)
             if missing:
-                raise ValueError(f"export: quantized leaves {missing} were not consumed by an nn.Dense "
-                                 f"or nn.Conv of the model; only those layers can run packed") from err
+                raise ValueError(f"export: quantized leaves {missing} were not consumed by an nn.Dense, "
+                                 f"nn.DenseGeneral or nn.Conv of the model; only those layers can run "
+                                 f"packed (other quantized leaves must not be named 'kernel': they are "
+                                 f"lookup tables, dequantized where read)") from err
 
         try:
             with nn.intercept_methods(intercept):
@@ -524,7 +634,8 @@ def save_exported(path: str, exported: Exported) -> None:
                 arrays[f"layers/{j}/{m}/{key}"] = a
         meta["layers"].append({"path": lpath, "kernel_shape": list(layer.kernel_shape),
                                "bits": list(layer.bits), "packed": packed_meta,
-                               "out_perm": layer.out_perm is not None})
+                               "out_perm": layer.out_perm is not None, "k_axes": layer.k_axes,
+                               "table": layer.table})
         if layer.out_perm is not None:
             op = np.asarray(layer.out_perm)
             arrays[f"layers/{j}/out_perm"] = op.astype(_perm_dtype(op.size))
@@ -566,7 +677,7 @@ def load_exported(path: str, model: nn.Module, *, backend: str = "auto") -> Expo
         out_perm = (jnp.asarray(data[f"layers/{j}/out_perm"].astype(np.int32)) if lm["out_perm"]
                     else None)
         layers[lm["path"]] = PackedLayer(tuple(packed), out_perm, tuple(lm["kernel_shape"]),
-                                         tuple(lm["bits"]))
+                                         tuple(lm["bits"]), lm.get("k_axes"), bool(lm.get("table", False)))
     tree["layers"] = layers
     acts = {}
     for j, apath in enumerate(meta["acts"]):
@@ -634,4 +745,4 @@ def size_bytes(exported: Exported) -> dict:
 
 
 __all__ = ["Exported", "NATIVE_BITS", "PackedLayer", "SAVE_VERSION", "check_tiles", "container_bits",
-           "export", "load_exported", "matmul", "quantize_exported_input", "save_exported", "size_bytes"]
+           "dequantize_layer", "export", "load_exported", "matmul", "quantize_exported_input", "save_exported", "size_bytes"]

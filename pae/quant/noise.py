@@ -16,6 +16,20 @@ Granularity: ``"input"`` (default): one width per input channel (axis -2 of the 
 contraction axis; a conv's ``Cin``), so at export a channel's rows go to one K-segment;
 ``"output"``: one per output channel (axis -1).
 
+Kernel layouts (``layouts``, :func:`kernel_layouts`): a kernel is a GEMM ``(K, N)``. A 2-D leaf is
+``(K, N)`` (``nn.Dense``; also a lookup table such as ``nn.Embed``'s ``embedding``, a one-hot GEMM
+with one row per token). An ``nn.Conv`` kernel ``(*window, Cin, N)`` has ``K = prod(window) * Cin``
+and its input channel is ``Cin`` (``kh * kw`` rows each): the default for ``ndim >= 4``. An
+``nn.DenseGeneral`` kernel ``(*contracted, *features)`` (attention's q/k/v ``(in, heads, head_dim)``,
+out ``(heads, head_dim, out)``) has ``K = prod(contracted)`` and ``N = prod(features)``: its layout is
+``k_axes = len(contracted)``, one "input channel" per K row, the range per (multi-axis) output column.
+The kernel's shape cannot tell the two apart (a 3-D kernel may be a 1-D conv ``(w, Cin, N)`` or a
+DenseGeneral), so the layout is explicit: ``layouts={path: k_axes}`` (or ``"conv"``), normally
+``pae.quant.kernel_layouts(model, example)``, which reads it from the modules while tracing the model.
+A selected 3-D kernel without a layout is a ValueError (never silently grouped as a conv);
+``ndim >= 4`` kernels default to the conv layout and :func:`pae.quant.export` and
+:func:`pae.quant.quantize_activations` raise if the module consuming one is a DenseGeneral.
+
 Evaluation (``ctx.train`` false), ``eval_mode``: ``"quantize"`` (default): the deployed quantizer at
 each channel's width rounded to the nearest integer, ``floor(b + 1/2)``, i.e. what the learned
 widths would deliver if deployed now; ``"clean"``: the noise-free weights.
@@ -40,7 +54,8 @@ the weights (and a learned clip, if any).
 from __future__ import annotations
 
 import itertools
-from typing import Any
+import numbers
+from typing import Any, Mapping
 
 import flax
 import jax
@@ -62,7 +77,10 @@ class NoisyWeight:
 
     ``logits`` (C,) float32: ``b = b_min + (b_max - b_min) * sigmoid(logits)``; ``log_range``: (N,)
     float32 log of the learned clip, or None for the max-abs range; ``axis`` (static): -2 per input
-    channel, -1 per output channel; ``b_min``, ``b_max`` (static) the bounds.
+    channel, -1 per output channel; ``b_min``, ``b_max`` (static) the bounds; ``k_axes`` (static):
+    None for a Dense/Conv kernel (output channels last, input channel axis -2), or the number of
+    leading contracted axes of a DenseGeneral kernel (module doc: ``C`` is then ``K`` or ``N`` and
+    ``log_range`` has the feature shape).
     """
 
     weight: Any
@@ -71,6 +89,8 @@ class NoisyWeight:
     axis: int = flax.struct.field(pytree_node=False, default=-2)
     b_min: float = flax.struct.field(pytree_node=False, default=1.0)
     b_max: float = flax.struct.field(pytree_node=False, default=8.0)
+    k_axes: Any = flax.struct.field(pytree_node=False, default=None)
+    wshape: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 @latent_node({"weight": "weights", "bits": "frozen", "levels": "frozen", "log_range": "range"})
@@ -80,7 +100,7 @@ class QuantWeight:
     ``bits`` (C,) float32 holding integers, one palette level per channel; ``levels`` (L,) float32,
     the layer's levels in use, ascending (L = 2, or 1 for a uniform palette; a two-level palette
     whose channels all took one level repeats it);
-    ``log_range`` and ``axis`` as in :class:`NoisyWeight`.
+    ``log_range``, ``axis`` and ``k_axes`` as in :class:`NoisyWeight`.
     """
 
     weight: Any
@@ -88,6 +108,41 @@ class QuantWeight:
     levels: Any
     log_range: Any = None
     axis: int = flax.struct.field(pytree_node=False, default=-2)
+    k_axes: Any = flax.struct.field(pytree_node=False, default=None)
+    wshape: Any = flax.struct.field(pytree_node=False, default=None)
+
+
+def kernel_shape(node) -> tuple:
+    """The kernel's shape: ``node.wshape`` (recorded at init: under ``pae.chain(quantization,
+    inner)`` the ``weight`` field holds the inner transform's node, e.g. a sharing
+    ``SharedKernel``, until the chain's ``apply`` builds the kernel), else ``weight``'s shape."""
+    if node.wshape is not None:
+        return tuple(node.wshape)
+    return tuple(np.shape(node.weight))
+
+
+def gemm_k_axes(node) -> int:
+    """How many leading axes of ``node.weight`` form the GEMM's K: ``k_axes``, or ``ndim - 1``."""
+    return len(kernel_shape(node)) - 1 if node.k_axes is None else int(node.k_axes)
+
+
+def gemm_shape(node) -> tuple[int, int]:
+    """``(K, N)`` of a node's kernel as a GEMM (module doc)."""
+    shape = kernel_shape(node)
+    k = gemm_k_axes(node)
+    return int(np.prod(shape[:k])), int(np.prod(shape[k:]))
+
+
+def node_bits(node, bits) -> jax.Array:
+    """Per-channel ``bits`` (C,) shaped to broadcast against ``node.weight`` (any layout)."""
+    if node.k_axes is None:
+        return expand(bits, node.axis)
+    bits = jnp.asarray(bits, jnp.float32)
+    shape = kernel_shape(node)
+    k = int(node.k_axes)
+    if node.axis == -2:
+        return bits.reshape(shape[:k] + (1,) * (len(shape) - k))
+    return bits.reshape(shape[k:])
 
 
 def expand(bits: jax.Array, axis: int) -> jax.Array:
@@ -97,10 +152,12 @@ def expand(bits: jax.Array, axis: int) -> jax.Array:
 
 
 def channel_range(node) -> jax.Array:
-    """``R`` per output channel: ``exp(log_range)`` (learned) or the stop-gradient max-abs."""
+    """``R`` per output channel: ``exp(log_range)`` (learned) or the stop-gradient max-abs (over the
+    K axes; a DenseGeneral kernel's ``R`` has its feature shape)."""
     if node.log_range is not None:
         return jnp.exp(jnp.asarray(node.log_range, jnp.float32))
-    return jax.lax.stop_gradient(qz.max_abs_range(node.weight))
+    w = jnp.abs(jnp.asarray(node.weight).astype(jnp.float32))
+    return jax.lax.stop_gradient(jnp.max(w, axis=tuple(range(gemm_k_axes(node)))))
 
 
 def learned_bits(node: NoisyWeight) -> jax.Array:
@@ -115,13 +172,16 @@ def rounded_bits(node: NoisyWeight) -> jax.Array:
 
 def channel_sizes(node) -> tuple[int, int]:
     """``(C, n)``: channels and weights per channel of a node's kernel."""
-    shape = np.shape(node.weight)
-    c = shape[node.axis]
+    shape = kernel_shape(node)
+    if node.k_axes is None:
+        c = shape[node.axis]
+    else:
+        c = gemm_shape(node)[0 if node.axis == -2 else 1]
     return c, int(np.prod(shape)) // c
 
 
 def _quantized(node, bits) -> jax.Array:
-    return qz.quantize(node.weight, expand(bits, node.axis), channel_range(node),
+    return qz.quantize(node.weight, node_bits(node, bits), channel_range(node),
                        learned_range=node.log_range is not None)
 
 
@@ -208,11 +268,94 @@ def _check_nonneg(name: str, value) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def check_layouts(layouts: Mapping[str, Any] | None) -> dict:
+    """``layouts`` as a dict, each value a ``k_axes`` int >= 1 or ``"conv"`` (TypeError/ValueError)."""
+    if layouts is None:
+        return {}
+    if not isinstance(layouts, Mapping):
+        raise TypeError(f"layouts must be a mapping {{leaf path: k_axes or 'conv'}}, got "
+                        f"{type(layouts).__name__}")
+    out = {}
+    for path, lay in layouts.items():
+        if lay != "conv" and (isinstance(lay, bool) or not isinstance(lay, numbers.Integral) or lay < 1):
+            raise ValueError(f"layouts[{path!r}] must be a number of contracted axes >= 1 or 'conv', "
+                             f"got {lay!r}")
+        out[str(path)] = lay if lay == "conv" else int(lay)
+    return out
+
+
+def check_layout_paths(params: Any, layouts: dict) -> None:
+    """ValueError for a layout naming no leaf of ``params`` (a typo would silently do nothing)."""
+    if not layouts:
+        return
+    known = set(pselect.leaf_paths(params))
+    missing = sorted(p for p in layouts if p not in known)
+    if missing:
+        raise ValueError(f"layouts names {missing}, which are not leaves of the parameters "
+                         f"(e.g. {sorted(known)[:3]})")
+
+
+def layout_of(path: str, shape: tuple, layouts: dict) -> int | None:
+    """The ``k_axes`` of a selected kernel (None: Dense/Conv layout); module doc."""
+    nd = len(shape)
+    lay = layouts.get(path)
+    if lay is None:
+        if nd == 3:
+            raise ValueError(f"select matched the 3-D kernel {path!r} (shape {tuple(shape)}), whose "
+                             f"layout is ambiguous: a 1-D conv (w, Cin, N) or a DenseGeneral "
+                             f"(in, heads, head_dim) / (heads, head_dim, out); pass "
+                             f"layouts=pae.quant.kernel_layouts(model, example) (or "
+                             f"layouts={{{path!r}: k_axes or 'conv'}})")
+        return None
+    if lay == "conv":
+        if nd < 3:
+            raise ValueError(f"layouts[{path!r}] is 'conv', but the leaf has shape {tuple(shape)}")
+        return None
+    if not 1 <= lay < nd:
+        raise ValueError(f"layouts[{path!r}] = {lay} contracted axes, but the leaf has shape "
+                         f"{tuple(shape)} (needs 1 <= k_axes < ndim)")
+    return None if nd == 2 else lay
+
+
+def kernel_layouts(model: Any, *args, **kwargs) -> dict:
+    """``{kernel path: k_axes or "conv"}`` of a Flax Linen model, read from its modules while
+    tracing ``model.init(PRNGKey(0), *args, **kwargs)`` under ``jax.eval_shape`` (nothing is
+    computed): every ``nn.DenseGeneral`` kernel gets the number of input axes it contracts (its
+    kernel's leading axes, module doc), every ``nn.Conv`` kernel ``"conv"``. Pass it as ``layouts=``
+    (or ``QuantConfig(layouts=...)``). A DenseGeneral with ``batch_dims`` or non-trailing contracted
+    axes is left out (export cannot run it packed; selecting its 3-D kernel then raises)."""
+    import flax.linen as nn
+    from pae.quant import activations as qa
+    if isinstance(model, qa.ActQuantized):
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
+    out: dict = {}
+
+    def record(next_fun, a, kw, context):
+        mod = context.module
+        if context.method_name == "__call__" and a:
+            path = "/".join(mod.path) + "/kernel"
+            if isinstance(mod, nn.DenseGeneral):
+                try:
+                    out[path] = qa.general_k_axes(mod, np.ndim(a[0]))
+                except NotImplementedError:
+                    pass
+            elif isinstance(mod, nn.Conv):
+                out[path] = "conv"
+        return next_fun(*a, **kw)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))
+    return out
+
+
 def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.0,
                     b_max: float = 8.0, b_init: float = 6.0, granularity: str = "input",
                     learned_range: bool = False, lmbda: float = 0.0,
                     target_bits: float | None = None, budget_weight: float = 1.0,
-                    budget_form: str = "two_sided", eval_mode: str = "quantize") -> Transform:
+                    budget_form: str = "two_sided", eval_mode: str = "quantize",
+                    layouts: Mapping[str, Any] | None = None) -> Transform:
     """The phase-1 transform: per-channel learned bit widths under quantization-matched noise.
 
     Args:
@@ -226,6 +369,8 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
       lmbda, target_bits, budget_weight, budget_form: the penalty (module doc); ``target_bits`` in
         ``[b_min, b_max]``; ``budget_form`` ``"two_sided"`` (default) or ``"hinge"``.
       eval_mode: ``"quantize"`` or ``"clean"`` (module doc).
+      layouts: ``{leaf path: k_axes or "conv"}`` (module doc, "Kernel layouts"), normally
+        :func:`pae.quant.kernel_layouts`; required for every selected 3-D kernel.
 
     Roles: ``weight`` "weights", ``logits`` "bits", ``log_range`` "range", so
     ``pae.core.role_optimizer({"weights": ..., "bits": optax.adam(1e-3)})`` gives the widths their
@@ -239,8 +384,11 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
     axis = _AXIS[granularity]
     b_min, b_max = float(b_min), float(b_max)
 
+    layouts = check_layouts(layouts)
+
     def init(params, key):
         del key
+        check_layout_paths(params, layouts)
 
         def wrap(path, w):
             if not hasattr(w, "shape") or np.ndim(w) < 2 or not jnp.issubdtype(jnp.asarray(w).dtype,
@@ -249,11 +397,13 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
                                  f"kernels with ndim >= 2 (output channels last) can be quantized; "
                                  f"narrow the selector (e.g. pae.select.kernels())")
             w = jnp.asarray(w)
+            node = NoisyWeight(w, None, None, axis, b_min, b_max, layout_of(path, w.shape, layouts),
+                               tuple(w.shape))
+            c, _ = channel_sizes(node)
             log_range = None
             if learned_range:
-                log_range = jnp.log(jnp.maximum(qz.max_abs_range(w), 1e-8))
-            return NoisyWeight(w, jnp.full((w.shape[axis],), theta0, jnp.float32), log_range,
-                               axis, b_min, b_max)
+                log_range = jnp.log(jnp.maximum(channel_range(node), 1e-8))
+            return node.replace(logits=jnp.full((c,), theta0, jnp.float32), log_range=log_range)
 
         return pselect.map_selected(params, select, wrap, what="select")
 
@@ -267,7 +417,7 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
             wf = w.astype(jnp.float32)
             r = channel_range(n)
             learned = n.log_range is not None
-            delta = qz.step_size(expand(learned_bits(n), n.axis), r)
+            delta = qz.step_size(node_bits(n, learned_bits(n)), r)
             u = jax.random.uniform(key, w.shape, jnp.float32, -0.5, 0.5)
             noisy = (jnp.clip(wf, -r, r) if learned else wf) + delta * u
             held = wf if eval_mode == "clean" else _quantized(n, rounded_bits(n)).astype(jnp.float32)
@@ -304,5 +454,5 @@ def palette_quantizer() -> Transform:
 
 
 __all__ = ["BUDGET_FORMS", "EVAL_MODES", "GRANULARITIES", "NoisyWeight", "QuantWeight", "average_bits",
-           "channel_range", "channel_sizes", "expand", "learned_bits", "noise_injection",
+           "channel_range", "channel_sizes", "check_layouts", "expand", "gemm_shape", "kernel_layouts", "kernel_shape", "layout_of", "node_bits", "learned_bits", "noise_injection",
            "palette_quantizer", "quantize_params", "rounded_bits", "size_penalty"]

@@ -127,19 +127,19 @@ def assign_palette(latent: Any, *, levels: int = 2, low: Sequence[int] = (1, 4),
     def snap(n: qn.NoisyWeight):
         found.append(n)
         c, per = qn.channel_sizes(n)
-        shape = np.shape(n.weight)
+        k_rows, n_cols = qn.gemm_shape(n)
         overhead = 0.0
         if count_overhead:
-            overhead = 32.0 * shape[-1]
+            overhead = 32.0 * n_cols
             if n.axis == -2:
-                overhead += 32.0 * int(np.prod(shape[:-1]))
+                overhead += 32.0 * k_rows
         palette, assigned = choose_palette(
             np.asarray(qn.learned_bits(n)), per, levels=levels, low=low, high=high,
             distortion_weight=distortion_weight, overhead_bits=overhead, fixed=fixed)
         # ``levels`` keeps one shape per layer: a palette using one level repeats it
         padded = palette + (palette[-1],) * (levels - len(palette))
         return qn.QuantWeight(n.weight, jnp.asarray(assigned), jnp.asarray(padded, jnp.float32),
-                              n.log_range, n.axis)
+                              n.log_range, n.axis, n.k_axes, n.wshape)
 
     from pae.quant import activations as qa
 

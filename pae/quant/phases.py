@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -49,6 +50,10 @@ class QuantConfig:
     weights'); ``act_grid`` (``"auto"``, ``"symmetric"``, ``"unsigned"``), ``act_momentum`` of the
     running range, ``act_learned_range`` a learned multiplier of it; ``act_palette`` a fixed
     activation palette (else chosen like the weights', same ``levels``/``low``/``high``).
+
+    ``layouts``: ``{kernel path: k_axes or "conv"}`` for DenseGeneral (and 1-D conv) kernels, as
+    :func:`pae.quant.noise_injection` takes it (normally ``pae.quant.kernel_layouts(model,
+    example)``), used by the weights' and the activations' transforms; kept as sorted pairs.
     """
 
     noise_epochs: int = 10
@@ -85,6 +90,7 @@ class QuantConfig:
     act_momentum: float = 0.9
     act_learned_range: bool = False
     act_palette: tuple[int, ...] | None = None
+    layouts: Any = None
 
     def __post_init__(self):
         for name in ("noise_epochs", "finetune_epochs", "seed"):
@@ -103,6 +109,15 @@ class QuantConfig:
             object.__setattr__(self, "palette", tuple(self.palette))
         if self.act_palette is not None:
             object.__setattr__(self, "act_palette", tuple(self.act_palette))
+        if self.layouts is not None:     # stored as sorted (path, layout) pairs: the config stays hashable
+            items = self.layouts.items() if isinstance(self.layouts, Mapping) else self.layouts
+            try:
+                pairs = tuple(sorted((str(k), v) for k, v in items))
+            except (TypeError, ValueError):
+                raise TypeError(f"layouts must be a mapping {{leaf path: k_axes or 'conv'}}, got "
+                                f"{self.layouts!r}") from None
+            qn.check_layouts(dict(pairs))
+            object.__setattr__(self, "layouts", pairs)
         for name in ("activations", "act_learned_range", "learned_range", "count_overhead"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -125,7 +140,11 @@ def _weight_kwargs(cfg: QuantConfig) -> dict:
     return dict(b_min=cfg.b_min, b_max=cfg.b_max, b_init=cfg.b_init, granularity=cfg.granularity,
                 learned_range=cfg.learned_range, lmbda=cfg.lmbda, target_bits=cfg.target_bits,
                 budget_weight=cfg.budget_weight, budget_form=cfg.budget_form,
-                eval_mode=cfg.eval_mode)
+                eval_mode=cfg.eval_mode, layouts=_layouts(cfg))
+
+
+def _layouts(cfg: QuantConfig):
+    return None if cfg.layouts is None else dict(cfg.layouts)
 
 
 def _act_kwargs(cfg: QuantConfig) -> dict:
@@ -133,7 +152,7 @@ def _act_kwargs(cfg: QuantConfig) -> dict:
                 momentum=cfg.act_momentum, learned_range=cfg.act_learned_range,
                 lmbda=cfg.act_lmbda, target_bits=cfg.act_target_bits,
                 budget_weight=cfg.budget_weight, budget_form=cfg.budget_form,
-                eval_mode=cfg.eval_mode)
+                eval_mode=cfg.eval_mode, layouts=_layouts(cfg))
 
 
 def noise_transform(cfg: QuantConfig, select: pselect.Selector | None = None):
@@ -152,11 +171,13 @@ def _weights_tx(lr: float, weight_decay: float):
 
 def quant_optimizer(cfg: QuantConfig, phase: str = "noise") -> optax.GradientTransformation:
     """Role optimizer of a phase: weights Adam(W), widths Adam (phase 1 only; frozen in phase 2),
-    learned clip Adam; no decay on anything but the weights."""
+    learned clip Adam, an inner sharing transform's coefficients Adam at the weights' rate; no decay
+    on anything but the weights."""
     if phase not in ("noise", "finetune"):
         raise ValueError(f"phase must be 'noise' or 'finetune', got {phase!r}")
     lr = cfg.lr if phase == "noise" or cfg.finetune_lr is None else cfg.finetune_lr
-    roles = {"weights": _weights_tx(lr, cfg.weight_decay), "range": optax.adam(cfg.range_lr)}
+    roles = {"weights": _weights_tx(lr, cfg.weight_decay), "range": optax.adam(cfg.range_lr),
+             "coefficients": optax.adam(lr)}    # an inner sharing transform's (no decay)
     if phase == "noise":
         roles["bits"] = optax.adam(cfg.bits_lr)
     return role_optimizer(roles)
@@ -189,7 +210,7 @@ def assign(cfg: QuantConfig):
 
 
 def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model=None,
-                 base=None) -> list:
+                 base=None, inner=None) -> list:
     """``[noise, finetune]`` (module doc). Keeps the snapshot ``"noise"`` (the end of phase 1).
 
     Rows carry ``weight_bits``: the average learned width (phase 1) or palette width (phase 2),
@@ -201,7 +222,14 @@ def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model
     e.g. ``pae.sparsity.fixed_masks()`` to quantize the kept weights of a sparsity ticket: start
     from ``noise_transform(cfg, select).init(ticket_latent, key)`` (the masks stay outermost, so
     pruned weights stay exactly zero; :func:`pae.quant.export` packs them with an exact zero code).
-    Zero the pruned weights first if the max-abs ranges should cover the kept weights only."""
+    Zero the pruned weights first if the max-abs ranges should cover the kept weights only.
+
+    ``inner``: a transform whose built kernels are quantized (``pae.chain(quantization, inner)``),
+    e.g. ``pae.sharing.templates(...)``: the widths and the quantizer act on the combined kernels
+    ``sum_j alpha_ij T_j``. Start from ``pae.chain(noise_transform(cfg, select), inner).init(params,
+    key)`` (the quantization's ``init`` sees the plain kernels and records their shapes; the
+    sharing's then replaces each selected kernel inside its node); :func:`pae.quant.export` combines
+    the banks and packs the combined kernels."""
     from pae.train.engine import Phase   # imported here: the quantizer pieces need no engine
     if cfg.activations and model is None:
         raise ValueError("quant_phases: cfg.activations=True needs model= (the task's Flax model; the "
@@ -212,6 +240,8 @@ def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model
     fine = qn.palette_quantizer()
     if base is not None:
         t, fine = chain(base, t), chain(base, fine)
+    if inner is not None:
+        t, fine = chain(t, inner), chain(fine, inner)
 
     def context(epoch):
         return Context.make(key=jax.random.PRNGKey(cfg.seed))
