@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the bank's coefficients at init (default unit_rows: each layer starts at its "
                         "template's variance, as no BatchNorm follows these convs; orthogonal: the "
                         "official SWRN init, about 1/sqrt(iters) as large)")
+    p.add_argument("--templates-from", choices=sh.TEMPLATE_SOURCES, default="layers",
+                   help="the bank's templates at init (default layers: the first k blocks' own "
+                        "PyTorch-default kernels, DeepThinking's init; he: the official SWRN draw)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--paper", action="store_true", help="DeepThinking's recipe (needs an accelerator)")
     p.add_argument("--name", default="")
@@ -221,7 +224,7 @@ def run_method(args, method: str, splits: dict, log) -> dict:
         width = budget_width(args, in_ch, budget, spatial, args.k) if args.k > 1 else args.width
         model = UnrolledNet(width, args.iters, args.blocks, progressive=method == "bank_prog")
         transform = sh.templates(block_groups(args.blocks), args.k, pull=args.pull, pull_period=1,
-                                 coefficient_init=args.coefficient_init)
+                                 coefficient_init=args.coefficient_init, templates_from=args.templates_from)
     task = make_task(model, {"train": splits["train"], "val": splits["val"]})
     state = init_state(model, task.example, args.seed, transform.init if transform else None)
     phase = Phase("train", args.epochs, optimizer(args), **({"transform": transform} if transform else {}),

@@ -15,14 +15,14 @@
 """
 from pae.sharing.bank import (COEFFICIENT_INITS, COEFFICIENTS, SharedKernel, SharedParams, build, coefficient_matrices,
                               combine, find_groups, group_by_shape, layer_paths, num_parameters,
-                              pull_penalty, template_init, templates)
+                              pull_penalty, TEMPLATE_SOURCES, template_init, templates)
 from pae.sharing.fold import MERGES, Folded, fold, fold_unrolled, with_repeats
 from pae.sharing.phases import SharingConfig, sharing_optimizer, sharing_phases
 from pae.sharing.similarity import layer_similarity, plot_similarity, similarity_matrix
 from pae.sharing.swrn import STAGES, SWRN, swrn, wrn_groups
 
 __all__ = ["COEFFICIENT_INITS", "COEFFICIENTS", "Folded", "MERGES", "STAGES", "SWRN", "SharedKernel", "SharedParams",
-           "SharingConfig", "build", "coefficient_matrices", "combine", "find_groups", "fold", "fold_unrolled",
+           "SharingConfig", "TEMPLATE_SOURCES", "build", "coefficient_matrices", "combine", "find_groups", "fold", "fold_unrolled",
            "group_by_shape", "layer_paths", "layer_similarity", "num_parameters", "plot_similarity",
            "pull_penalty", "sharing_optimizer", "sharing_phases", "similarity_matrix", "swrn",
            "template_init", "templates", "with_repeats", "wrn_groups"]

@@ -167,10 +167,12 @@ def _check_k(num_templates) -> int:
 
 
 COEFFICIENT_INITS = ("orthogonal", "unit_rows")
+TEMPLATE_SOURCES = ("he", "layers")
 
 
 def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0.0,
-              pull_period: int = 1, coefficient_init: str = "orthogonal") -> Transform:
+              pull_period: int = 1, coefficient_init: str = "orthogonal",
+              templates_from: str = "he") -> Transform:
     """The soft-sharing transform: template banks + per-layer coefficients (arXiv 1902.09701).
 
     Args:
@@ -191,6 +193,12 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
         same matrix with each row scaled to norm 1 and signed so its first entry is positive, so
         every layer starts at its template's variance; with ``k = 1`` every layer starts equal to
         the template (the net is a loop at initialization).
+      templates_from: ``"he"`` (the official code): templates drawn He-normal for one template's
+        fan-in (:data:`template_init`). ``"layers"`` (pae's option): template ``j`` starts as the
+        ``j``-th layer's own initial kernel, so the bank keeps the model's init scheme (e.g.
+        PyTorch's default in :mod:`pae.models.looped`, whose unnormalized 16-iteration nets do not
+        train from He-scale weights); needs ``k`` <= the group's layers. With ``"unit_rows"`` and
+        ``k = 1`` the net starts as the loop of its first layer.
 
     ``apply``/``finalize``: the ordinary params with ``W_i = sum_j alpha_ij T_j``. ``init`` keeps the
     unshared leaves and draws templates and coefficients from ``key`` (the shared layers' own
@@ -213,6 +221,8 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
         raise ValueError(f"pull_period must be an int >= 1, got {pull_period!r}")
     if coefficient_init not in COEFFICIENT_INITS:
         raise ValueError(f"coefficient_init must be one of {COEFFICIENT_INITS}, got {coefficient_init!r}")
+    if templates_from not in TEMPLATE_SOURCES:
+        raise ValueError(f"templates_from must be one of {TEMPLATE_SOURCES}, got {templates_from!r}")
 
     def k_of(name):
         if per_group is None:
@@ -231,7 +241,13 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
             k = k_of(name)
             shape, dtype = np.shape(members[0][1]), jnp.result_type(members[0][1])
             kt, kc = jax.random.split(jax.random.fold_in(key, g))
-            banks[name] = template_init(kt, (k,) + tuple(shape), dtype)
+            if templates_from == "he":
+                banks[name] = template_init(kt, (k,) + tuple(shape), dtype)
+            elif k > len(members):
+                raise ValueError(f"templates_from='layers' starts each template from a layer of the group, "
+                                 f"but group {name!r} has {len(members)} layers for k={k} templates")
+            else:
+                banks[name] = jnp.stack([jnp.asarray(w, dtype) for _, w in members[:k]])
             alpha = nn.initializers.orthogonal()(kc, (len(members), k), jnp.float32)
             if coefficient_init == "unit_rows":
                 sign = jnp.where(alpha[:, :1] < 0, -1.0, 1.0)
@@ -321,6 +337,6 @@ def num_parameters(tree: Any) -> int:
     return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
-__all__ = ["COEFFICIENTS", "COEFFICIENT_INITS", "SharedKernel", "SharedParams", "build", "coefficient_matrices", "combine",
-           "find_groups", "group_by_shape", "layer_paths", "num_parameters", "pull_penalty",
+__all__ = ["COEFFICIENTS", "COEFFICIENT_INITS", "SharedKernel", "SharedParams", "TEMPLATE_SOURCES", "build",
+           "coefficient_matrices", "combine", "find_groups", "group_by_shape", "layer_paths", "num_parameters", "pull_penalty",
            "template_init", "templates"]

@@ -121,6 +121,22 @@ def test_unit_rows_init_is_the_orthogonal_draw_with_rows_normalized_and_signed(l
         sh.templates(group, k, coefficient_init="zeros")
 
 
+def test_templates_from_layers_start_as_the_first_k_layers_own_kernels():
+    rng = np.random.default_rng(8)
+    params = {f"l{i}": {"kernel": rng.normal(size=(3, 4, 5)).astype(np.float32)} for i in range(4)}
+    group = {"g": S.path(r"^l\d/kernel")}
+    latent = sh.templates(group, 2, templates_from="layers").init(params, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(latent.banks["g"], np.stack([params["l0"]["kernel"], params["l1"]["kernel"]]))
+    tied = sh.templates(group, 1, coefficient_init="unit_rows", templates_from="layers")
+    built = sh.build(tied.init(params, jax.random.PRNGKey(0)))
+    for i in range(4):      # k = 1, unit rows: the loop of the first layer
+        np.testing.assert_allclose(built[f"l{i}"]["kernel"], params["l0"]["kernel"], rtol=1e-6)
+    with pytest.raises(ValueError, match="group 'g' has 4 layers for k=5 templates"):
+        sh.templates(group, 5, templates_from="layers").init(params, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="templates_from must be one of"):
+        sh.templates(group, 1, templates_from="ones")
+
+
 def test_coefficients_have_their_own_role_and_no_weight_decay():
     params = _tree(np.random.default_rng(2))
     latent = sh.templates(GROUPS, 2).init(params, jax.random.PRNGKey(0))
