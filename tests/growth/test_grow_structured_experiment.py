@@ -64,7 +64,7 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "1.5"], "budget must be in (0, 1]"),
     (["--budget", "0"], "budget must be in (0, 1]"),
-    (["--paper", "imagenet-resnet50"], "bottleneck"),
+    (["--paper", "imagenet-resnet50", "--epochs", "10"], "slim-finetune"),
     (["--restructure-at", "99"], "restructure-at"),
     (["--models", "mlp"], "invalid choice"),
 ])
