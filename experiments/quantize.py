@@ -44,12 +44,15 @@ float activations; qwix W8A8: 8.
 
 Models: the default LeNet-5 on the 4,000 + 1,000 embedded MNIST digits (4,000 train, 1,000 test;
 about 1 s per epoch on 2 idle CPU cores); a character Transformer (``--model transformer_lm``;
-preset: ``pydoc_topics``, 400 random training windows of 128 characters, width 64, 2 blocks, bits
-per character; pae quantizes only its ``nn.Dense`` kernels (``--select dense2d``) because
-:func:`pae.quant.export` packs ``nn.Dense``/``nn.Conv`` only: the attention's ``DenseGeneral``
-kernels stay float and are counted as float bytes, which caps its compression near 3x; qwix
-quantizes every projection); ``--paper``: CIFAR-10 ResNet-20 (SMOL's 350 + 300 epochs; CSQ's
-reference point is 3-bit average weights with 4-bit activations).
+preset: ``pydoc_topics``, 1,200 random training windows of 128 characters, width 64, 2 blocks,
+6 + 4 epochs for every method, bits per character). pae quantizes every kernel of the Transformer
+(``--select kernels_tables``): the ``nn.Dense`` kernels, the attention's ``nn.DenseGeneral`` q/k/v/out
+kernels (their layouts read from the modules by :func:`pae.quant.kernel_layouts`: a GEMM with
+K = the contracted axes, one width per K row) and both lookup tables (the token embedding and the
+learned positions, one width per row, dequantized from their codes where the model reads them);
+LayerNorm parameters and biases stay float and are counted. qwix quantizes every projection
+(``nn.Dense``/``nn.DenseGeneral``), not the embeddings; ``--paper``: CIFAR-10 ResNet-20 (SMOL's
+350 + 300 epochs; CSQ's reference point is 3-bit average weights with 4-bit activations).
 
     python experiments/quantize.py --seeds 0 1 2                                # LeNet-5, mnist_subset
     python experiments/quantize.py --model transformer_lm --seeds 0             # pydoc_topics, bpc
@@ -86,7 +89,8 @@ from pae.train.metrics import atomic_write
 METHODS = ("fp", "ptq", "qat", "learned", "learned_w", "qwix")
 DEFAULT_METHODS = ("fp", "ptq", "qat", "learned", "qwix")
 QWIX_RULES = ("int8", "int4", "int3", "int2", "w8a8", "first_last_8_rest_4")
-SELECTORS = {"kernels": S.kernels, "dense2d": lambda: S.kernels() & S.ndim(2)}
+SELECTORS = {"kernels": S.kernels, "dense2d": lambda: S.kernels() & S.ndim(2),
+             "kernels_tables": lambda: S.kernels() | S.path(r"(^|/)(embedding|pos_embedding)$")}
 FLOAT_BITS = 32
 
 #: defaults of every flag a preset may change
@@ -97,13 +101,14 @@ DEFAULTS = dict(model="lenet5", dataset="mnist_subset", val_size=0, seq_len=128,
                 n_tile=128, width=None, depth=None, heads=None, act_budget=3.5, train_size=None,
                 test_size=None)
 
-#: per-model changes to DEFAULTS. The Transformer: its attention projections are flax
-#: ``DenseGeneral`` (3-D kernels), which pae's export cannot pack, so only 2-D kernels are quantized.
+#: per-model changes to DEFAULTS. The Transformer: every kernel (Dense, the attention's
+#: DenseGeneral, layouts read by ``pae.quant.kernel_layouts``) and both lookup tables (token and
+#: position embeddings) are quantized; LayerNorm parameters and biases stay float.
 PRESETS = {
-    "transformer_lm": dict(dataset="pydoc_topics", select="dense2d", seq_len=128, width=64, depth=2,
-                           heads=4, train_size=400, noise_epochs=3, finetune_epochs=2, batch_size=32,
-                           lr=2e-3, budgets=[3.0], ptq_bits=[8, 4], qat_bits=[4],
-                           methods=["fp", "ptq", "qat", "learned", "qwix"], qwix_rules=["int4"]),
+    "transformer_lm": dict(dataset="pydoc_topics", select="kernels_tables", seq_len=128, width=64, depth=2,
+                           heads=4, train_size=1200, noise_epochs=6, finetune_epochs=4, batch_size=32,
+                           lr=2e-3, budgets=[2.5], ptq_bits=[8, 4], qat_bits=[4],
+                           methods=["fp", "ptq", "learned", "learned_w", "qwix"], qwix_rules=["int4"]),
 }
 
 #: ``--paper``: CIFAR-10 ResNet-20, SMOL's schedule (350 epochs of precision learning + 300 of
@@ -149,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"subset of {list(METHODS)} (default {list(DEFAULT_METHODS)}; learned_w: the "
                         f"learned palette with float activations)")
     p.add_argument("--select", choices=sorted(SELECTORS),
-                   help="which kernels pae quantizes: kernels (every Dense/Conv kernel) or dense2d "
-                        "(2-D kernels only; the Transformer's preset)")
+                   help="which kernels pae quantizes: kernels (every Dense/DenseGeneral/Conv kernel), "
+                        "dense2d (2-D kernels only), kernels_tables (kernels and the embedding "
+                        "tables; the Transformer's preset)")
     p.add_argument("--k-tile", type=int, help="pallas_kernels packing tile along K (512, 1024, 2048)")
     p.add_argument("--n-tile", type=int, help="pallas_kernels packing tile along N (128, 256, 512)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -251,6 +257,7 @@ class Setup:
     task: object
     select: S.Selector
     text: bool
+    layouts: dict
 
     @property
     def epochs(self) -> int:
@@ -277,7 +284,8 @@ def build(args) -> Setup:
         kwargs = dict(width=args.width, depth=args.depth, heads=args.heads, max_len=args.seq_len)
     model = get_model(args.model, dataset.num_classes, **kwargs)
     task = make_task(model, dataset, eval_splits=("test",))
-    return Setup(args, dataset, model, task, SELECTORS[args.select](), dataset.kind == "text")
+    layouts = q.kernel_layouts(model, jnp.asarray(task.example))
+    return Setup(args, dataset, model, task, SELECTORS[args.select](), dataset.kind == "text", layouts)
 
 
 def _score(row: dict, text: bool) -> dict:
@@ -390,7 +398,7 @@ def _learned_bits(latent) -> dict:
 
 def uniform_latent(setup: Setup, params, bits: int):
     """``params`` with every selected kernel a one-level :class:`~pae.quant.QuantWeight` at ``bits``."""
-    cfg = q.QuantConfig(b_init=4.5)
+    cfg = q.QuantConfig(b_init=4.5, layouts=setup.layouts)
     lat = q.noise_transform(cfg, setup.select).init(params, jax.random.PRNGKey(0))
     return q.assign_palette(lat, levels=1, fixed=(int(bits),))
 
@@ -398,7 +406,7 @@ def uniform_latent(setup: Setup, params, bits: int):
 def _quant_cfg(setup: Setup, seed: int, **kw) -> q.QuantConfig:
     a = setup.args
     return q.QuantConfig(noise_epochs=a.noise_epochs, finetune_epochs=a.finetune_epochs, lr=a.lr,
-                         bits_lr=a.bits_lr, b_init=a.b_init, seed=seed, **kw)
+                         bits_lr=a.bits_lr, b_init=a.b_init, seed=seed, layouts=setup.layouts, **kw)
 
 
 def run_fp(setup: Setup, seed: int):

@@ -10,6 +10,11 @@ Activations (:mod:`pae.quant.activations`): :func:`act_noise_injection` learns p
 activation widths of the same layers (:class:`NoisyAct`, then :class:`QuantAct`), a model wrapped by
 :func:`quantize_activations` quantizes the inputs of those layers (running max-abs ranges in
 ``batch_stats``), and :func:`export` reproduces it; ``QuantConfig(activations=True)`` does it all.
+Kernels are GEMMs: ``nn.Dense``, ``nn.Conv`` and ``nn.DenseGeneral`` (attention's projections; their
+layouts from :func:`kernel_layouts`, ``QuantConfig(layouts=...)``), and lookup tables
+(``nn.Embed``'s ``embedding``) are packed and dequantized where read. Chains: after sparsity
+(``quant_phases(base=pae.sparsity.fixed_masks())``) and after sharing
+(``quant_phases(inner=pae.sharing.templates(...))``, the combined kernels are quantized and exported).
 """
 from pae.quant.activations import (GRIDS, ActQuantized, NoisyAct, QuantAct, act_noise_injection,
                                    act_size_penalty, average_act_bits, quantize_activations,

@@ -152,7 +152,7 @@ def test_bad_flags_are_one_clear_error(ex):
     with pytest.raises(ValueError, match="--k-tile"):
         parse("--k-tile", "64")
     lm = parse("--model", "transformer_lm")
-    assert (lm.dataset, lm.select, lm.width) == ("pydoc_topics", "dense2d", 64)
+    assert (lm.dataset, lm.select, lm.width) == ("pydoc_topics", "kernels_tables", 64)
     assert parse("--model", "transformer_lm", "--width", "32").width == 32   # a flag wins over the preset
     assert parse("--paper").model == "resnet20" and parse("--paper").noise_epochs == 350
 
