@@ -26,9 +26,12 @@ basic blocks, DeepThinking's ``dt_net_recall``) and trained on the one engine:
 
 Optimizer (all methods): DeepThinking's Adam, lr ``--lr`` with a linear warmup over ``--warmup``
 epochs, x0.1 at 40 % and 67 % of the run (its 60/100 of 150 epochs), gradient clipping at 1, no
-weight decay (coefficients included). The default is sized for 2 CPU cores (width 32, 1 basic
-block per iteration, 16 iterations, 6,000 strings); ``--paper`` is DeepThinking's recipe (width
-400, 2 basic blocks, 30 iterations, 10,000 strings, 150 epochs, batch 100).
+weight decay (coefficients included). The defaults are sized for 2 CPU cores: prefix sums at
+width 32, 1 basic block per iteration, 16 iterations, 6,000 strings, 12 epochs, lr 2e-3; mazes at
+width 16, 12 iterations, 2,000 mazes of 9x9, 20 epochs, lr 5e-3 (at 8 epochs and 2e-3 the nets
+stay at the all-background solution). ``--paper`` is DeepThinking's recipe (prefix sums: width
+400, 2 basic blocks, 30 iterations, 10,000 strings, 150 epochs, batch 100; mazes: width 128, 50,000
+mazes, 50 epochs).
 
     python experiments/extrapolate.py                      # prefix sums: 32 bits -> 48, 128, 512
     python experiments/extrapolate.py --task mazes         # mazes: 9x9 -> 13x13, 33x33 (small)
@@ -65,7 +68,7 @@ DEFAULTS = {
                         epochs=12, batch_size=50, lr=2e-3, warmup=1, train_sizes=32,
                         test_sizes=[48, 128, 512], test_iters=[8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640]),
     "mazes": dict(width=16, blocks=1, iters=12, train_size=2000, test_size=100, long_test_size=50,
-                  epochs=8, batch_size=25, lr=2e-3, warmup=1, train_sizes=9,
+                  epochs=20, batch_size=25, lr=5e-3, warmup=1, train_sizes=9,
                   test_sizes=[13, 33], test_iters=[6, 12, 18, 24, 36, 48, 72, 96]),
 }
 PAPER = {
