@@ -24,7 +24,8 @@ over the run); the growing methods start every channel group at 1/4 of its width
     python experiments/grow_vt.py --preset imagenet --model mobilenet_v1   # MobileNetV1 on ImageNet
     python experiments/grow_vt.py --model vgg11 --dataset cifar10
     python experiments/grow_vt.py --model mobilenet_v1_cifar --dataset cifar10   # stem stride 1
-    python experiments/grow_vt.py --model mobilenet_v1_025 --seeds 0   # MobileNetV1 x0.25 on digits
+    python experiments/grow_vt.py --model mobilenet_v1 --seeds 0 --epochs 12 --first-epochs 1 --lr 0.05 \
+        --name mobilenet_v1_digits_seed0            # the recorded MobileNetV1 run: 1 seed, short schedule
     python experiments/grow_vt.py --dataset mnist_subset --methods fixed_full full --seeds 0 \
         --name resnet8_mnist_subset_speed          # 28x28 images: compute-bound steps, 1 seed
 
@@ -55,8 +56,9 @@ Writes ``runs/grow_vt/grow_vt_<name>.{json,png}`` (``--out-dir`` elsewhere) and 
 Models: ``resnet8``/``resnet20`` (``GrowableResNet``), ``vgg11``/``vgg_small``/``vgg_tiny``
 (``GrowableVGG``), ``mobilenet_v1`` (``GrowableMobileNetV1``, ImageNet layout: a stride-2 stem),
 ``mobilenet_v1_cifar`` (the same with a stride-1 stem, for 32x32 images), ``mobilenet_v1_025``
-(width multiplier 0.25: 8..256 channels, ImageNet layout) and ``mobilenet_tiny`` (4 convs, for
-tests). MobileNetV1's depthwise convs grow with their channels (one new filter per new channel,
+(width multiplier 0.25: 8..256 channels, ImageNet layout; on digits at lr 0.1 its 1/4-width start
+net, a 2-channel stem, diverged to NaN in the first epoch, so prefer ``mobilenet_v1`` there) and
+``mobilenet_tiny`` (4 convs, for tests). MobileNetV1's depthwise convs grow with their channels (one new filter per new channel,
 tied within a pair, no variance transfer: their fan-in is 3 x 3; see ``pae.growth.vt``); their MACs
 ``H_out W_out * 9 * C`` are counted by :func:`forward_macs` from the kernel shape ``(3, 3, 1, C)``.
 ResNet-18/50 are not growable in pae: ``--model resnet50`` is a clear error.
