@@ -16,8 +16,8 @@ seed under a budget by structured continuous sparsification (Yuan, Savarese & Ma
 * :func:`extract`, :func:`compact` (``pae.growth.extraction``): the smaller dense net, equal logits;
   :func:`compact_state`, :func:`restructure`: the whole train state, optimizer momentum carried.
 
-Growable models: ``pae.models.growable`` (``GrowableResNet``, ``GrowableVGG``); extracted ones:
-``pae.models.slim`` (``SlimResNet``, ``SlimBottleneckResNet``, ``SlimVGG``).
+Growable models: ``pae.models.growable`` (``GrowableResNet``, ``GrowableVGG``,
+``GrowableMobileNetV1``); extracted ones: ``pae.models.slim`` (``SlimResNet``, ``SlimBottleneckResNet``, ``SlimVGG``).
 """
 from pae.growth.extraction import (Extracted, channel_sets, compact, compact_state, expand_state, extract,
                                    extract_masked, restructure, slim_model)
