@@ -69,7 +69,7 @@ DEFAULTS = {
                         test_sizes=[48, 128, 512], test_iters=[8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640]),
     "mazes": dict(width=16, blocks=1, iters=12, train_size=2000, test_size=100, long_test_size=50,
                   epochs=20, batch_size=25, lr=5e-3, warmup=1, train_sizes=9,
-                  test_sizes=[13, 33], test_iters=[6, 12, 18, 24, 36, 48, 72, 96]),
+                  test_sizes=[13, 33], test_iters=[6, 12, 18, 24, 36, 48, 72, 96, 144, 192]),
 }
 PAPER = {
     "prefix_sums": dict(width=400, blocks=2, iters=30, train_size=10000, test_size=10000, long_test_size=1000,
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-sizes", type=int, nargs="+", help="test bits (48 128 512) / maze sizes")
     p.add_argument("--test-iters", type=int, nargs="+",
                    help="iteration counts of the looped nets at test time (per size, those up to "
-                        "max(2 iters, size + iters))")
+                        "max(2 iters, size + iters); mazes: size**2 // 4 + iters)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -205,7 +205,11 @@ def curve(model: LoopedNet, params, x, y, iters, chunk=250) -> dict:
 
 
 def test_iters_for(args, size: int) -> list[int]:
-    cap = max(2 * args.iters, size + args.iters)
+    """The test iteration counts used at ``size``: up to ``max(2 iters, longest + iters)``, where
+    ``longest`` bounds how far information must travel (a string's length; a maze path's pixels,
+    up to about ``size**2 / 2``, of which ``size**2 / 4`` is used)."""
+    longest = size if args.task == "prefix_sums" else size * size // 4
+    cap = max(2 * args.iters, longest + args.iters)
     its = sorted({n for n in args.test_iters if n <= cap} | {args.iters})
     return its
 
