@@ -156,8 +156,7 @@ def channel_range(node) -> jax.Array:
     K axes; a DenseGeneral kernel's ``R`` has its feature shape)."""
     if node.log_range is not None:
         return jnp.exp(jnp.asarray(node.log_range, jnp.float32))
-    w = jnp.abs(jnp.asarray(node.weight).astype(jnp.float32))
-    return jax.lax.stop_gradient(jnp.max(w, axis=tuple(range(gemm_k_axes(node)))))
+    return jax.lax.stop_gradient(qz.max_abs_range(node.weight, gemm_k_axes(node)))
 
 
 def learned_bits(node: NoisyWeight) -> jax.Array:

@@ -71,10 +71,12 @@ def step_size(bits: Any, r: Any) -> jax.Array:
     return jnp.asarray(r, jnp.float32) / offset(bits)
 
 
-def max_abs_range(w: jax.Array) -> jax.Array:
-    """Per-output-channel range ``R[n] = max |w[..., n]|`` over every other axis (shape ``(N,)``)."""
+def max_abs_range(w: jax.Array, k_axes: int | None = None) -> jax.Array:
+    """Per-output-channel range ``R[n] = max |w[..., n]|`` over the leading ``k_axes`` axes (default
+    every axis but the last, shape ``(N,)``; a DenseGeneral kernel's ``R`` has its feature shape)."""
     w = jnp.asarray(w)
-    return jnp.max(jnp.abs(w.astype(jnp.float32)), axis=tuple(range(w.ndim - 1)))
+    k = w.ndim - 1 if k_axes is None else int(k_axes)
+    return jnp.max(jnp.abs(w.astype(jnp.float32)), axis=tuple(range(k)))
 
 
 def _round_ste(x):
