@@ -9,8 +9,13 @@ Per model and seed, side by side on the same data, epochs and seeds:
   active channels plus ``--margin`` of each group (regrowth allowed,
   :func:`pae.growth.structured.structured_search`; optimizer momentum carried), then extracted
   (``pae.growth.extract``) and evaluated with no fine-tuning;
-* ``uniform``: the full net uniformly thinned (one width multiplier for every layer) to the grown
-  net's inference FLOPs, trained from scratch for ``--epochs``;
+* ``uniform``: the full net uniformly thinned to the grown net's inference FLOPs, trained from
+  scratch for ``--epochs``. Uniform: one fraction ``r`` for every layer, a group of original width
+  ``n`` at ``r n`` rounded down or up (``|w(n) - r n| < 1``, groups of equal ``n`` equally wide);
+  of all such nets the one whose inference FLOPs are nearest the grown net's
+  (:func:`uniform_nearest`). Rounding every width the same way moves the FLOPs in steps too
+  coarse on narrow nets (ResNet-20 at (8, 16, 32): 0.444, then above 0.5), so equal FLOPs needs the
+  per-width rounding;
 * ``slimming``: network slimming (Liu et al. 2017), the pruning peer: ``--epochs`` minus
   ``--slim-finetune`` epochs with an L1 penalty ``--slim-l1 * sum|gamma|`` on the BatchNorm scales,
   channels pruned by a global threshold on ``|gamma|`` (a residual stream by the mean ``|gamma|`` of
@@ -22,11 +27,14 @@ net's), test accuracy, cumulative training FLOPs of the search relative to full 
 the expected FLOPs of the sampled net, the paper's accounting; executed: the compacted shapes
 actually trained), and the wall-clock of the search vs full training, timed one after the other
 in this process with ``os.getloadavg()`` recorded: total (compilations included: the search compiles
-once per restructuring), and steady (the mean epoch time without each segment's first epoch, which
-holds its compilations, search over full).
+once per restructuring), train (total minus the seconds JAX spent tracing, lowering and compiling
+inside each, :mod:`pae.train.compilation`), and steady (the mean epoch time without each segment's
+first epoch, which holds its compilations, search over full). ``--compilation-cache DIR`` turns on
+JAX's persistent compilation cache (programs compiled by an earlier seed or process are loaded).
 
     python experiments/grow_structured.py                       # ResNet-20 and a VGG on digits, 3 seeds
     python experiments/grow_structured.py --models resnet20 --seeds 0
+    python experiments/grow_structured.py --models resnet20 --dataset mnist_subset   # 28x28: compute-bound
     python experiments/grow_structured.py --paper cifar-resnet56 # CIFAR-10 (needs the data prepared)
     python experiments/grow_structured.py --paper imagenet-resnet50 --seeds 0   # ImageNet (tfds, manual)
 
@@ -39,13 +47,15 @@ inference-FLOPs savings; 90 epochs, batch 256, lr 0.1, weight decay 1e-4, the us
 protocol, with the search's step decays at 56/85 and 71/85 of the epochs; the paper's exact
 ImageNet hyperparameters are unverified). ``bneck-t`` is a tiny bottleneck net (the ResNet-50
 layout at base width 2, two stages) for quick checks on the embedded data. Writes
-``runs/grow_structured/grow_structured_<model>_<dataset>.{json,png}`` (``--out-dir`` elsewhere)
-and prints a table.
+``runs/grow_structured/grow_structured_<model>_<name>.{json,png}`` (``--name``, default the
+dataset; ``--out-dir`` elsewhere) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -61,6 +71,7 @@ from pae.growth import extraction as pe, flops as pf, structured as ps
 from pae.models import VGG, CifarResNet, ResNet
 from pae.models.slim import SlimBottleneckResNet, SlimVGG
 from pae.train import Phase, evaluate, host, init_state, make_task, train_phases
+from pae.train.compilation import compile_clock, enable_compilation_cache
 from pae.train.metrics import atomic_write
 
 METHODS = ("full", "grown", "uniform", "slimming")
@@ -121,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", choices=sorted(PAPER_MODELS) + sorted(UNSUPPORTED),
                    help="the paper's networks: CIFAR-10 ResNet-20/56 and VGG-16, ImageNet ResNet-50 "
                         "(bottleneck blocks; needs imagenet2012 prepared for tfds)")
+    p.add_argument("--compilation-cache", default="", metavar="DIR",
+                   help="directory of JAX's persistent compilation cache (default '': off, every "
+                        "program compiled in this process)")
+    p.add_argument("--name", default="",
+                   help="file name part after the model (default the dataset): "
+                        "grow_structured_<model>_<name>.{json,png}")
     p.add_argument("--out-dir", default=os.path.join("runs", "grow_structured"),
                    help="default runs/grow_structured (the recorded results: --out-dir "
                         "experiments/results)")
@@ -187,22 +204,54 @@ def _flops(model, example) -> float:
     return pf.full_cost(ps.gate_spec(model, example))
 
 
-def uniform_model(spec: ps.GateSpec, ratio: float):
-    """The full net with every group at ``round(ratio * width)`` channels (>= 1), all blocks."""
-    return pe.slim_model(spec, {g: max(1, round(ratio * n)) for g, n in spec.groups})
+def width_flops(spec: ps.GateSpec, widths: dict[str, int]) -> float:
+    """Inference FLOPs (multiply-accumulates per example) of ``spec``'s net with ``widths[group]``
+    channels per group, all blocks on: ``sum over layers taps * C_in * C_out`` with a group's
+    ``C`` its width (the count of :func:`pae.growth.flops.cost` for prefix masks, in host floats)."""
+    size = spec.group_sizes
+
+    def c(group, n):
+        return n if group is None else widths.get(group, size[group])
+    return float(sum(layer.taps * c(layer.in_group, layer.in_size) * c(layer.out_group, layer.out_size)
+                     for layer in spec.layers))
 
 
-def uniform_at(spec: ps.GateSpec, target: float, example):
-    """The widest uniform thinning whose FLOPs fraction is <= ``target`` (bisection on the ratio)."""
+def uniform_candidates(spec: ps.GateSpec):
+    """Every uniform thinning of the net: ``{original width n:
+    w(n)}`` with ``|w(n) - r n| < 1`` for every original width ``n`` of the net's groups (each width
+    ``r n`` rounded down or up, at least 1; groups of equal original width equally wide).
+
+    Between consecutive breakpoints ``k / n`` the floors ``floor(r n)`` are constant and every
+    ``r n`` is fractional, so each interval gives the ``2^(distinct widths)`` roundings."""
+    sizes = sorted({n for _, n in spec.groups})
+    breaks = sorted({0.0, 1.0} | {k / n for n in sizes for k in range(1, n)})
+    out = set()
+    for a, b in zip(breaks, breaks[1:]):
+        r = (a + b) / 2
+        floors = [math.floor(r * n) for n in sizes]
+        for up in itertools.product((0, 1), repeat=len(sizes)):
+            out.add(tuple(max(1, min(n, f + u)) for n, f, u in zip(sizes, floors, up)))
+    return [dict(zip(sizes, w)) for w in sorted(out)]
+
+
+def uniform_nearest(spec: ps.GateSpec, target: float):
+    """The uniform thinning (:func:`uniform_candidates`) whose inference-FLOPs fraction is nearest
+    ``target`` (ties: the smaller), over all of them. Returns ``(model, widths per group,
+    FLOPs fraction)``. Rounding every width the same way (``round(r n)``) moves the FLOPs in steps
+    of several percent on narrow nets (ResNet-20 at (8, 16, 32): 0.444 then 0.53); rounding each
+    original width down or up independently fills those steps."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target}")
     full = pf.full_cost(spec)
-    lo, hi = 0.0, 1.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        if _flops(uniform_model(spec, mid), example) / full <= target:
-            lo = mid
-        else:
-            hi = mid
-    return uniform_model(spec, lo), lo
+    best = None
+    for widths in uniform_candidates(spec):
+        per_group = {g: widths[n] for g, n in spec.groups}
+        f = width_flops(spec, per_group) / full
+        key = (abs(f - target), f)
+        if best is None or key < best[0]:
+            best = (key, per_group, f)
+    _, per_group, f = best
+    return pe.slim_model(spec, per_group), per_group, f
 
 
 def slimming_masks(spec: ps.GateSpec, params, target: float) -> dict[str, np.ndarray]:
@@ -275,21 +324,25 @@ def run_seed(args, name: str, dataset, seed: int, log=print) -> dict:
     rows, out = [], {"seed": seed}
     quiet = lambda s: None  # noqa: E731
 
-    # full training and the search, timed one after the other
+    # full training and the search, timed one after the other; compile: JAX's tracing, lowering and
+    # compilation seconds inside each (pae.train.compilation), train = wall - compile
+    clock = compile_clock()
     load0 = os.getloadavg()
-    t0 = time.perf_counter()
+    c0, t0 = clock.seconds, time.perf_counter()
     full = train_phases(task, [Phase("full", E, dense_optimizer(cfg, E))], init_state(model, example, seed),
                         batch_size=bs, seed=seed, log=quiet)
-    t_full = time.perf_counter() - t0
+    t_full, c_full = time.perf_counter() - t0, clock.seconds - c0
     load1 = os.getloadavg()
     state = init_state(model, example, seed, cfg.transform(spec).init)
-    t0 = time.perf_counter()
+    c0, t0 = clock.seconds, time.perf_counter()
     search = ps.structured_search(task, cfg, spec, state, batch_size=bs,
                                   restructure_at=args.restructure_at, margin=args.margin, log=quiet)
-    t_search = time.perf_counter() - t0
+    t_search, c_search = time.perf_counter() - t0, clock.seconds - c0
     load2 = os.getloadavg()
     s_full, s_search = _steady(full.history, "phase"), _steady(search.history, "segment")
     out["timing"] = {"full_s": t_full, "search_s": t_search, "ratio": t_search / t_full,
+                     "full_compile_s": c_full, "search_compile_s": c_search,
+                     "ratio_train": (t_search - c_search) / (t_full - c_full),
                      "full_epoch_times": [r["epoch_time"] for r in full.history],
                      "search_epoch_times": [r["epoch_time"] for r in search.history],
                      "ratio_steady": float(np.mean(s_search) / np.mean(s_full)) if s_full and s_search
@@ -332,13 +385,13 @@ def run_seed(args, name: str, dataset, seed: int, log=print) -> dict:
                  "params": pf.full_cost(ps.gate_spec(ex.model, example), "params") / pf.full_cost(spec, "params")})
     log(f"[{name} seed {seed}] full {rows[0]['test_acc']:.4f}; grown {grown_acc:.4f} at {grown_flops:.3f} "
         f"FLOPs (extracted - gated logits {out['search']['extract_max_abs_diff']:.1e}); time search/full "
-        f"{t_search:.1f}/{t_full:.1f} s")
+        f"{t_search:.1f}/{t_full:.1f} s (compile {c_search:.1f}/{c_full:.1f} s)")
 
-    # uniform thinning at the grown net's FLOPs
-    thin, ratio = uniform_at(spec, grown_flops, example)
+    # uniform thinning at the grown net's FLOPs (the nearest of all uniform roundings)
+    thin, thin_widths, _ = uniform_nearest(spec, grown_flops)
     u = train_phases(task, [Phase("uniform", E, dense_optimizer(cfg, E), model=thin)],
                      init_state(thin, example, seed), batch_size=bs, seed=seed, log=quiet)
-    rows.append({"method": "uniform", "flops": _flops(thin, example) / full_flops, "ratio": ratio,
+    rows.append({"method": "uniform", "flops": _flops(thin, example) / full_flops, "widths": thin_widths,
                  "test_acc": u.history[-1]["test_acc"], "epochs": E,
                  "params": pf.full_cost(ps.gate_spec(thin, example), "params") / pf.full_cost(spec, "params")})
 
@@ -386,17 +439,20 @@ def targets(per_seed, summary, budget):
     executed = float(np.mean([s["search"]["train_flops_executed"] for s in per_seed]))
     ratio = float(np.mean([s["timing"]["ratio"] for s in per_seed]))
     steady = float(np.mean([s["timing"]["ratio_steady"] for s in per_seed]))
+    train = float(np.mean([s["timing"].get("ratio_train", np.nan) for s in per_seed]))
     return {
         "seeds": len(per_seed),
         "grown_flops_le_budget": bool(max(r["flops"] for s in per_seed for r in s["rows"]
                                           if r["method"] == "grown") <= budget + 1e-9),
         "grown_within_1pt_of_full": by["grown"]["test_acc"] >= by["full"]["test_acc"] - 0.01,
         "grown_above_uniform": by["grown"]["test_acc"] > by["uniform"]["test_acc"],
+        "grown_flops": by["grown"]["flops"], "uniform_flops": by["uniform"]["flops"],
         "grown_above_slimming": by["grown"]["test_acc"] > by["slimming"]["test_acc"],
         "train_flops_counted": counted, "train_flops_counted_le_0.6": counted <= 0.6,
         "train_flops_executed": executed, "train_flops_executed_le_0.6": executed <= 0.6,
         "wallclock_ratio": ratio, "wallclock_le_0.75": ratio <= 0.75,
         "wallclock_ratio_steady": steady, "wallclock_steady_le_0.75": steady <= 0.75,
+        "wallclock_ratio_train": train, "wallclock_train_le_0.75": train <= 0.75,
         "extract_max_abs_diff": float(max(s["search"]["extract_max_abs_diff"] for s in per_seed)),
     }
 
@@ -465,10 +521,12 @@ def plot(result, path, title):
 
 
 def run_model(args, name, dataset, log=print) -> dict:
+    load = list(os.getloadavg())
     per_seed = [run_seed(args, name, dataset, seed, log) for seed in args.seeds]
     rows = [r for s in per_seed for r in s["rows"]]
     summary = summarize(rows)
     config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "no_plot", "models", "traceback")}
+    config["loadavg_start"], config["loadavg_end"] = load, list(os.getloadavg())
     return {"model": name, "config": config, "per_seed": per_seed, "rows": rows, "summary": summary,
             "targets": targets(per_seed, summary, args.budget)}
 
@@ -489,6 +547,7 @@ def main(argv=None) -> dict:
         print(table(result["summary"]))
         return {result["model"]: result}
     args = resolve(args)
+    enable_compilation_cache(args.compilation_cache)
     dataset = load_dataset(args.dataset)
     if args.limit_train:
         train = dataset["train"]
@@ -499,7 +558,7 @@ def main(argv=None) -> dict:
     results = {}
     for name in args.models:
         result = run_model(args, name, dataset)
-        base = os.path.join(args.out_dir, f"grow_structured_{name}_{args.dataset}")
+        base = os.path.join(args.out_dir, f"grow_structured_{name}_{args.name or args.dataset}")
         atomic_write(base + ".json", json.dumps(result, indent=1, default=float))
         if not args.no_plot:
             plot(result, base + ".png", f"{name} on {args.dataset}: grown (budget {args.budget}) vs "
@@ -510,7 +569,9 @@ def main(argv=None) -> dict:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in tg.items()}))
         loads = [s["timing"]["loadavg"] for s in result["per_seed"]]
         print("wall-clock search/full per seed: " + ", ".join(
-            f"{s['timing']['search_s']:.1f}/{s['timing']['full_s']:.1f} s" for s in result["per_seed"])
+            f"{s['timing']['search_s']:.1f}/{s['timing']['full_s']:.1f} s (compile "
+            f"{s['timing']['search_compile_s']:.1f}/{s['timing']['full_compile_s']:.1f} s)"
+            for s in result["per_seed"])
               + f"; load average (1 min) at the timings: {[[round(l[0], 2) for l in x] for x in loads]}")
         print(f"wrote {base}.json" + ("" if args.no_plot else f" and {base}.png"))
         results[name] = result

@@ -28,7 +28,7 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
     results = gs.main(["--models", "vgg3t", "--seeds", "0", "--epochs", "8", "--restructure-at", "0",
                        "--margin", "0.5", "--slim-finetune", "2", "--limit-train", "256",
                        "--batch-size", "64", "--mask-lr", "2", "--lmbda", "30", "--beta-final", "5",
-                       "--budget", str(budget)])
+                       "--budget", str(budget), "--name", "tiny"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     out = tmp_path / "runs" / "grow_structured"
     result = results["vgg3t"]
@@ -49,15 +49,20 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
     assert rows["grown"]["flops"] == pytest.approx(flops[-1], rel=1e-5)
     assert rows["grown"]["flops"] <= budget + 0.05
     assert rows["grown"]["test_acc"] == pytest.approx(search["gated_acc_last_epoch"], abs=1e-6)
-    # the baselines are matched to the grown net's inference FLOPs from below
-    for m in ("uniform", "slimming"):
-        assert rows["grown"]["flops"] - 0.12 < rows[m]["flops"] <= rows["grown"]["flops"] + 1e-9, m
+    # the baselines are matched to the grown net's inference FLOPs: slimming from below, uniform nearest
+    assert rows["grown"]["flops"] - 0.12 < rows["slimming"]["flops"] <= rows["grown"]["flops"] + 1e-9
+    assert abs(rows["uniform"]["flops"] - rows["grown"]["flops"]) < 0.06
     assert rows["full"]["test_acc"] > 0.3                          # chance is 0.1
-    saved = json.load(open(out / "grow_structured_vgg3t_digits.json"))
+    timing = result["per_seed"][0]["timing"]
+    assert timing["search_compile_s"] > 0 and timing["full_compile_s"] > 0
+    assert timing["ratio_train"] == pytest.approx((timing["search_s"] - timing["search_compile_s"])
+                                                  / (timing["full_s"] - timing["full_compile_s"]))
+    saved = json.load(open(out / "grow_structured_vgg3t_tiny.json"))
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
-    assert (out / "grow_structured_vgg3t_digits.png").stat().st_size > 10_000
+    assert (out / "grow_structured_vgg3t_tiny.png").stat().st_size > 10_000
     assert set(saved["targets"]) >= {"grown_flops_le_budget", "grown_within_1pt_of_full",
-                                     "grown_above_uniform", "train_flops_counted", "wallclock_ratio"}
+                                     "grown_above_uniform", "train_flops_counted", "wallclock_ratio",
+                                     "wallclock_ratio_train", "uniform_flops"}
     assert len(saved["per_seed"][0]["timing"]["loadavg"]) == 3
 
 
@@ -79,19 +84,31 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 
 def test_uniform_and_slimming_helpers_hit_the_target():
-    """uniform_at and slimming_masks return the widest thinning at or under a FLOPs fraction."""
+    """uniform_nearest returns the uniform thinning nearest a FLOPs fraction (against a brute force
+    over all width pairs with one common fraction), slimming_masks the widest thinning under it."""
     gs = _load()
     from pae.growth import flops as pf, structured as ps
     from pae.models import CifarResNet
     x = np.zeros((1, 8, 8, 3), np.float32)
     spec = ps.gate_spec(CifarResNet(14, 10, (8, 16, 16)), x)
     full = pf.full_cost(spec)
-    for target in (0.3, 0.5):
-        thin, ratio = gs.uniform_at(spec, target, x)
-        f = pf.full_cost(ps.gate_spec(thin, x)) / full
-        assert f <= target
-        wider = pf.full_cost(ps.gate_spec(gs.uniform_model(spec, ratio + 0.1), x)) / full
-        assert wider > target
+    assert sorted({n for _, n in spec.groups}) == [8, 16]
+    brute = []                    # (FLOPs fraction, a, b): widths a of the 8s and b of the 16s
+    for a in range(1, 9):
+        for b in range(1, 17):
+            # a common r with |a - 8 r| < 1 and |b - 16 r| < 1 (intervals intersect), or a width at 1
+            lo = max((a - 1) / 8, (b - 1) / 16, 0.0)
+            hi = min((a + 1) / 8, (b + 1) / 16)
+            if lo < hi:
+                masks = {g: (np.arange(n) < (a if n == 8 else b)).astype(np.float32) for g, n in spec.groups}
+                brute.append((float(pf.cost(spec, masks, {})) / full, a, b))
+    for target in (0.3, 0.5, 0.77):
+        thin, widths, f = gs.uniform_nearest(spec, target)
+        assert f == pytest.approx(pf.full_cost(ps.gate_spec(thin, x)) / full, rel=1e-6)
+        best = min(brute, key=lambda t: (abs(t[0] - target), t[0]))
+        assert f == pytest.approx(best[0], rel=1e-6), (target, widths, best)
+        assert abs(f - target) < 0.03
+        assert len({widths[g] for g, n in spec.groups if n == 8}) == 1   # equal widths stay equal
     rng = np.random.default_rng(0)
     params = spec.model.init(jax.random.PRNGKey(0), x)["params"]
     params = jax.tree_util.tree_map_with_path(
