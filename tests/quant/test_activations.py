@@ -227,11 +227,15 @@ def _phase2(model, x, *, grid="auto", base=None, masks=None, seed=0, learned_ran
     stats = q.with_act_stats(v.get("batch_stats", {}), latent)
     wrapped = q.quantize_activations(model)
     ctx = pae.Context.make(key=3)
-    for i in range(3):                       # running statistics from a few noisy training batches
-        xb = x * (1.0 + 0.2 * i)
+
+    @jax.jit                                 # one program, not one eager dispatch per op
+    def update(latent, stats, xb):
         _, upd = wrapped.apply({"params": t.apply(latent, ctx), "batch_stats": stats}, xb, train=True,
                                mutable=["batch_stats"])
-        stats = upd["batch_stats"]
+        return upd["batch_stats"]
+
+    for i in range(3):                       # running statistics from a few noisy training batches
+        stats = update(latent, stats, x * (1.0 + 0.2 * i))
     return q.assign_palette(jax.device_get(latent)), jax.device_get(stats)
 
 
@@ -255,7 +259,7 @@ def test_export_with_activations_equals_phase_two(model_kind, grid, learned):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
     # the activations are really quantized: without them the logits differ
     no_act = dict(ex.tree, acts={})
-    assert np.abs(np.asarray(ex.apply(no_act, x)) - np.asarray(ref)).max() > 1e-4
+    assert np.abs(np.asarray(jax.jit(ex.apply)(no_act, x)) - np.asarray(ref)).max() > 1e-4
     acts = ex.tree["acts"]
     assert set(acts) == set(qa.act_paths(latent))
     first = "Conv_0" if "Conv_0" in latent else "Dense_0"
