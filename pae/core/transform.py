@@ -28,10 +28,19 @@ def _zero(latent, ctx):
     return jnp.zeros((), jnp.float32)
 
 
+def _params_as_latent(params, key):
+    return params
+
+
+def _latent_as_params(latent, ctx):
+    return latent
+
+
 def identity() -> Transform:
-    """The transform that changes nothing (latent = params, zero penalty)."""
-    return Transform(init=lambda params, key: params, apply=lambda latent, ctx: latent,
-                     penalty=_zero, finalize=lambda latent, ctx: latent)
+    """The transform that changes nothing (latent = params, zero penalty). Every call returns an equal
+    transform (the same functions), so programs compiled for one are reused for another."""
+    return Transform(init=_params_as_latent, apply=_latent_as_params, penalty=_zero,
+                     finalize=_latent_as_params)
 
 
 def _fold(ctx, i):

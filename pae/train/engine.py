@@ -26,6 +26,7 @@ structure (``jax.eval_shape`` when the transition is traceable, arrays of zeros 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -252,12 +253,8 @@ class _Programs:
         return self._get(("train", model, phase.transform, phase.optimizer), build)
 
     def eval_step(self, phase: Phase):
-        model = phase.model or self.task.model
-        apply = phase.eval_apply or phase.transform.apply
-
-        def build():
-            return self._vmap(make_eval_step(model, reparam=apply, jit=False), (0, None, None))
-        return self._get(("eval", model, apply), build)
+        return _eval_program(phase.model or self.task.model, phase.eval_apply or phase.transform.apply,
+                             self.batched)
 
     def opt_init(self, phase: Phase):
         return self._get(("init", phase.optimizer),
@@ -271,6 +268,14 @@ class _Programs:
         if not self.batched:
             return phase.enter
         return self._get(("enter", phase.enter), lambda: jax.vmap(phase.enter))
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_program(model, apply, batched: bool):
+    """The jitted evaluation step of ``model`` seeing ``apply(latent, ctx)``, shared by every run and
+    every :func:`evaluate` call with the same pieces (evaluating checkpoints in a loop compiles once)."""
+    step = make_eval_step(model, reparam=apply, jit=False)
+    return jax.jit(jax.vmap(step, in_axes=(0, None, None)) if batched else step)
 
 
 def _context(phase: Phase, epoch: int):

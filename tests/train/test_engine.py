@@ -11,7 +11,7 @@ import pytest
 
 from pae import sparsity as sp
 from pae.core import Transform, identity
-from pae.train import CheckpointError, Phase, TrainState, init_state, make_task, train_phases
+from pae.train import CheckpointError, Phase, TrainState, evaluate, init_state, make_task, train_phases
 
 
 class MLP(nn.Module):
@@ -184,6 +184,23 @@ def test_one_compiled_step_per_distinct_phase(task):
     train_phases(task, phases, init_state(task.model, task.example, 0), batch_size=32)
     # one trace for the train step and one for the eval step, shared by the four phases
     assert len(traces) == 2
+
+
+def test_evaluate_compiles_once_for_repeated_calls_and_after_training(task):
+    traces = []
+
+    def apply(latent, ctx):
+        traces.append(1)
+        return latent
+
+    t = Transform(identity().init, apply, identity().penalty, identity().finalize)
+    phase = Phase("p", 1, _adam, t)
+    res = train_phases(task, [phase], init_state(task.model, task.example, 0), batch_size=32)
+    assert len(traces) == 2                                   # the train and the eval step
+    rows = [evaluate(task, res.state, batch_size=32, phase=phase) for _ in range(3)]
+    assert len(traces) == 2                                   # the engine's eval program, reused
+    assert rows[0] == rows[2] and rows[0]["test_acc"] == res.history[-1]["test_acc"]
+    assert identity() == identity()                          # equal pieces share programs too
 
 
 def test_records_are_tagged_by_phase(task, tmp_path):
