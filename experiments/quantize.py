@@ -84,6 +84,7 @@ from pae.data import load_dataset
 from pae.data.sources import ArraySource
 from pae.models import get_model, model_kind
 from pae.train import Phase, evaluate, init_state, make_task, train_phases
+from pae.train.cli import fill_unset
 from pae.train.metrics import atomic_write
 
 METHODS = ("fp", "ptq", "qat", "learned", "learned_w", "qwix")
@@ -177,11 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every flag not given (``--paper``, else the model's preset, else DEFAULTS) and check them."""
     model = args.model or (PAPER_FLAGS["model"] if args.paper else DEFAULTS["model"])
-    layered = {**DEFAULTS, **PRESETS.get(model, {}), **(PAPER_FLAGS if args.paper else {}), "model": model}
-    out = argparse.Namespace(**vars(args))
-    for key, value in layered.items():
-        if getattr(out, key) is None:
-            setattr(out, key, value)
+    out = fill_unset(args, DEFAULTS, PRESETS.get(model, {}), PAPER_FLAGS if args.paper else {}, {"model": model})
     model_kind(out.model)      # ValueError naming the known models
     for name in ("noise_epochs", "finetune_epochs"):
         if getattr(out, name) < 0:

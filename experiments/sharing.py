@@ -38,6 +38,7 @@ import numpy as np
 from pae import sharing as sh
 from pae.data import load_dataset
 from pae.train import evaluate, init_state, make_task, train_phases
+from pae.train.cli import fill_unset
 from pae.train.metrics import atomic_write
 from pae.train.state import TrainState
 
@@ -73,10 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args):
-    out = argparse.Namespace(**vars(args))
-    for key, value in (PAPER if args.paper else DEFAULTS).items():
-        if getattr(out, key) is None:
-            setattr(out, key, value)
+    out = fill_unset(args, PAPER if args.paper else DEFAULTS)
     sh.swrn(out.depth, out.widen, 1)   # validates depth and width
     per_bank = 2 * ((out.depth - 4) // 6 - 1)
     ks = []

@@ -40,6 +40,7 @@ from pae.core import select as S
 from pae.data import load_dataset
 from pae.models import get_model
 from pae.train import data_mesh, make_task
+from pae.train.cli import fill_unset
 from pae.train.metrics import atomic_write
 
 SELECTORS = {"kernels": S.kernels, "conv3x3": lambda: S.conv_kernels((3, 3))}
@@ -122,11 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every flag not given: ``--paper``'s values, else the model's preset, else DEFAULTS."""
     model = args.model or (PAPER_FLAGS["model"] if args.paper else DEFAULTS["model"])
-    layered = {**DEFAULTS, **PRESETS.get(model, {}), **(PAPER_FLAGS if args.paper else {}), "model": model}
-    out = argparse.Namespace(**vars(args))
-    for key, value in layered.items():
-        if getattr(out, key) is None:
-            setattr(out, key, value)
+    out = fill_unset(args, DEFAULTS, PRESETS.get(model, {}), PAPER_FLAGS if args.paper else {}, {"model": model})
     if len(set(out.s_inits)) != len(out.s_inits):
         raise ValueError(f"--s-inits must be distinct values, got {out.s_inits}")
     return out

@@ -19,7 +19,7 @@ import errno
 import json
 import sys
 import typing
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pae.train.loop import TrainConfig, run
 
@@ -91,6 +91,20 @@ def describe_error(err: BaseException) -> str | None:
     if isinstance(err, _user_errors()):
         return f"error: {_one_line(str(err)) or type(err).__name__}"
     return None
+
+
+def fill_unset(args: argparse.Namespace, *layers: Mapping[str, Any]) -> argparse.Namespace:
+    """A copy of ``args`` whose flags left unset (``None``) take their value from ``layers``, a later
+    layer overriding an earlier one: ``fill_unset(args, DEFAULTS, PRESETS[model], PAPER)``. A layer
+    naming a flag the parser does not have is a bug in the script (``AttributeError``)."""
+    out = argparse.Namespace(**vars(args))
+    merged: dict = {}
+    for layer in layers:
+        merged.update(layer)
+    for key, value in merged.items():
+        if getattr(out, key) is None:
+            setattr(out, key, value)
+    return out
 
 
 def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:

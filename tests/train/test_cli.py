@@ -162,3 +162,16 @@ def test_output_resume_extend_quiet_and_a_refused_shorter_run(tmp_path, director
     line = _one_error_line(_train(*SMALL, "--epochs", "2", "--workdir", workdir))
     assert "epochs: 4 -> 2" in line
     assert directory_bytes(workdir) == before
+
+
+def test_fill_unset_layers_later_over_earlier_and_keeps_given_flags():
+    import argparse
+
+    from pae.train.cli import fill_unset
+
+    args = argparse.Namespace(lr=None, epochs=3, model=None)
+    out = fill_unset(args, {"lr": 0.1, "epochs": 10, "model": "a"}, {"model": "b"}, {})
+    assert vars(out) == {"lr": 0.1, "epochs": 3, "model": "b"}      # given flags win over every layer
+    assert args.lr is None                                           # the input is not changed
+    with pytest.raises(AttributeError):
+        fill_unset(args, {"not_a_flag": 1})
