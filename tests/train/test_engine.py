@@ -172,14 +172,18 @@ def test_parallel_runs_equal_sequential_runs(task):
         assert par.history[-1]["test_acc"][i] == seq.history[-1]["test_acc"]
 
 
-def test_one_compiled_step_per_distinct_phase(task):
-    traces = []
-
+def _counting_transform(traces: list) -> Transform:
+    """The identity transform, appending to ``traces`` whenever its ``apply`` is traced."""
     def apply(latent, ctx):
         traces.append(1)
         return latent
 
-    t = Transform(identity().init, apply, identity().penalty, identity().finalize)
+    return identity()._replace(apply=apply)
+
+
+def test_one_compiled_step_per_distinct_phase(task):
+    traces = []
+    t = _counting_transform(traces)
     phases = [Phase(f"r{i}", 1, _adam, t, optimizer_state="keep", eval_every=0) for i in range(4)]
     train_phases(task, phases, init_state(task.model, task.example, 0), batch_size=32)
     # one trace for the train step and one for the eval step, shared by the four phases
@@ -188,13 +192,7 @@ def test_one_compiled_step_per_distinct_phase(task):
 
 def test_evaluate_compiles_once_for_repeated_calls_and_after_training(task):
     traces = []
-
-    def apply(latent, ctx):
-        traces.append(1)
-        return latent
-
-    t = Transform(identity().init, apply, identity().penalty, identity().finalize)
-    phase = Phase("p", 1, _adam, t)
+    phase = Phase("p", 1, _adam, _counting_transform(traces))
     res = train_phases(task, [phase], init_state(task.model, task.example, 0), batch_size=32)
     assert len(traces) == 2                                   # the train and the eval step
     rows = [evaluate(task, res.state, batch_size=32, phase=phase) for _ in range(3)]
