@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pae import growth
@@ -79,6 +80,10 @@ def test_accuracy_above_chance_and_times_recorded(result):
     for row in data["rows"]:
         assert row["wall_s"] > 0 and 0 <= row["compile_s"] < row["wall_s"] + 1e-6
         assert len(row["loadavg_before"]) == 3 and len(row["loadavg_after"]) == 3
+    assert data["complete"] and data["seeds_done"] == [0]
+    assert data["compilation_cache"]["files_at_start"] == 0          # a fresh cache directory: cold
+    for r in data["summary"]:                                          # one seed: first seed = all
+        assert r["wall_rel_first_seed"] == pytest.approx(r["wall_rel"]) and r["wall_rel_later_seeds"] is None
     assert set(data["targets"]["ordering"]) == {"random_pairs >= net2net", "vt >= random_pairs",
                                                 "lra >= random_pairs", "full >= vt", "full >= lra"}
 
@@ -89,6 +94,24 @@ def _script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_first_and_later_seed_wall_ratios():
+    """Synthetic rows (no training): the first listed seed's ratio and the later seeds' ratio of mean
+    walls, each against fixed_full's walls of the same seeds; the table follows METHODS' order."""
+    script = _script()
+    walls = {("fixed_full", 3): 100.0, ("fixed_full", 1): 80.0, ("fixed_full", 2): 90.0,
+             ("full", 3): 95.0, ("full", 1): 40.0, ("full", 2): 60.0}
+    rows = [{"method": m, "seed": s, "test_acc": 0.9, "train_flops": 1.0 if m == "fixed_full" else 0.5,
+             "wall_s": w, "train_s": w - 1.0, "compile_s": 1.0, "loadavg_before": [1.0, 1.0, 1.0]}
+            for (m, s), w in walls.items()]
+    summary = {r["method"]: r for r in script.summarize(rows, ["fixed_full", "full"])}
+    assert summary["full"]["wall_rel_first_seed"] == pytest.approx(95.0 / 100.0)
+    assert summary["full"]["wall_rel_later_seeds"] == pytest.approx(np.mean([40.0, 60.0]) / np.mean([80.0, 90.0]))
+    assert summary["full"]["wall_rel"] == pytest.approx(np.mean([95.0, 40.0, 60.0]) / np.mean([100.0, 80.0, 90.0]))
+    targets = script.check_targets(list(summary.values()))
+    assert not targets["full_wall_clock_first_seed_at_most_70pct"]
+    assert targets["full_wall_clock_later_seeds_at_most_70pct"]
 
 
 @pytest.mark.parametrize("flags,message", [
