@@ -71,6 +71,7 @@ from pae.growth import extraction as pe, flops as pf, structured as ps
 from pae.models import VGG, CifarResNet, ResNet
 from pae.models.slim import SlimBottleneckResNet, SlimVGG
 from pae.train import Phase, evaluate, host, init_state, make_task, train_phases
+from pae.train.cli import fill_unset
 from pae.train.compilation import compile_clock, enable_compilation_cache
 from pae.train.metrics import atomic_write
 
@@ -150,14 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args):
     if args.paper in UNSUPPORTED:
         raise ValueError(f"--paper {args.paper}: {UNSUPPORTED[args.paper]}")
-    out = argparse.Namespace(**vars(args))
-    layered = {**DEFAULTS, **(PAPER_FLAGS if args.paper else {}),
-               **PAPER_PRESET_FLAGS.get(args.paper, {})}
-    if args.paper:
-        layered["models"] = [args.paper]
-    for k, v in layered.items():
-        if getattr(out, k) is None:
-            setattr(out, k, v)
+    out = fill_unset(args, DEFAULTS, PAPER_FLAGS if args.paper else {}, PAPER_PRESET_FLAGS.get(args.paper, {}),
+                     {"models": [args.paper]} if args.paper else {})
     if not 0 < out.budget <= 1:
         raise ValueError(f"--budget must be in (0, 1], got {out.budget}")
     if out.epochs < 2:

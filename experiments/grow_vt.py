@@ -91,6 +91,8 @@ from pae.data import load_dataset
 from pae.models.growable import (MOBILENET_V1_STRIDES, GrowableMobileNetV1, GrowableResNet, GrowableVGG,
                                  mobilenet_v1_widths)
 from pae.train import Phase, init_state, make_task, train_phases
+from pae.train.cli import fill_unset
+from pae.train.compilation import compile_clock, enable_compilation_cache
 from pae.train.metrics import atomic_write
 
 METHODS = ("fixed_full", "fixed_small", "net2net", "random_pairs", "vt", "lra", "full", "gradmax")
@@ -169,10 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Flags not given come from the preset, then DEFAULTS; checks the model and the methods."""
-    out = argparse.Namespace(**vars(args))
-    for key, value in {**DEFAULTS, **PRESETS[args.preset]}.items():
-        if getattr(out, key, None) is None:
-            setattr(out, key, value)
+    out = fill_unset(args, DEFAULTS, PRESETS[args.preset])
     if out.model in NOT_GROWABLE:
         raise ValueError(f"--model {out.model}: {NOT_GROWABLE[out.model]} is not growable in pae "
                          f"(pae.models.growable has {sorted(MODELS)}; a growable ResNet-18/50 needs "
@@ -225,24 +224,6 @@ def _optimizer(args):
     return make
 
 
-class _CompileClock:
-    """Seconds JAX spent tracing, lowering and compiling (jax.monitoring duration events)."""
-
-    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
-
-    def __init__(self):
-        self.seconds = 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event, duration, **_):
-        if event in self.EVENTS:
-            self.seconds += float(duration)
-
-
-_CLOCK: _CompileClock | None = None
-
-
 def phases_for(args, method: str, model, seed: int, gradient_batch=None) -> list[Phase]:
     """The phase list of ``method`` (fixed methods: one phase; growing methods: ``vt_phases``)."""
     tx = _optimizer(args)
@@ -257,17 +238,16 @@ def phases_for(args, method: str, model, seed: int, gradient_batch=None) -> list
 
 
 def run_one(args, task, model, method: str, seed: int, gradient_batch, macs, n_train) -> dict:
-    global _CLOCK
-    _CLOCK = _CLOCK or _CompileClock()
+    clock = compile_clock()
     phases = phases_for(args, method, model, seed, gradient_batch)
     state = init_state(phases[0].model, task.example, seed)
     load0 = os.getloadavg()
-    compiled0 = _CLOCK.seconds
+    compiled0 = clock.seconds
     t0 = time.perf_counter()
     res = train_phases(task, phases, state, batch_size=args.batch_size, seed=seed)
     jax.block_until_ready(res.state.params)
     wall = time.perf_counter() - t0
-    compile_s = _CLOCK.seconds - compiled0
+    compile_s = clock.seconds - compiled0
     stage_macs = [macs(p.model) for p in phases]
     flops = sum(6 * m * n_train * p.epochs for m, p in zip(stage_macs, phases))
     final = phases[-1].model
@@ -438,10 +418,7 @@ def main(argv=None) -> dict:
 
     args = resolve(one_line_errors(build_parser()).parse_args(argv))
     cache_dir = os.path.join(args.out_dir, "jax_cache") if args.compilation_cache is None else args.compilation_cache
-    if cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    enable_compilation_cache(cache_dir)
     name = args.name or f"{args.model}_{args.dataset}"
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"grow_vt_{name}")
