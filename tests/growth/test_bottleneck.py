@@ -410,8 +410,10 @@ def test_experiment_resnet50_preset_and_tiny_bottleneck_search():
     np.testing.assert_allclose(pf.full_cost(ps.gate_spec(ex.model, x)) / pf.full_cost(spec), row["flops"],
                                rtol=1e-5)
     full = pf.full_cost(spec)
-    thin, ratio = gs.uniform_at(spec, 0.5, x)
-    assert isinstance(thin, SlimBottleneckResNet) and 0.35 < pf.full_cost(ps.gate_spec(thin, x)) / full <= 0.5
+    thin, widths, fraction = gs.uniform_nearest(spec, 0.5)
+    assert isinstance(thin, SlimBottleneckResNet) and abs(fraction - 0.5) < 0.1
+    assert pf.full_cost(ps.gate_spec(thin, x)) / full == pytest.approx(fraction, rel=1e-6)
+    assert set(widths) == set(spec.group_sizes)
     masks = gs.slimming_masks(spec, numpy_variables(model, x)["params"], 0.5)
     assert set(masks) == set(spec.group_sizes)
     assert 0.3 < float(pf.cost(spec, {g: m.astype(np.float32) for g, m in masks.items()}, {})) / full <= 0.5
