@@ -238,8 +238,7 @@ class _Programs:
         return self._get(("tx", phase.optimizer), lambda: phase.optimizer(self.spe))
 
     def _vmap(self, fn, in_axes, donate=False):
-        fn = jax.vmap(fn, in_axes=in_axes) if self.batched else fn
-        return jax.jit(fn, donate_argnums=(0,) if donate else ())
+        return _jit_over_runs(fn, in_axes, self.batched, donate)
 
     def train_step(self, phase: Phase):
         model = phase.model or self.task.model
@@ -270,12 +269,17 @@ class _Programs:
         return self._get(("enter", phase.enter), lambda: jax.vmap(phase.enter))
 
 
+def _jit_over_runs(fn, in_axes, batched: bool, donate: bool = False):
+    """``fn`` jitted, vmapped over the leading run axis first when the runs are batched."""
+    fn = jax.vmap(fn, in_axes=in_axes) if batched else fn
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
 @functools.lru_cache(maxsize=64)
 def _eval_program(model, apply, batched: bool):
     """The jitted evaluation step of ``model`` seeing ``apply(latent, ctx)``, shared by every run and
     every :func:`evaluate` call with the same pieces (evaluating checkpoints in a loop compiles once)."""
-    step = make_eval_step(model, reparam=apply, jit=False)
-    return jax.jit(jax.vmap(step, in_axes=(0, None, None)) if batched else step)
+    return _jit_over_runs(make_eval_step(model, reparam=apply, jit=False), (0, None, None), batched)
 
 
 def _context(phase: Phase, epoch: int):
