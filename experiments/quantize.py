@@ -2,7 +2,12 @@
 
 Every method trains the same model on the same data for the same number of epochs from the same
 initial weights (``init_state(model, example, seed)``; the data order is a function of the seed),
-through the one engine (:func:`pae.train.train_phases`):
+through the one engine (:func:`pae.train.train_phases`). ``--pretrain-epochs P`` instead forks every
+trained method from the FP model after ``P`` epochs (quantization-aware fine-tuning of a pretrained
+net, the usual protocol for language models): FP trains ``P + noise + finetune`` epochs and keeps its
+state at ``P``; QAT, learned and qwix start from that state (weights and BatchNorm statistics, fresh
+optimizer) and train ``noise + finetune`` epochs on the data order of epochs ``P, P + 1, ...``, so
+every method has seen the same data when it is scored:
 
 ``fp``       the float baseline, ``noise_epochs + finetune_epochs`` epochs of Adam (``--lr``).
 ``ptq``      round-to-nearest post-training quantization of the ``fp`` model: every kernel on pae's
@@ -56,6 +61,7 @@ LayerNorm parameters and biases stay float and are counted. qwix quantizes every
 
     python experiments/quantize.py --seeds 0 1 2                                # LeNet-5, mnist_subset
     python experiments/quantize.py --model transformer_lm --seeds 0             # pydoc_topics, bpc
+    python experiments/quantize.py --model transformer_lm --pretrain-epochs 10  # fine-tune a pretrained LM
     python experiments/quantize.py --paper --seeds 0 1 2                        # CIFAR-10 ResNet-20
 
 Writes ``runs/quantize/quantize_<name>.{json,png}`` (``--out-dir`` elsewhere; each finished seed
@@ -95,8 +101,9 @@ SELECTORS = {"kernels": S.kernels, "dense2d": lambda: S.kernels() & S.ndim(2),
 FLOAT_BITS = 32
 
 #: defaults of every flag a preset may change
-DEFAULTS = dict(model="lenet5", dataset="mnist_subset", val_size=0, seq_len=128, noise_epochs=6,
-                finetune_epochs=3, batch_size=64, lr=1e-3, bits_lr=0.05, b_init=6.0,
+DEFAULTS = dict(model="lenet5", dataset="mnist_subset", val_size=0, seq_len=128, pretrain_epochs=0,
+                noise_epochs=6, finetune_epochs=3, batch_size=64, lr=1e-3, finetune_lr=None, bits_lr=0.05,
+                learned_range=False, range_lr=1e-3, b_init=6.0,
                 budgets=[2.0, 3.0], ptq_bits=[8, 4, 3, 2], qat_bits=[8, 4, 3, 2],
                 qwix_rules=list(QWIX_RULES), methods=list(DEFAULT_METHODS), select="kernels", k_tile=512,
                 n_tile=128, width=None, depth=None, heads=None, act_budget=3.5, train_size=None,
@@ -132,12 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use N training examples (windows), drawn by a fixed generator (default: all)")
     p.add_argument("--test-size", type=int, default=None,
                    help="evaluate on N test examples, drawn by a fixed generator (default: all)")
+    p.add_argument("--pretrain-epochs", type=int,
+                   help="start every trained method from the FP model after this many epochs "
+                        "(quantization-aware fine-tuning of a pretrained net): FP trains pretrain + "
+                        "noise + finetune epochs, QAT, learned and qwix train noise + finetune more "
+                        "epochs from its snapshot, their data order continuing from there (default 0: "
+                        "every method from the same initial weights)")
     p.add_argument("--noise-epochs", type=int, help="phase 1 of the learned method (default 6)")
     p.add_argument("--finetune-epochs", type=int,
                    help="phase 2 of the learned method (default 3); every other method trains "
                         "noise + finetune epochs")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="Adam learning rate of the weights, every method")
+    p.add_argument("--finetune-lr", type=float,
+                   help="Adam learning rate of the weights in phase 2 of the learned method (default --lr)")
+    p.add_argument("--learned-range", action=argparse.BooleanOptionalAction, default=None,
+                   help="pae's methods (qat, learned, learned_w) learn each channel's clip range "
+                        "R = exp(r), initialized at its max-abs, by Adam at --range-lr (default off: "
+                        "R is the max-abs)")
+    p.add_argument("--range-lr", type=float, help="Adam learning rate of a learned range (default 1e-3)")
     p.add_argument("--bits-lr", type=float,
                    help="Adam learning rate of the learned widths (default 0.05: SMOL's 1e-3 moves a "
                         "width by well under a bit in a short run)")
@@ -180,7 +200,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     model = args.model or (PAPER_FLAGS["model"] if args.paper else DEFAULTS["model"])
     out = fill_unset(args, DEFAULTS, PRESETS.get(model, {}), PAPER_FLAGS if args.paper else {}, {"model": model})
     model_kind(out.model)      # ValueError naming the known models
-    for name in ("noise_epochs", "finetune_epochs"):
+    for name in ("pretrain_epochs", "noise_epochs", "finetune_epochs"):
         if getattr(out, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(out, name)}")
     if out.noise_epochs + out.finetune_epochs < 1:
@@ -193,6 +213,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(out, name)}")
     if not (np.isfinite(out.lr) and out.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {out.lr}")
+    for name in ("finetune_lr", "range_lr"):
+        v = getattr(out, name)
+        if v is not None and not (np.isfinite(v) and v > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
     bad = sorted(set(out.methods) - set(METHODS))
     if bad:
         raise ValueError(f"--methods: unknown {bad}; known: {list(METHODS)}")
@@ -212,6 +236,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be distinct values, got {values}")
     if "ptq" in out.methods and "fp" not in out.methods:
         raise ValueError("--methods: ptq quantizes the fp model; add fp")
+    if out.pretrain_epochs and "fp" not in out.methods:
+        raise ValueError("--pretrain-epochs: the methods start from the fp model's snapshot; add fp "
+                         "to --methods")
     if {"learned", "learned_w"} & set(out.methods) and not out.budgets:
         raise ValueError("--methods learned/learned_w need at least one --budgets value")
     if not 1.0 < out.act_budget < 8.0:
@@ -393,9 +420,10 @@ def _learned_bits(latent) -> dict:
     return out
 
 
-def uniform_latent(setup: Setup, params, bits: int):
-    """``params`` with every selected kernel a one-level :class:`~pae.quant.QuantWeight` at ``bits``."""
-    cfg = q.QuantConfig(b_init=4.5, layouts=setup.layouts)
+def uniform_latent(setup: Setup, params, bits: int, learned_range: bool = False):
+    """``params`` with every selected kernel a one-level :class:`~pae.quant.QuantWeight` at ``bits``
+    (``learned_range``: with a trainable clip range, initialized at the max-abs)."""
+    cfg = q.QuantConfig(b_init=4.5, layouts=setup.layouts, learned_range=learned_range)
     lat = q.noise_transform(cfg, setup.select).init(params, jax.random.PRNGKey(0))
     return q.assign_palette(lat, levels=1, fixed=(int(bits),))
 
@@ -403,20 +431,54 @@ def uniform_latent(setup: Setup, params, bits: int):
 def _quant_cfg(setup: Setup, seed: int, **kw) -> q.QuantConfig:
     a = setup.args
     return q.QuantConfig(noise_epochs=a.noise_epochs, finetune_epochs=a.finetune_epochs, lr=a.lr,
-                         bits_lr=a.bits_lr, b_init=a.b_init, seed=seed, layouts=setup.layouts, **kw)
+                         finetune_lr=a.finetune_lr, bits_lr=a.bits_lr, b_init=a.b_init,
+                         learned_range=a.learned_range, range_lr=a.range_lr, seed=seed,
+                         layouts=setup.layouts, **kw)
+
+
+def initial_state(setup: Setup, seed: int, pretrained=None, init_latent=None, model=None):
+    """The state a trained method starts from: the seed's initial weights, or (``--pretrain-epochs``)
+    the FP model's ``pretrained`` snapshot (its parameters and BatchNorm statistics; a fresh
+    optimizer), then ``init_latent(params, key)`` if given."""
+    model = setup.model if model is None else model
+    if pretrained is None:
+        return init_state(model, setup.task.example, seed, init_latent)
+    state = init_state(model, setup.task.example, seed)
+    if jax.tree.structure(state.params) != jax.tree.structure(pretrained.params):
+        raise ValueError(f"the pretrained FP parameters do not fit {type(model).__name__}'s: "
+                         f"{jax.tree.structure(pretrained.params)} vs {jax.tree.structure(state.params)}")
+    params = jax.tree.map(jnp.asarray, pretrained.params)
+    if init_latent is not None:
+        params = init_latent(params, jax.random.split(jax.random.PRNGKey(seed), 3)[1])
+    return state.replace(params=params, batch_stats=jax.tree.map(jnp.asarray, pretrained.batch_stats))
+
+
+def continuing(phases, setup: Setup):
+    """``phases`` with their data order continuing after the pretraining epochs (the FP run's)."""
+    out, start = [], setup.args.pretrain_epochs
+    for ph in phases:
+        out.append(dataclasses.replace(ph, data_epochs_from=start) if start else ph)
+        start += ph.epochs
+    return out
 
 
 def run_fp(setup: Setup, seed: int):
+    """The float baseline: ``pretrain + noise + finetune`` epochs of Adam; returns its row, its
+    final state (PTQ quantizes it) and its state after ``--pretrain-epochs`` (None without)."""
     a = setup.args
     state = init_state(setup.model, setup.task.example, seed)
-    res = train_phases(setup.task, [Phase("fp", setup.epochs, lambda spe: optax.adam(a.lr))], state,
-                       batch_size=a.batch_size, seed=seed)
+    keep = {a.pretrain_epochs: "pretrained"} if a.pretrain_epochs else {}
+    phase = Phase("fp", a.pretrain_epochs + setup.epochs, lambda spe: optax.adam(a.lr), keep=keep)
+    res = train_phases(setup.task, [phase], state, batch_size=a.batch_size, seed=seed)
     last = res.history[-1]
     row = {"method": "fp", "setting": "fp32", "label": "FP32", "weight_bits": FLOAT_BITS,
            "act_bits": FLOAT_BITS, **_score(last, setup.text)}
+    if a.pretrain_epochs:
+        row["pretrained_" + _score_key(setup.text)] = res.history[a.pretrain_epochs - 1][
+            _score_key(setup.text)]
     fp32 = _fp32_bytes(res.state.params, res.state.batch_stats)
     row.update(bytes=fp32, bytes_tight=fp32, fp32_bytes=fp32)
-    return row, res.state
+    return row, res.state, res.snapshots.get("pretrained")
 
 
 def run_ptq(setup: Setup, fp_state, bits: int) -> dict:
@@ -441,22 +503,24 @@ def _with_size(setup, row, latent, batch_stats) -> dict:
     return row
 
 
-def run_qat(setup: Setup, seed: int, bits: int) -> dict:
-    """Uniform QAT: one-level palette at ``bits`` from the initial weights, STE, the whole run."""
+def run_qat(setup: Setup, seed: int, bits: int, pretrained=None) -> dict:
+    """Uniform QAT: one-level palette at ``bits`` from the initial (or pretrained) weights, STE, the
+    whole run."""
     a = setup.args
     cfg = _quant_cfg(setup, seed)
-    state = init_state(setup.model, setup.task.example, seed,
-                       lambda params, key: uniform_latent(setup, params, bits))
+    state = initial_state(setup, seed, pretrained,
+                          lambda params, key: uniform_latent(setup, params, bits, a.learned_range))
     phase = Phase("qat", setup.epochs, lambda spe: q.quant_optimizer(cfg, "finetune"),
                   q.palette_quantizer(), metrics=_weights_metric)
-    res = train_phases(setup.task, [phase], state, batch_size=a.batch_size, seed=seed)
+    res = train_phases(setup.task, continuing([phase], setup), state, batch_size=a.batch_size, seed=seed)
     last = res.history[-1]
     row = {"method": "qat", "setting": str(bits), "label": f"uniform QAT {bits}-bit",
            "weight_bits": float(last["weight_bits"]), "act_bits": FLOAT_BITS, **_score(last, setup.text)}
     return _with_size(setup, row, res.state.params, res.state.batch_stats)
 
 
-def run_learned(setup: Setup, seed: int, budget: float, activations: bool = True) -> dict:
+def run_learned(setup: Setup, seed: int, budget: float, activations: bool = True,
+                pretrained=None) -> dict:
     """pae's two phases at a target average weight width ``budget``; with ``activations`` the inputs
     of the same layers also learn per-channel widths at ``--act-budget`` average bits
     (``QuantConfig(activations=True)``); else they stay float (method ``learned_w``)."""
@@ -464,9 +528,9 @@ def run_learned(setup: Setup, seed: int, budget: float, activations: bool = True
     acts = dict(activations=True, act_target_bits=float(a.act_budget), act_b_init=a.b_init) \
         if activations else {}
     cfg = _quant_cfg(setup, seed, target_bits=float(budget), **acts)
-    state = init_state(setup.model, setup.task.example, seed, q.noise_transform(cfg, setup.select).init)
-    res = train_phases(setup.task, q.quant_phases(cfg, setup.select, model=setup.model), state,
-                       batch_size=a.batch_size, seed=seed)
+    state = initial_state(setup, seed, pretrained, q.noise_transform(cfg, setup.select).init)
+    res = train_phases(setup.task, continuing(q.quant_phases(cfg, setup.select, model=setup.model), setup),
+                       state, batch_size=a.batch_size, seed=seed)
     last = res.history[-1]
     noise_last = res.last("noise") if a.noise_epochs else None
     method = "learned" if activations else "learned_w"
@@ -533,17 +597,19 @@ def qwix_accounting(rules, params, batch_stats, order: list[str]) -> dict:
             "bytes": quant_bytes + 4 * float_count}
 
 
-def run_qwix(setup: Setup, seed: int, name: str, order: list[str]) -> dict:
-    """qwix QAT (``QtProvider``) through the same engine, optimizer, epochs and seed as the rest."""
+def run_qwix(setup: Setup, seed: int, name: str, order: list[str], pretrained=None) -> dict:
+    """qwix QAT (``QtProvider``) through the same engine, optimizer, epochs and seed as the rest
+    (from the initial or the pretrained weights: qwix's QAT model holds the float model's
+    parameters)."""
     import qwix
 
     a = setup.args
     rules = qwix_rules(name, order)
     qmodel = qwix.quantize_model(setup.model, qwix.QtProvider(rules))
     task = dataclasses.replace(setup.task, model=qmodel)
-    state = init_state(qmodel, task.example, seed)
-    res = train_phases(task, [Phase("qwix", setup.epochs, lambda spe: optax.adam(a.lr))], state,
-                       batch_size=a.batch_size, seed=seed)
+    state = initial_state(setup, seed, pretrained, model=qmodel)
+    phase = Phase("qwix", setup.epochs, lambda spe: optax.adam(a.lr))
+    res = train_phases(task, continuing([phase], setup), state, batch_size=a.batch_size, seed=seed)
     acct = qwix_accounting(rules, res.state.params, res.state.batch_stats, order)
     fp32 = _fp32_bytes(res.state.params, res.state.batch_stats)
     labels = {"w8a8": "qwix W8A8", "first_last_8_rest_4": "qwix first/last 8, rest 4"}
@@ -573,26 +639,26 @@ def run_seed(args, seed: int) -> dict:
             f"({row['fp32_bytes'] / row['bytes']:.2f}x stored)")
         rows.append(row)
 
-    fp_state = None
+    fp_state = pre = None
     if "fp" in args.methods:
-        row, fp_state = timed("fp", run_fp, setup, seed)
+        row, fp_state, pre = timed("fp", run_fp, setup, seed)
         report(row)
     if "ptq" in args.methods:
         for b in args.ptq_bits:
             report(timed(f"ptq{b}", run_ptq, setup, fp_state, b))
     if "qat" in args.methods:
         for b in args.qat_bits:
-            report(timed(f"qat{b}", run_qat, setup, seed, b))
+            report(timed(f"qat{b}", run_qat, setup, seed, b, pre))
     for method in ("learned", "learned_w"):
         if method in args.methods:
             for budget in args.budgets:
                 report(timed(f"{method}{budget:g}", run_learned, setup, seed, budget,
-                             method == "learned"))
+                             method == "learned", pre))
     if "qwix" in args.methods and args.qwix_rules:
         if qwix_available():
             order = layer_order(setup.model, setup.task.example)
             for name in args.qwix_rules:
-                report(timed(f"qwix_{name}", run_qwix, setup, seed, name, order))
+                report(timed(f"qwix_{name}", run_qwix, setup, seed, name, order, pre))
         else:
             log("qwix is not installed: the qwix rows are skipped (pip install -e '.[experiments]')")
     rows = [{"seed": seed, **r} for r in rows]

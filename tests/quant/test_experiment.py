@@ -9,6 +9,7 @@ import json
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -149,6 +150,8 @@ def test_bad_flags_are_one_clear_error(ex):
         parse("--budgets", "8")
     with pytest.raises(ValueError, match="ptq quantizes the fp model"):
         parse("--methods", "ptq")
+    with pytest.raises(ValueError, match="--range-lr"):
+        parse("--range-lr", "-1")
     with pytest.raises(ValueError, match="--k-tile"):
         parse("--k-tile", "64")
     lm = parse("--model", "transformer_lm")
@@ -179,3 +182,38 @@ def test_targets_compare_at_equal_bits_paired_by_seed(ex):
     assert comp["within_tolerance"] and t["met_tight"] and t["met_with_activations"]  # 0.945 >= 0.948 - 0.005
     rows = [dict(r, test_acc=r["test_acc"] - 0.01) if r["method"] == "learned" else r for r in rows]
     assert not ex.check_targets(rows, text=False)["met_tight"]                      # 0.935 < 0.948 - 0.005
+
+
+def test_pretrained_start_forks_every_method_from_the_fp_snapshot(ex):
+    """--pretrain-epochs: FP keeps its state after P epochs; a quantized method starts from exactly
+    those weights and statistics, and its data order continues at epoch P."""
+    from flax import traverse_util
+
+    from pae import quant as q
+
+    args = ex.resolve(ex.build_parser().parse_args(
+        ["--train-size", "300", "--test-size", "100", "--pretrain-epochs", "1", "--noise-epochs", "1",
+         "--finetune-epochs", "1", "--methods", "fp", "learned_w", "--budgets", "3", "--learned-range"]))
+    setup = ex.build(args)
+    row, final, pre = ex.run_fp(setup, 0)
+    assert "pretrained_test_acc" in row and pre is not None
+    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(pre.params))]
+    assert max(moved) > 0                                     # the snapshot is from before the end
+    cfg = ex._quant_cfg(setup, 0, target_bits=3.0)
+    state = ex.initial_state(setup, 0, pre, q.noise_transform(cfg, setup.select).init)
+    weights = traverse_util.flatten_dict(pre.params)
+    latent = traverse_util.flatten_dict(state.params, is_leaf=lambda k, v: isinstance(v, q.NoisyWeight))
+    assert any(isinstance(v, q.NoisyWeight) for v in latent.values())
+    for k, v in latent.items():
+        w = v.weight if isinstance(v, q.NoisyWeight) else v
+        np.testing.assert_array_equal(np.asarray(w), weights[k])
+        if isinstance(v, q.NoisyWeight):    # --learned-range: R = exp(r) starts at the max-abs per column
+            w = np.asarray(w)
+            np.testing.assert_allclose(np.exp(np.asarray(v.log_range)),
+                                       np.abs(w).max(axis=tuple(range(w.ndim - 1))), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(pre.batch_stats)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    phases = ex.continuing(q.quant_phases(cfg, setup.select, model=setup.model), setup)
+    assert [p.data_epochs_from for p in phases] == [1, 2]
+    with pytest.raises(ValueError, match="add fp"):
+        ex.resolve(ex.build_parser().parse_args(["--pretrain-epochs", "2", "--methods", "learned"]))
