@@ -39,7 +39,9 @@ JAX's persistent compilation cache (programs compiled by an earlier seed or proc
     python experiments/grow_structured.py --paper imagenet-resnet50 --seeds 0   # ImageNet (tfds, manual)
 
 The default is reduced to run in minutes on 2 CPU cores: ``digits`` (8x8), ResNet-20 at widths
-(8, 16, 32) and VGG ``vgg8s`` (16, 16, M, 32, 32, M, 64, 64), 16 epochs. ``--paper`` takes the
+(8, 16, 32) and VGG ``vgg8s`` (16, 16, M, 32, 32, M, 64, 64), 16 epochs; ``resnet20w`` is ResNet-20
+at its CIFAR widths (16, 32, 64), where XLA's CPU convolutions follow the FLOPs more closely
+(``experiments/bench_widths.py``). ``--paper`` takes the
 paper's networks: on CIFAR-10 ResNet-20/56 and VGG-16 (160 epochs, lr 0.1), and ResNet-50 on
 ImageNet (``imagenet-resnet50``: bottleneck blocks, the gate layout of
 :func:`pae.growth.structured.gate_spec` for bottlenecks, budget 0.5 for the paper's ~50%
@@ -80,6 +82,7 @@ METHODS = ("full", "grown", "uniform", "slimming")
 #: the reduced default nets: name -> (num_classes -> model)
 MODELS = {
     "resnet20": lambda n: CifarResNet(20, n, (8, 16, 32)),
+    "resnet20w": lambda n: CifarResNet(20, n),                # CIFAR widths (16, 32, 64)
     "vgg8s": lambda n: SlimVGG((16, 16, "M", 32, 32, "M", 64, 64), n),
     "resnet8t": lambda n: CifarResNet(8, n, (4, 8, 8)),    # tiny, for quick checks
     "vgg3t": lambda n: SlimVGG((8, "M", 16, 16), n),          # tiny, for the CI test
