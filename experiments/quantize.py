@@ -885,6 +885,23 @@ _STYLES = {"ptq": ("s--", "C1"), "qat": ("^-", "C2"), "learned": ("o-", "C3"), "
            "qwix": ("D:", "C0")}
 
 
+def short_layer(path: str) -> str:
+    """A layer path short enough for a panel title: ``DecoderBlock_0/MultiHeadDotProductAttention_0/
+    query/kernel`` -> ``DB0/MHDPA0/query`` (a module name ``Name_k`` becomes its capitals and ``k``)."""
+    parts = [p for p in path.split("/") if p != "kernel"]
+    return "/".join(re.sub(r"^([A-Za-z]+)_(\d+)$",
+                           lambda m: "".join(c for c in m.group(1) if c.isupper()) + m.group(2), p)
+                    for p in parts)
+
+
+def plot_title(args) -> str:
+    seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}"
+    each = f"{args.noise_epochs + args.finetune_epochs} epochs each"
+    if args.pretrain_epochs:
+        each += f" from FP after {args.pretrain_epochs}"
+    return f"{args.model} on {args.dataset}: quantization methods ({seeds}, {each})"
+
+
 def plot(result, path, title):
     """Score vs average weight bits for every method (mean, error bars one sd over seeds); size vs
     bits; the learned widths per layer (histogram, first seed); the palette chosen per layer."""
@@ -959,10 +976,12 @@ def plot(result, path, title):
             for i, r in enumerate(learned_rows):
                 a.hist(r["learned_bits"][layer], bins=bins, alpha=0.6, color=f"C{i + 3}",
                        label=f"budget {r['setting']}")
-            a.set_title(f"{layer.replace('/kernel', '')}: learned bits", fontsize=8)
-            a.set_xlabel("bits", fontsize=8)
+            a.set_title(short_layer(layer), fontsize=7)
+            a.set_xticks([2, 4, 6, 8])
+            a.tick_params(labelsize=6)
+            a.set_xlabel("bits", fontsize=7)
             if j == 0:
-                a.set_ylabel("channels")
+                a.set_ylabel("channels (learned bits)")
                 a.legend(fontsize=6)
             b = fig.add_subplot(grid[2, j])
             for i, r in enumerate(learned_rows):
@@ -975,8 +994,10 @@ def plot(result, path, title):
                            color="w")
                     bottom += c / total
             b.set_xticks(range(len(learned_rows)))
-            b.set_xticklabels([f"B={r['setting']}" for r in learned_rows], fontsize=7)
-            b.set_title("palette (share of channels)", fontsize=8)
+            b.set_xticklabels([r["setting"] for r in learned_rows], fontsize=6)
+            b.tick_params(labelsize=6)
+            b.set_xlabel("budget", fontsize=7)
+            b.set_title("palette", fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -991,9 +1012,7 @@ def main(argv=None) -> dict:
     base = os.path.join(args.out_dir, f"quantize_{name}")
     result = run(args, base)
     _write_json(base + ".json", result)
-    seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}"
-    plot(result, base + ".png", f"{args.model} on {args.dataset}: quantization methods ({seeds}, "
-                                f"{args.noise_epochs + args.finetune_epochs} epochs each)")
+    plot(result, base + ".png", plot_title(args))
     text = model_kind(args.model) == "text"
     print(table(result["summary"], text))
     print(palette_table(result["summary"]))
