@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="Adam learning rate of the weights, every method")
     p.add_argument("--finetune-lr", type=float,
-                   help="Adam learning rate of the weights in phase 2 of the learned method (default --lr)")
+                   help="Adam learning rate of the weights under the fixed quantizer: phase 2 of the "
+                        "learned method and uniform QAT (default --lr)")
     p.add_argument("--learned-range", action=argparse.BooleanOptionalAction, default=None,
                    help="pae's methods (qat, learned, learned_w) learn each channel's clip range "
                         "R = exp(r), initialized at its max-abs, by Adam at --range-lr (default off: "
