@@ -33,6 +33,7 @@ import optax
 from pae.core import Context, identity
 from pae.growth import flops as pf
 from pae.growth import structured as ps
+from pae.models import CifarResNet
 from pae.models.slim import SlimResNet
 from pae.train import init_state, make_train_step
 
@@ -52,9 +53,7 @@ def parse_widths(text: str) -> tuple[int, int, int]:
 
 def slim_resnet(widths, depth: int, num_classes: int = 10) -> SlimResNet:
     """A CIFAR ResNet of ``depth`` (6n + 2) with stage widths ``widths``, every block inside at its stage's."""
-    n = (depth - 2) // 6
-    return SlimResNet(tuple(widths), tuple((s * n + b, s, widths[s]) for s in range(3) for b in range(n)),
-                      num_classes)
+    return SlimResNet.like(CifarResNet(depth, num_classes, tuple(widths)))
 
 
 def bench(args) -> dict:
@@ -69,27 +68,23 @@ def bench(args) -> dict:
     full_flops = pf.full_cost(reference)
     cfg = ps.StructuredConfig(epochs=16, lr=0.05, budget=0.5, lmbda=30.0)
     runs, rows = {}, []
+
+    def add(key, model, tx, transform, ctx):
+        step = make_train_step(model, tx, reparam=transform.apply, penalty=transform.penalty, pass_mask=True)
+        state = init_state(model, example, 0, transform.init)
+        state = state.replace(opt_state=tx.init(state.params))
+        for _ in range(3):                  # compile and warm up
+            state, _ = step(state, data, ctx)
+        runs[key] = [step, jax.block_until_ready(state), ctx]
+
     for w in widths:
         model = slim_resnet(w, args.depth)
         spec = ps.gate_spec(model, example)
         rows.append({"widths": list(w), "flops": pf.full_cost(spec) / full_flops})
-        t = identity()
-        runs[(w, "dense")] = [make_train_step(model, optax.sgd(0.05, momentum=0.9), reparam=t.apply,
-                                              penalty=t.penalty, pass_mask=True),
-                              init_state(model, example, 0), Context.make()]
+        add((w, "dense"), model, optax.sgd(0.05, momentum=0.9), identity(), Context.make())
         if args.gated:
-            t = cfg.transform(spec, reference=reference)
-            runs[(w, "gated")] = [make_train_step(model, ps.structured_optimizer(cfg, 32), reparam=t.apply,
-                                                  penalty=t.penalty, pass_mask=True),
-                                  init_state(model, example, 0, t.init),
-                                  Context.make(beta=2.0, key=jax.random.PRNGKey(0))]
-    for key, run in runs.items():           # the first phase's optimizer state, then warm up
-        step, state, ctx = run
-        tx = ps.structured_optimizer(cfg, 32) if key[1] == "gated" else optax.sgd(0.05, momentum=0.9)
-        state = state.replace(opt_state=tx.init(state.params))
-        for _ in range(3):
-            state, _ = step(state, data, ctx)
-        run[1] = jax.block_until_ready(state)
+            add((w, "gated"), model, ps.structured_optimizer(cfg, 32), cfg.transform(spec, reference=reference),
+                Context.make(beta=2.0, key=jax.random.PRNGKey(0)))
     load_before = os.getloadavg()[0]
     times = {key: [] for key in runs}
     for _ in range(args.repeats):
