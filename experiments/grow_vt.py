@@ -127,7 +127,8 @@ NOT_GROWABLE = {"resnet50": "ResNet-50", "resnet18": "ResNet-18"}
 
 DEFAULTS = dict(model="resnet8", dataset="digits", epochs=22, first_epochs=2, epoch_schedule="fixed",
                 growth_steps=8, width_growth=0.2, start_fraction=0.25, batch_size=128, lr=0.1,
-                weight_decay=5e-4, val_size=0)
+                weight_decay=5e-4, val_size=0, lra_norms="layer", lra_recompute="growth",
+                lra_leaves="kernels")
 #: paper settings (sharing_and_growth.md 2.1, 2.4): SGD 0.1 cosine, wd 5e-4, T_0 = 8 (CIFAR-10) /
 #: 10 (CIFAR-100). The exponential "stage durations" reading of T_0 = 8 overruns 100 epochs, so
 #: CIFAR-10 uses fixed 8-epoch stages (the paper: "a fixed interval performs similarly").
@@ -157,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--lra-norms", choices=growth.lra.LRA_NORMS,
+                   help="LRA's ||W_dt|| / ||W_0||: per layer (default) or over the whole net")
+    p.add_argument("--lra-recompute", choices=growth.lra.LRA_RECOMPUTE,
+                   help="LRA's multipliers: frozen at each growth (default) or recomputed every step")
+    p.add_argument("--lra-leaves", choices=growth.lra.LRA_LEAVES,
+                   help="LRA adapts kernels only (default) or every leaf")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--compilation-cache", default=None,
@@ -192,7 +199,9 @@ def vt_config(args, method: str, seed: int) -> growth.VTConfig:
     return growth.VTConfig(start_fraction=args.start_fraction, width_growth=args.width_growth,
                            growth_steps=args.growth_steps, first_epochs=args.first_epochs,
                            epoch_growth=args.width_growth, epoch_schedule=args.epoch_schedule,
-                           total_epochs=args.epochs, seed=seed, **GROWING.get(method, {}))
+                           total_epochs=args.epochs, lra_norms=args.lra_norms,
+                           lra_recompute=args.lra_recompute, lra_leaves=args.lra_leaves, seed=seed,
+                           **GROWING.get(method, {}))
 
 
 def forward_macs(model, example) -> int:
@@ -258,9 +267,26 @@ def run_one(args, task, model, method: str, seed: int, gradient_batch, macs, n_t
             "param_shapes_match_final": _shapes_match(res.state.params, final, task.example),
             "wall_s": wall, "compile_s": compile_s, "train_s": wall - compile_s,
             "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg()),
+            "lra_multipliers": lra_multipliers(res.state.opt_state),
             "history": [{k: v for k, v in r.items() if k in ("phase", "epoch", "train_loss", "test_acc",
                                                              "stage", "params", "epoch_time")}
                         for r in res.history]}
+
+
+def lra_multipliers(opt_state) -> list[dict] | None:
+    """LRA's multipliers ``lr_t / lr_0`` at the end of a run, per birth stage ``t``: their min, median
+    and max over the kernel elements (leaves with ``ndim >= 2``) born at ``t`` (None when the run had
+    no LRA)."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, growth.BirthState))
+             if isinstance(s, growth.BirthState)]
+    if not found:
+        return None
+    kernels = [(b, s) for b, s in zip(jax.device_get(jax.tree.leaves(found[0].birth)),
+                                      jax.device_get(jax.tree.leaves(found[0].scale))) if np.ndim(b) >= 2]
+    births = np.concatenate([np.ravel(b) for b, _ in kernels])
+    scales = np.concatenate([np.ravel(s) for _, s in kernels])
+    return [{"stage": int(t), "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+            for t in np.unique(births) for v in [scales[births == t]]]
 
 
 def _shapes_match(params, model, example) -> bool:

@@ -88,6 +88,20 @@ def test_accuracy_above_chance_and_times_recorded(result):
                                                 "lra >= random_pairs", "full >= vt", "full >= lra"}
 
 
+def test_lra_multipliers_recorded_for_lra_runs_only(result):
+    """Stage 0's multiplier is ||W_0|| / ||W_0|| = 1 in every layer; the stage born at the growth
+    step has its own, positive, finite multipliers."""
+    data, _ = result
+    for row in data["rows"]:
+        m = row["lra_multipliers"]
+        if row["method"] not in ("lra", "full"):
+            assert m is None
+            continue
+        assert [s["stage"] for s in m] == [0, 1]
+        assert m[0]["min"] == pytest.approx(1.0) and m[0]["max"] == pytest.approx(1.0)
+        assert 0 < m[1]["min"] <= m[1]["median"] <= m[1]["max"] < np.inf
+
+
 def _script():
     import importlib.util
     spec = importlib.util.spec_from_file_location("grow_vt_script", SCRIPT)
