@@ -285,6 +285,14 @@ def slimming_masks(spec: ps.GateSpec, params, target: float) -> dict[str, np.nda
     return masks(values[hi])
 
 
+def at_capacity(learned: dict, restructurings: list, sizes: dict) -> list[str]:
+    """Groups whose learned width is the width of the last restructuring, below the group's full
+    size: the compacted net had no room left for them to grow (after ``k`` restructurings a group
+    has at most its seed width plus ``k`` margins), so their width was capped, not learned."""
+    last = dict(restructurings[-1][1]) if restructurings else {}
+    return sorted(g for g, n in learned.items() if g in last and n >= last[g] < sizes[g])
+
+
 def _acc(task, state, model, batch_size):
     phase = Phase("eval", 0, lambda spe: optax.identity(), model=model)
     return float(evaluate(task, state, batch_size=batch_size, phase=phase)["test_acc"])
@@ -372,6 +380,7 @@ def run_seed(args, name: str, dataset, seed: int, log=print) -> dict:
         "seed_flops": float(pf.cost(spec, *ps.hard_gates(state.params.logits)) / full_flops),
         "learned_widths": {g: int(len(ex.kept[g])) for g in ex.kept},
         "original_widths": spec.group_sizes,
+        "at_capacity": at_capacity({g: len(ex.kept[g]) for g in ex.kept}, search.widths, spec.group_sizes),
         "blocks_on": list(ex.blocks), "gated_blocks": [b.name for b in spec.blocks],
         "total_channels": int(sum(spec.group_sizes.values())),
         "extract_max_abs_diff": float(np.max(np.abs(np.asarray(extracted) - np.asarray(gated)))),
@@ -383,7 +392,9 @@ def run_seed(args, name: str, dataset, seed: int, log=print) -> dict:
                  "params": pf.full_cost(ps.gate_spec(ex.model, example), "params") / pf.full_cost(spec, "params")})
     log(f"[{name} seed {seed}] full {rows[0]['test_acc']:.4f}; grown {grown_acc:.4f} at {grown_flops:.3f} "
         f"FLOPs (extracted - gated logits {out['search']['extract_max_abs_diff']:.1e}); time search/full "
-        f"{t_search:.1f}/{t_full:.1f} s (compile {c_search:.1f}/{c_full:.1f} s)")
+        f"{t_search:.1f}/{t_full:.1f} s (compile {c_search:.1f}/{c_full:.1f} s)"
+        + (f"; at the compacted net's capacity: {', '.join(out['search']['at_capacity'])}"
+           if out["search"]["at_capacity"] else ""))
 
     # uniform thinning at the grown net's FLOPs (the nearest of all uniform roundings)
     thin, thin_widths, _ = uniform_nearest(spec, grown_flops)

@@ -711,7 +711,11 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
     Between restructurings the search trains the compacted net: training cost falls with the active
     FLOPs. Each segment is one :func:`pae.train.train_phases` call of the phase
     :func:`structured_phases` builds for those epochs (the temperature, key, lr schedule and data
-    order continue as in one run); a new width compiles anew.
+    order continue as in one run); a new width compiles anew. A group can never be wider than the
+    last restructuring made it: with a seed of fraction ``f`` and restructurings at epochs
+    ``e_1 < ... < e_k`` it ends at most ``f + k * margin`` of its size, so restructure often enough
+    (or with a margin large enough) for the budget's widths to fit, or the widths are capped rather
+    than learned (masked full-size training, ``restructure_at=()``, has no cap).
 
     ``state``: ``init_state(spec.model, example, seed, cfg.transform(spec, channels, blocks).init)``.
     ``seed``: the data order (default ``cfg.seed``).

@@ -45,6 +45,10 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
     assert search["train_flops_executed"] == pytest.approx(widths.mean())
     # the extracted net computes the gated (evaluation) logits, at the counted FLOPs
     assert search["extract_max_abs_diff"] < 1e-4
+    # capped groups: learned width == the last restructuring's width < the group's size
+    last = dict(search["widths"][-1][1])
+    assert search["at_capacity"] == sorted(g for g, n in search["learned_widths"].items()
+                                           if g in last and n == last[g] < search["original_widths"][g])
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["grown"]["flops"] == pytest.approx(flops[-1], rel=1e-5)
     assert rows["grown"]["flops"] <= budget + 0.05
@@ -64,6 +68,16 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
                                      "grown_above_uniform", "train_flops_counted", "wallclock_ratio",
                                      "wallclock_ratio_train", "uniform_flops"}
     assert len(saved["per_seed"][0]["timing"]["loadavg"]) == 3
+
+
+def test_at_capacity_names_groups_with_no_room_left():
+    gs = _load()
+    sizes = {"a": 16, "b": 32, "c": 64}
+    restructurings = [(0, {"a": 8, "b": 16, "c": 32}), (5, {"a": 12, "b": 32, "c": 48})]
+    # a: at its last width 12 < 16 (capped); b: at 32, its full size (not capped); c: 40 < 48 (room)
+    assert gs.at_capacity({"a": 12, "b": 32, "c": 40}, restructurings, sizes) == ["a"]
+    assert gs.at_capacity({"a": 11, "b": 30, "c": 48}, restructurings, sizes) == ["c"]
+    assert gs.at_capacity({"a": 11, "b": 30, "c": 48}, [], sizes) == []     # masked full-size search
 
 
 @pytest.mark.parametrize("argv, message", [
