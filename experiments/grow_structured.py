@@ -372,15 +372,16 @@ def run_seed(args, name: str, dataset, seed: int, log=print) -> dict:
     grown_flops = _flops(ex.model, example) / full_flops
     grown_acc = _acc(task, _with_variables(ex.model, example, ex.variables, seed), ex.model, bs)
     hist = search.history
+    learned = {g: int(len(ex.kept[g])) for g in ex.kept}
     out["search"] = {
         "history": [{k: r[k] for k in ("epoch", "segment", "flops", "params", "train_flops", "width_flops",
                                        "channels", "blocks", "lambda", "train_loss", "test_acc",
                                        "epoch_time") if k in r} for r in hist],
         "widths": [[e, w] for e, w in search.widths],
         "seed_flops": float(pf.cost(spec, *ps.hard_gates(state.params.logits)) / full_flops),
-        "learned_widths": {g: int(len(ex.kept[g])) for g in ex.kept},
+        "learned_widths": learned,
         "original_widths": spec.group_sizes,
-        "at_capacity": at_capacity({g: len(ex.kept[g]) for g in ex.kept}, search.widths, spec.group_sizes),
+        "at_capacity": at_capacity(learned, search.widths, spec.group_sizes),
         "blocks_on": list(ex.blocks), "gated_blocks": [b.name for b in spec.blocks],
         "total_channels": int(sum(spec.group_sizes.values())),
         "extract_max_abs_diff": float(np.max(np.abs(np.asarray(extracted) - np.asarray(gated)))),
