@@ -23,8 +23,10 @@ The norms are the raw Frobenius norms, as in the paper's formula (no per-element
 a subnetwork with more elements than ``W_0`` gets a larger multiplier. A stage with ``||W_0|| = 0``
 (or absent) gets multiplier 1. ``W_0`` keeps training, and when its norm grows the multipliers fall
 below 1, so the formula read literally can slow late units down rather than catch them up
-(``experiments/grow_vt.py`` records them per stage; README, growth). Chain it last (after momentum/Adam, weight decay and the schedule),
-as a per-parameter-group learning rate: ``optax.chain(optax.sgd(lr, 0.9), scale_by_birth_stage())``.
+(``experiments/grow_vt.py`` records them per stage; README, growth).
+
+Chain it last (after momentum/Adam, weight decay and the schedule), as a per-parameter-group
+learning rate: ``optax.chain(optax.sgd(lr, 0.9), scale_by_birth_stage())``.
 """
 from __future__ import annotations
 
