@@ -1,12 +1,17 @@
-"""Test-session setup: eight forced CPU devices, so multi-device code paths run on this CPU machine.
+"""Test-session setup: eight forced CPU devices, so multi-device code paths run on this CPU machine,
+and XLA's backend optimization level 1 (of 0-3; the default is 2 or more): tests run many small
+programs a few steps each, so compilation dominates the suite, and at level 1 XLA compiles a program
+several times faster (a PRNG sampler about 8x; the suite about 20 % sooner), while steps run about as
+fast (level 0 compiles faster still but runs steps ~10x slower). Numerics are unchanged within
+float32 rounding.
 
-XLA reads the flag once, when the backend starts, so it must be set before anything imports jax.
+XLA reads the flags once, when the backend starts, so they must be set before anything imports jax.
 """
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=1"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

@@ -1,6 +1,7 @@
 """The train state: one pytree of arrays, so it can be jitted, sharded and checkpointed as a whole."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -25,10 +26,23 @@ class TrainState:
     key: jax.Array
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_init(model: nn.Module, key: jax.Array, example_inputs: jax.Array) -> dict:
+    return model.init({"params": key, "dropout": key}, example_inputs, train=False)
+
+
 def init_variables(model: nn.Module, example_inputs: jax.Array, key: jax.Array) -> dict:
-    """``model.init`` with a clear error when the inputs don't fit the model."""
+    """``model.init`` as one compiled program (op by op, every initializer and layer of a new shape
+    compiles a program of its own: several times slower on CPU), cached per (model, shapes); a model
+    that is not hashable initializes op by op. A clear error when the inputs don't fit the model."""
     try:
-        return model.init({"params": key, "dropout": key}, example_inputs, train=False)
+        hash(model)
+    except TypeError:
+        init = lambda m, k, x: m.init({"params": k, "dropout": k}, x, train=False)  # noqa: E731
+    else:
+        init = _jitted_init
+    try:
+        return init(model, key, example_inputs)
     except Exception as err:  # shape errors surface as many types from deep inside flax/lax
         raise ValueError(
             f"{type(model).__name__} cannot take inputs of shape {tuple(example_inputs.shape)} "
