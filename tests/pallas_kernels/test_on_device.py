@@ -3,7 +3,7 @@
 This is the part of the GPU session's check that needs no timing: the inline PTX dequantization,
 the masked loads/stores and the split-K atomics only run for real here.  Run first on a device:
 
-    pytest -o addopts="" tests/pallas_kernels/test_on_device.py -q     # one process: serial, on the GPU
+    pytest tests/pallas_kernels/test_on_device.py -q
 """
 import dataclasses
 
