@@ -33,3 +33,12 @@ def _directory_bytes(directory) -> dict:
 def directory_bytes():
     """A function ``directory -> {relative path: bytes}``: compare a run directory before and after."""
     return _directory_bytes
+
+
+def pytest_collection_finish(session):
+    """Start the notebooks in the background (tests/test_notebooks.py) when any of their tests was
+    collected: the kernels run alongside the rest of the suite."""
+    for item in session.items:
+        if item.module.__name__.endswith("test_notebooks") and item.name.startswith("test_notebook_executes"):
+            item.module.start_in_background()
+            return

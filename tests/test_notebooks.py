@@ -1,20 +1,24 @@
 """Every notebook in notebooks/ executes top to bottom (their cells carry their own assertions).
 
-The notebooks run two at a time (each in its own kernel process; a kernel compiles on one core much of
-the time, so two share the machine's cores well), with one CPU device as a reader's machine has: the
-eight virtual devices this test session forces are removed from the kernels' ``XLA_FLAGS``.
+Each notebook runs in its own kernel process with one CPU device, as a reader's machine has (the
+eight virtual devices this test session forces are removed from the kernels' ``XLA_FLAGS``). The
+kernels are started in the background when the session's collection is done (``conftest.py``), one
+notebook at a time, so they run alongside the other tests, which compile on one core much of the
+time; the tests here wait for them.
 """
 import asyncio
+import concurrent.futures
 import os
 import pathlib
 import tempfile
+import threading
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-AT_ONCE = 2
+_RESULTS: concurrent.futures.Future = concurrent.futures.Future()
 
 
 def _kernel_env() -> dict:
@@ -24,27 +28,39 @@ def _kernel_env() -> dict:
     return env
 
 
-async def _execute(path: pathlib.Path, slots: asyncio.Semaphore):
+async def _execute(path: pathlib.Path, env: dict):
     """The executed notebook, or the exception its execution raised."""
-    async with slots:
-        notebook = nbformat.read(path, as_version=4)
-        with tempfile.TemporaryDirectory() as workdir:
-            client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                    resources={"metadata": {"path": workdir}})
-            try:
-                await client.async_execute(env=_kernel_env())
-            except Exception as error:  # reported by the notebook's own test below
-                return error
-        return notebook
+    notebook = nbformat.read(path, as_version=4)
+    with tempfile.TemporaryDirectory() as workdir:
+        client = NotebookClient(notebook, timeout=900, kernel_name="python3",
+                                resources={"metadata": {"path": workdir}})
+        try:
+            await client.async_execute(env=env)
+        except Exception as error:  # reported by the notebook's own test below
+            return error
+    return notebook
+
+
+def _run_all(env: dict):
+    async def run_all():
+        return {p: await _execute(p, env) for p in NOTEBOOKS}
+    try:
+        _RESULTS.set_result(asyncio.run(run_all()))
+    except BaseException as error:  # noqa: BLE001  (handed to the tests)
+        _RESULTS.set_exception(error)
+
+
+def start_in_background():
+    """Start executing every notebook in a daemon thread (once), in the environment of now (tests
+    that change variables later do not reach the kernels)."""
+    if not (_RESULTS.running() or _RESULTS.done()) and _RESULTS.set_running_or_notify_cancel():
+        threading.Thread(target=_run_all, args=(_kernel_env(),), name="notebooks", daemon=True).start()
 
 
 @pytest.fixture(scope="module")
 def executed() -> dict:
-    async def run_all():
-        slots = asyncio.Semaphore(AT_ONCE)
-        done = await asyncio.gather(*(_execute(p, slots) for p in NOTEBOOKS))
-        return dict(zip(NOTEBOOKS, done))
-    return asyncio.run(run_all())
+    start_in_background()   # no-op when conftest started it already
+    return _RESULTS.result()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
