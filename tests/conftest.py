@@ -1,8 +1,7 @@
 """Test-session setup: eight forced CPU devices, so multi-device code paths run on this CPU machine,
 and XLA's backend optimization level 1 (of 0-3; the default is higher): tests run many small
-programs a few steps each, so compilation dominates the suite (78 % of the wall time of three of
-its slowest files), and at level 1 XLA compiles faster (``jax.random.normal`` of a small shape
-0.15 s instead of 1.3 s), while steps run about as fast: the whole suite ran 1595 s instead of
+programs a few steps each, so compilation dominates the suite, and at level 1 XLA compiles
+faster while steps run about as fast: the whole suite ran 1595 s instead of
 1815 s on 2 cores (with ``init_variables`` jitted; ``pytest --durations=0``). Level 0 compiles
 faster still but runs steps ~10x slower. Numerics are unchanged within float32 rounding.
 
