@@ -53,7 +53,8 @@ def _run_all(env: dict):
 def start_in_background():
     """Start executing every notebook in a daemon thread (once), in the environment of now (tests
     that change variables later do not reach the kernels)."""
-    if not (_RESULTS.running() or _RESULTS.done()) and _RESULTS.set_running_or_notify_cancel():
+    if not (_RESULTS.running() or _RESULTS.done()):
+        _RESULTS.set_running_or_notify_cancel()
         threading.Thread(target=_run_all, args=(_kernel_env(),), name="notebooks", daemon=True).start()
 
 

@@ -1,7 +1,6 @@
 """The train state: one pytree of arrays, so it can be jitted, sharded and checkpointed as a whole."""
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax
@@ -26,9 +25,11 @@ class TrainState:
     key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _jitted_init(model: nn.Module, key: jax.Array, example_inputs: jax.Array) -> dict:
+def _init(model: nn.Module, key: jax.Array, example_inputs: jax.Array) -> dict:
     return model.init({"params": key, "dropout": key}, example_inputs, train=False)
+
+
+_jitted_init = jax.jit(_init, static_argnums=0)
 
 
 def init_variables(model: nn.Module, example_inputs: jax.Array, key: jax.Array) -> dict:
@@ -38,7 +39,7 @@ def init_variables(model: nn.Module, example_inputs: jax.Array, key: jax.Array) 
     try:
         hash(model)
     except TypeError:
-        init = lambda m, k, x: m.init({"params": k, "dropout": k}, x, train=False)  # noqa: E731
+        init = _init
     else:
         init = _jitted_init
     try:
