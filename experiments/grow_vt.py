@@ -46,7 +46,10 @@ Columns (one process, methods interleaved per seed so load drifts hit all of the
 * wall-clock relative to ``fixed_full``: ``wall`` is the whole ``train_phases`` call; ``train``
   subtracts the time JAX spent tracing, lowering and compiling programs inside it (measured with
   ``jax.monitoring`` duration events). Every width stage is a new shape, so a growing run compiles
-  9 train and 9 eval programs where a fixed run compiles one of each: on the embedded default an
+  9 train and 9 eval programs where a fixed run compiles one of each; stages after the first compile
+  in ``train_phases``' compile-ahead thread while the previous stage trains (``ahead_compile_s``,
+  not subtracted: it overlaps training; ``--no-precompile`` compiles each stage when it starts,
+  the A/B). On the embedded default an
   epoch takes about a second and compilation dominates ``wall``; ``train`` is the wall-clock the
   paper's claim is about (compilation is negligible on CIFAR/ImageNet epochs). ``os.getloadavg()``
   is recorded before and after every run. A persistent compilation cache (``--compilation-cache``,
@@ -164,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LRA's multipliers: frozen at each growth (default) or recomputed every step")
     p.add_argument("--lra-leaves", choices=growth.lra.LRA_LEAVES,
                    help="LRA adapts kernels only (default) or every leaf")
+    p.add_argument("--no-precompile", dest="precompile", action="store_false",
+                   help="compile each width stage when it starts instead of while the previous one "
+                        "trains (train_phases' precompile; an A/B of its wall-clock)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--compilation-cache", default=None,
@@ -251,9 +257,10 @@ def run_one(args, task, model, method: str, seed: int, gradient_batch, macs, n_t
     phases = phases_for(args, method, model, seed, gradient_batch)
     state = init_state(phases[0].model, task.example, seed)
     load0 = os.getloadavg()
-    compiled0 = clock.seconds
+    compiled0, ahead0 = clock.seconds, clock.ahead_seconds
     t0 = time.perf_counter()
-    res = train_phases(task, phases, state, batch_size=args.batch_size, seed=seed)
+    res = train_phases(task, phases, state, batch_size=args.batch_size, seed=seed,
+                       precompile=args.precompile)
     jax.block_until_ready(res.state.params)
     wall = time.perf_counter() - t0
     compile_s = clock.seconds - compiled0
@@ -266,6 +273,7 @@ def run_one(args, task, model, method: str, seed: int, gradient_batch, macs, n_t
             "stage_widths": [p.model.groups() for p in phases], "final_widths": final.groups(),
             "param_shapes_match_final": _shapes_match(res.state.params, final, task.example),
             "wall_s": wall, "compile_s": compile_s, "train_s": wall - compile_s,
+            "ahead_compile_s": clock.ahead_seconds - ahead0,
             "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg()),
             "lra_multipliers": lra_multipliers(res.state.opt_state),
             "history": [{k: v for k, v in r.items() if k in ("phase", "epoch", "train_loss", "test_acc",

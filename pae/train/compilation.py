@@ -13,9 +13,11 @@ in ``train``.
 from __future__ import annotations
 
 import os
+import threading
 
 import jax
 
+AHEAD_THREAD = "pae-compile-ahead"   # the name prefix of train_phases' compile-ahead thread
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
@@ -39,16 +41,22 @@ def enable_compilation_cache(directory: str | None) -> str | None:
 class CompileClock:
     """Cumulative seconds of JAX's tracing, lowering and compilation events since construction
     (read ``seconds`` before and after a timed interval; the difference is that interval's
-    compilation time). Listeners cannot be removed in every supported JAX version, so make one per
-    process (:func:`compile_clock`)."""
+    compilation time). ``seconds`` counts the compilations a run waits for; ``ahead_seconds`` those
+    of :func:`pae.train.train_phases`' compile-ahead thread, which overlap training (waiting for
+    one to finish at a transition counts in neither, so in ``train``). Listeners cannot be removed
+    in every supported JAX version, so make one per process (:func:`compile_clock`)."""
 
     def __init__(self):
         self.seconds = 0.0
+        self.ahead_seconds = 0.0
         jax.monitoring.register_event_duration_secs_listener(self._listen)
 
     def _listen(self, event, duration, **_):
         if event in COMPILE_EVENTS:
-            self.seconds += float(duration)
+            if threading.current_thread().name.startswith(AHEAD_THREAD):
+                self.ahead_seconds += float(duration)
+            else:
+                self.seconds += float(duration)
 
 
 _CLOCK: CompileClock | None = None

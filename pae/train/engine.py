@@ -7,7 +7,9 @@ pure pieces and a function that builds its phases; :func:`train_phases` owns eve
 
 * data iteration (the order of epoch ``e`` is a function of ``(seed, e)`` only), evaluation on every
   split of the :class:`Task`, one compiled train/eval step per distinct phase (a new shape compiles
-  once more);
+  once more); while a phase trains, the next phase's steps compile in a background thread for the
+  shapes its transition will give (``precompile``), so a run of many shapes (growth stages,
+  compactions) does not stop at each transition to compile;
 * records: one row per epoch tagged with the phase name and index (``metrics.jsonl``/``.csv``), one
   progress bar, ``curves.png`` with the phase boundaries marked, ``summary.json`` (the last row of
   every phase);
@@ -31,7 +33,9 @@ import inspect
 import json
 import os
 import sys
+import threading
 import time
+from concurrent import futures
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -44,6 +48,7 @@ from pae import data as pdata
 from pae.core import Context, Transform, identity
 from pae.train import distributed, metrics as pmetrics
 from pae.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError
+from pae.train.compilation import AHEAD_THREAD
 from pae.train.state import TrainState, init_variables
 from pae.train.step import make_eval_step, make_train_step
 
@@ -228,11 +233,13 @@ class _Programs:
     def __init__(self, task: Task, steps_per_epoch: int, batched: bool):
         self.task, self.spe, self.batched = task, steps_per_epoch, batched
         self._cache: dict = {}
+        self._lock = threading.RLock()   # the compile-ahead thread builds programs too
 
     def _get(self, key, build):
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+            return self._cache[key]
 
     def tx(self, phase: Phase) -> optax.GradientTransformation:
         return self._get(("tx", phase.optimizer), lambda: phase.optimizer(self.spe))
@@ -314,6 +321,51 @@ def _abstract_enter(programs: _Programs, phase: Phase, state, snapshots):
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
             jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
         return _abstract(_enter(programs, phase, _zeros(state), _zeros(snapshots)))
+
+
+def _abstract_sharded(tree):
+    """Shape, dtype and sharding of every (device) leaf: what a jitted call is compiled for."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _compile_ahead(programs: _Programs, phase: Phase, state, snapshots, batch, eval_batches,
+                   mesh) -> None:
+    """Compile ``phase``'s train step, eval step and metrics for the shapes its transition will give
+    ``state`` (abstract), so that the phase's first calls find them compiled (jax's jit reuses an
+    executable compiled through ``.lower(...).compile()`` for the same shapes and shardings).
+
+    Best effort, in a background thread: a transition that cannot be replayed on placeholders, or
+    anything else that fails here, only means the phase compiles when it starts, as it would anyway.
+    """
+    try:
+        with np.errstate(all="ignore"):   # a host-side enter replayed on zeros
+            entered = _abstract_enter(programs, phase, state, snapshots)
+        replicated = distributed.replicated(mesh)
+        entered = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                               entered)
+        if phase.optimizer_state == "fresh":   # the transition initializes it from host arrays
+            programs.opt_init(phase).lower(_abstract(entered.params)).compile()
+        ctx = _context(phase, 0)
+        programs.train_step(phase).lower(entered, batch, ctx).compile()
+        for eval_batch in eval_batches:
+            programs.eval_step(phase).lower(entered, eval_batch, ctx).compile()
+        if phase.metrics is not None:
+            programs.metrics(phase).lower(entered, ctx).compile()
+    except Exception:   # noqa: BLE001 - an optimization only; the phase compiles on its own
+        pass
+
+
+def _eval_batch_shapes(task: Task, batch_size: int, mesh) -> list:
+    """The abstract batch of every evaluation split (one shape per split: the last batch is padded)."""
+    shapes = []
+    for source in task.evals.values():
+        batch = next(pdata.iterate_batches(source, batch_size, shuffle=False,
+                                           augment=task.eval_transform,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count(), clamp=True), None)
+        if batch is not None:
+            shapes.append(_abstract_sharded(distributed.shard_batch(batch, mesh)))
+    return shapes
 
 
 def _structure_at(programs, phases, state, position: tuple[int, int]):
@@ -411,7 +463,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                  extend_last_phase: bool = False, on_damaged_checkpoint: str = "raise",
                  progress: bool = False, log: Callable[[str], None] | None = None,
                  callbacks: Sequence[Callable[[dict, TrainState], None]] = (),
-                 title: str = "") -> PhasesResult:
+                 title: str = "", precompile: bool = True) -> PhasesResult:
     """Run ``phases`` in order from ``state`` (see :func:`init_state`) on ``task``.
 
     Args:
@@ -433,6 +485,9 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
       progress: one progress bar over the run's steps, on stderr and only when it is a terminal.
       log: called with one line per epoch (and on resume). ``callbacks``: ``fn(row, state)`` after
         each epoch's checkpoint.
+      precompile: after a phase's first step, compile the next phase's steps in a background
+        thread (for the shapes its ``enter`` will give, replayed on placeholders as on resume);
+        ``False`` compiles each phase when it starts. Results are the same either way.
     """
     phases = list(phases)
     if not phases:
@@ -494,10 +549,15 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
 
     bar = tqdm(total=total_epochs * spe, initial=done_epochs * spe, file=sys.stderr, leave=False,
                disable=not (progress and sys.stderr.isatty()), desc=title or None)
+    ahead = futures.ThreadPoolExecutor(1, thread_name_prefix=AHEAD_THREAD) if precompile else None
+    compiling, eval_shapes = None, None   # the next phase's compilation (a Future); eval batch shapes
     try:
         for p in range(position[0], len(phases)):
             phase = phases[p]
             start = position[1] if p == position[0] else -1
+            if compiling is not None:   # waiting costs less than compiling the same programs again
+                compiling.result()
+                compiling = None
             if start == -1:   # the transition into this phase
                 state = distributed.replicate(_enter(programs, phase, host(state), snapshots), mesh)
                 if 0 in phase.keep:
@@ -506,6 +566,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
             elif start == phase.epochs:
                 continue
             train_step, eval_step = programs.train_step(phase), programs.eval_step(phase)
+            look_ahead = ahead is not None and p + 1 < len(phases) and phases[p + 1].epochs > 0
             for e in range(start, phase.epochs):
                 began = time.perf_counter()
                 ctx = _context(phase, e)
@@ -515,9 +576,18 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                         task.train, batch_size, seed=seed, epoch=data_epoch,
                         drop_remainder=drop_remainder, augment=task.train_transform,
                         process_index=jax.process_index(), process_count=jax.process_count()):
-                    state, m = train_step(state, distributed.shard_batch(batch, mesh), ctx)
+                    batch = distributed.shard_batch(batch, mesh)
+                    state, m = train_step(state, batch, ctx)
                     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
                     bar.update(1)
+                    if look_ahead:   # this phase's step is compiled now; start on the next phase's
+                        look_ahead = False
+                        if eval_shapes is None:
+                            eval_shapes = _eval_batch_shapes(task, eval_batch_size, mesh)
+                        current = _abstract(state)
+                        kept = {**_abstract(snapshots), **{name: current for name in phase.keep.values()}}
+                        compiling = ahead.submit(_compile_ahead, programs, phases[p + 1], current, kept,
+                                                 _abstract_sharded(batch), eval_shapes, mesh)
                 _check_finite(sums, phase, e, ckpt)
                 done_epochs += 1
                 row = {"phase": phase.name, "phase_index": p, "epoch": done_epochs,
@@ -546,6 +616,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                     callback(row, state)
     finally:
         bar.close()
+        if ahead is not None:
+            ahead.shutdown(wait=False, cancel_futures=True)
         if ckpt:
             ckpt.close()
     if jax.process_index() == 0 and workdir is not None and history:

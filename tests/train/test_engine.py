@@ -1,6 +1,7 @@
 """The phase engine: transitions (shape-changing and latent-replacing), snapshots, bit-exact resume at
 every kind of boundary, parallel runs equal to sequential ones, one compile per distinct phase."""
 import json
+import threading
 
 import flax.linen as nn
 import jax
@@ -188,6 +189,36 @@ def test_one_compiled_step_per_distinct_phase(task):
     train_phases(task, phases, init_state(task.model, task.example, 0), batch_size=32)
     # one trace for the train step and one for the eval step, shared by the four phases
     assert len(traces) == 2
+
+
+_COMPILES: list = []   # (thread name, epochs finished so far) of every XLA compilation; see below
+_EPOCHS_DONE = [0]
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **_: _COMPILES.append((threading.current_thread().name, _EPOCHS_DONE[0]))
+    if event.endswith("backend_compile_duration") else None)
+
+
+def _compiles_per_thread(task, precompile):
+    """Where run ``_run`` compiled: ``{thread: [epochs finished when it compiled, ...]}``."""
+    _COMPILES.clear()
+    _EPOCHS_DONE[0] = 0
+    res = _run(task, precompile=precompile, callbacks=[lambda row, state: _EPOCHS_DONE.__setitem__(
+        0, row["epoch"])])
+    found = {}
+    for thread, epochs in _COMPILES:
+        found.setdefault(thread.rstrip("_0123456789"), []).append(epochs)
+    return res, found
+
+
+def test_later_phases_compile_ahead_while_the_previous_one_trains(task):
+    # phases b and c change the model's shapes; their steps compile in the compile-ahead thread
+    # while phase a trains, so the run itself compiles nothing after phase a's first epoch
+    res, where = _compiles_per_thread(task, precompile=True)
+    assert len(where["pae-compile-ahead"]) >= 2 and max(where["MainThread"]) <= 1
+    plain, where_plain = _compiles_per_thread(task, precompile=False)
+    assert "pae-compile-ahead" not in where_plain and {2, 4} <= set(where_plain["MainThread"])
+    _equal(res.state, plain.state)
+    assert res.history == [{**r, "epoch_time": h["epoch_time"]} for r, h in zip(plain.history, res.history)]
 
 
 def test_evaluate_compiles_once_for_repeated_calls_and_after_training(task):
