@@ -8,8 +8,8 @@ pure pieces and a function that builds its phases; :func:`train_phases` owns eve
 * data iteration (the order of epoch ``e`` is a function of ``(seed, e)`` only), evaluation on every
   split of the :class:`Task`, one compiled train/eval step per distinct phase (a new shape compiles
   once more); while a phase trains, the next phase's steps compile in a background thread for the
-  shapes its transition will give (``precompile``), so a run of many shapes (growth stages,
-  compactions) does not stop at each transition to compile;
+  shapes its transition will give (``precompile``), so a run of many shapes (growth stages) does
+  not stop at each transition to compile;
 * records: one row per epoch tagged with the phase name and index (``metrics.jsonl``/``.csv``), one
   progress bar, ``curves.png`` with the phase boundaries marked, ``summary.json`` (the last row of
   every phase);
@@ -330,9 +330,10 @@ def _abstract_sharded(tree):
 
 def _compile_ahead(programs: _Programs, phase: Phase, state, snapshots, batch, eval_batches,
                    mesh) -> None:
-    """Compile ``phase``'s train step, eval step and metrics for the shapes its transition will give
-    ``state`` (abstract), so that the phase's first calls find them compiled (jax's jit reuses an
-    executable compiled through ``.lower(...).compile()`` for the same shapes and shardings).
+    """Compile ``phase``'s train step, eval step, metrics and fresh optimizer init for the shapes its
+    transition will give ``state`` (abstract), so that the phase's first calls find them compiled
+    (jax's jit reuses an executable compiled through ``.lower(...).compile()`` for the same shapes
+    and shardings).
 
     Best effort, in a background thread: a transition that cannot be replayed on placeholders, or
     anything else that fails here, only means the phase compiles when it starts, as it would anyway.
