@@ -328,6 +328,14 @@ def _abstract_sharded(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _host_device():
+    """This process's first CPU device, or None (the default device) where JAX has no CPU backend."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
+
+
 def _compile_ahead(programs: _Programs, phase: Phase, state, snapshots, batch, eval_batches,
                    mesh) -> None:
     """Compile ``phase``'s train step, eval step, metrics and fresh optimizer init for the shapes its
@@ -339,7 +347,9 @@ def _compile_ahead(programs: _Programs, phase: Phase, state, snapshots, batch, e
     anything else that fails here, only means the phase compiles when it starts, as it would anyway.
     """
     try:
-        with np.errstate(all="ignore"):   # a host-side enter replayed on zeros
+        # a host-side enter is replayed on zeros: on the host's CPU device where there is one, so
+        # that the replay never holds a second copy of the state in accelerator memory
+        with np.errstate(all="ignore"), jax.default_device(_host_device()):
             entered = _abstract_enter(programs, phase, state, snapshots)
         replicated = distributed.replicated(mesh)
         entered = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
