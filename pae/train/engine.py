@@ -329,7 +329,10 @@ def _abstract_sharded(tree):
 
 
 def _host_device():
-    """This process's first CPU device, or None (the default device) where JAX has no CPU backend."""
+    """This process's first CPU device when the default backend is an accelerator, else None (the
+    default device: already the host, or JAX has no CPU backend)."""
+    if jax.default_backend() == "cpu":
+        return None
     try:
         return jax.local_devices(backend="cpu")[0]
     except RuntimeError:
@@ -347,8 +350,8 @@ def _compile_ahead(programs: _Programs, phase: Phase, state, snapshots, batch, e
     anything else that fails here, only means the phase compiles when it starts, as it would anyway.
     """
     try:
-        # a host-side enter is replayed on zeros: on the host's CPU device where there is one, so
-        # that the replay never holds a second copy of the state in accelerator memory
+        # a host-side enter is replayed on zeros: on the host's CPU device beside an accelerator,
+        # so that the replay never holds a second copy of the state in accelerator memory
         with np.errstate(all="ignore"), jax.default_device(_host_device()):
             entered = _abstract_enter(programs, phase, state, snapshots)
         replicated = distributed.replicated(mesh)

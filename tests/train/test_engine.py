@@ -13,6 +13,7 @@ import pytest
 from pae import sparsity as sp
 from pae.core import Transform, identity
 from pae.train import CheckpointError, Phase, TrainState, evaluate, init_state, make_task, train_phases
+from pae.train.compilation import AHEAD_THREAD, compile_clock
 
 
 class MLP(nn.Module):
@@ -191,32 +192,41 @@ def test_one_compiled_step_per_distinct_phase(task):
     assert len(traces) == 2
 
 
-_COMPILES: list = []   # (thread name, epochs finished so far) of every XLA compilation; see below
-_EPOCHS_DONE = [0]
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **_: _COMPILES.append((threading.current_thread().name, _EPOCHS_DONE[0]))
-    if event.endswith("backend_compile_duration") else None)
+class _CompileLog:
+    """Where a run compiles: every XLA compilation of the process, as (thread, epochs the run had
+    finished), with :func:`pae.train.compilation.compile_clock`'s seconds over the run."""
+
+    def __init__(self):
+        self.events, self.epochs = [], 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **_):
+        if event.endswith("backend_compile_duration"):
+            self.events.append((threading.current_thread().name, self.epochs))
+
+    def run(self, task, **kw):
+        """``_run(task, **kw)`` and ``{thread name prefix: [epochs finished at each compile]}``."""
+        self.events, self.epochs = [], 0
+        clock = compile_clock()
+        waited, ahead = clock.seconds, clock.ahead_seconds
+        res = _run(task, callbacks=[lambda row, state: setattr(self, "epochs", row["epoch"])], **kw)
+        where = {}
+        for thread, epochs in self.events:
+            where.setdefault(thread.rstrip("_0123456789"), []).append(epochs)
+        return res, where, (clock.seconds - waited, clock.ahead_seconds - ahead)
 
 
-def _compiles_per_thread(task, precompile):
-    """Where run ``_run`` compiled: ``{thread: [epochs finished when it compiled, ...]}``."""
-    _COMPILES.clear()
-    _EPOCHS_DONE[0] = 0
-    res = _run(task, precompile=precompile, callbacks=[lambda row, state: _EPOCHS_DONE.__setitem__(
-        0, row["epoch"])])
-    found = {}
-    for thread, epochs in _COMPILES:
-        found.setdefault(thread.rstrip("_0123456789"), []).append(epochs)
-    return res, found
+_COMPILE_LOG = _CompileLog()   # one listener per process (they cannot be removed in every jax)
 
 
 def test_later_phases_compile_ahead_while_the_previous_one_trains(task):
     # phases b and c change the model's shapes; their steps compile in the compile-ahead thread
     # while phase a trains, so the run itself compiles nothing after phase a's first epoch
-    res, where = _compiles_per_thread(task, precompile=True)
-    assert len(where["pae-compile-ahead"]) >= 2 and max(where["MainThread"]) <= 1
-    plain, where_plain = _compiles_per_thread(task, precompile=False)
-    assert "pae-compile-ahead" not in where_plain and {2, 4} <= set(where_plain["MainThread"])
+    res, where, (_, ahead_s) = _COMPILE_LOG.run(task, precompile=True)
+    assert len(where[AHEAD_THREAD]) >= 2 and max(where["MainThread"]) <= 1 and ahead_s > 0
+    plain, where_plain, (waited_s, ahead_s) = _COMPILE_LOG.run(task, precompile=False)
+    assert AHEAD_THREAD not in where_plain and {2, 4} <= set(where_plain["MainThread"])
+    assert ahead_s == 0 and waited_s > 0
     _equal(res.state, plain.state)
     assert res.history == [{**r, "epoch_time": h["epoch_time"]} for r, h in zip(plain.history, res.history)]
 
