@@ -1,5 +1,7 @@
 """init_variables: model.init as one compiled program, equal to op-by-op init, compiled once per
 (model, shapes), and op by op for a model that cannot be a static argument."""
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 from flax import linen as nn
 
 from pae.models import CifarResNet, get_model
-from pae.train.state import _jitted_init, init_variables
+from pae.train import state
+from pae.train.state import init_variables
 
 
 class _Listed(nn.Module):
@@ -31,28 +34,45 @@ def _assert_equal_trees(a, b):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
 
 
+_COMPILED_IN = []   # the thread of every XLA compilation in this process
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **_: _COMPILED_IN.append(threading.get_ident())
+    if event.endswith("backend_compile_duration") else None)
+
+
+def _compilations(fn, *args):
+    """``fn(*args)`` and how many XLA compilations it ran in this thread."""
+    start = len(_COMPILED_IN)
+    out = fn(*args)
+    return out, _COMPILED_IN[start:].count(threading.get_ident())
+
+
 def test_jitted_init_equals_op_by_op_init_and_compiles_once_per_model_and_shape():
+    # counted as compilations, not as jit cache entries: entries of models that other tests made
+    # leave the cache when those models are garbage collected
     model = CifarResNet(8, 7, (3, 5, 7))     # a model and shape no other test initializes
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
-    key = jax.random.PRNGKey(3)
-    before = _jitted_init._cache_size()
-    got = init_variables(model, x, key)
+    key, other_key = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
+    got, compiled = _compilations(init_variables, model, x, key)
+    assert compiled == 1
     _assert_equal_trees(got, _eager(model, x, key))
-    init_variables(CifarResNet(8, 7, (3, 5, 7)), x, jax.random.PRNGKey(4))   # an equal model
-    assert _jitted_init._cache_size() == before + 1
-    init_variables(CifarResNet(8, 7, (3, 5, 6)), x, key)                     # another model
-    assert _jitted_init._cache_size() == before + 2
+    _, compiled = _compilations(init_variables, CifarResNet(8, 7, (3, 5, 7)), x, other_key)  # equal model
+    assert compiled == 0
+    _, compiled = _compilations(init_variables, CifarResNet(8, 7, (3, 5, 6)), x, key)  # another model
+    assert compiled == 1
 
 
-def test_an_unhashable_model_initializes_op_by_op():
+def test_an_unhashable_model_initializes_op_by_op(monkeypatch):
     model = _Listed([5, 3])
     with pytest.raises(TypeError):
         hash(model)
     x = jnp.ones((2, 4))
     key = jax.random.PRNGKey(1)
-    before = _jitted_init._cache_size()
+
+    def jitted(*args):
+        raise AssertionError("an unhashable model reached the jitted init")
+    monkeypatch.setattr(state, "_jitted_init", jitted)
     _assert_equal_trees(init_variables(model, x, key), _eager(model, x, key))
-    assert _jitted_init._cache_size() == before
 
 
 def test_inputs_that_do_not_fit_are_a_value_error_naming_the_shape():
