@@ -323,6 +323,12 @@ def _abstract_enter(programs: _Programs, phase: Phase, state, snapshots):
         return _abstract(_enter(programs, phase, _zeros(state), _zeros(snapshots)))
 
 
+def _replicated_abstract(tree, mesh):
+    """Every leaf's shape and dtype, replicated over ``mesh``: the state as the run places it."""
+    replicated = distributed.replicated(mesh)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+
+
 def _abstract_sharded(tree):
     """Shape, dtype and sharding of every (device) leaf: what a jitted call is compiled for."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -354,9 +360,7 @@ def _compile_ahead(programs: _Programs, phase: Phase, state, snapshots, batch, e
         # so that the replay never holds a second copy of the state in accelerator memory
         with np.errstate(all="ignore"), jax.default_device(_host_device()):
             entered = _abstract_enter(programs, phase, state, snapshots)
-        replicated = distributed.replicated(mesh)
-        entered = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                               entered)
+        entered = _replicated_abstract(entered, mesh)
         if phase.optimizer_state == "fresh":   # the transition initializes it from host arrays
             programs.opt_init(phase).lower(_abstract(entered.params)).compile()
         ctx = _context(phase, 0)
@@ -461,9 +465,7 @@ def _resume(ckpt, step, programs, phases, state, mesh, extend_last):
                               f"{meta.get('identity')}, this run is {ckpt.identity}. Use another directory.")
     _check_extends(meta.get("phases", []), phases, where, extend_last)
     position = tuple(meta["position"])
-    sharding = distributed.replicated(mesh)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                          _structure_at(programs, phases, state, position))
+    target = _replicated_abstract(_structure_at(programs, phases, state, position), mesh)
     saved, history = ckpt.restore(step, target)
     return position, saved["state"], host(saved["snapshots"]), history
 
@@ -518,6 +520,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if not isinstance(precompile, bool):
+        raise TypeError(f"precompile must be a bool, got {type(precompile).__name__}")
     if on_damaged_checkpoint not in ON_DAMAGED:
         raise ValueError(f"on_damaged_checkpoint must be one of {ON_DAMAGED}, got {on_damaged_checkpoint!r}")
     mesh = task.mesh if task.mesh is not None else distributed.data_mesh()

@@ -226,6 +226,8 @@ def test_later_phases_compile_ahead_while_the_previous_one_trains(task):
     assert len(where[AHEAD_THREAD]) >= 2 and max(where["MainThread"]) <= 1 and ahead_s > 0
     plain, where_plain, (waited_s, ahead_s) = _COMPILE_LOG.run(task, precompile=False)
     assert AHEAD_THREAD not in where_plain and {2, 4} <= set(where_plain["MainThread"])
+    with pytest.raises(TypeError, match="precompile must be a bool, got str"):
+        _run(task, precompile="no")
     assert ahead_s == 0 and waited_s > 0
     _equal(res.state, plain.state)
     assert res.history == [{**r, "epoch_time": h["epoch_time"]} for r, h in zip(plain.history, res.history)]
