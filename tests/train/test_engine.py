@@ -1,7 +1,6 @@
 """The phase engine: transitions (shape-changing and latent-replacing), snapshots, bit-exact resume at
 every kind of boundary, parallel runs equal to sequential ones, one compile per distinct phase."""
 import json
-import threading
 
 import flax.linen as nn
 import jax
@@ -192,39 +191,25 @@ def test_one_compiled_step_per_distinct_phase(task):
     assert len(traces) == 2
 
 
-class _CompileLog:
-    """Where a run compiles: every XLA compilation of the process, as (thread, epochs the run had
-    finished), with :func:`pae.train.compilation.compile_clock`'s seconds over the run."""
-
-    def __init__(self):
-        self.events, self.epochs = [], 0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event, duration, **_):
-        if event.endswith("backend_compile_duration"):
-            self.events.append((threading.current_thread().name, self.epochs))
-
-    def run(self, task, **kw):
-        """``_run(task, **kw)`` and ``{thread name prefix: [epochs finished at each compile]}``."""
-        self.events, self.epochs = [], 0
-        clock = compile_clock()
-        waited, ahead = clock.seconds, clock.ahead_seconds
-        res = _run(task, callbacks=[lambda row, state: setattr(self, "epochs", row["epoch"])], **kw)
-        where = {}
-        for thread, epochs in self.events:
-            where.setdefault(thread.rstrip("_0123456789"), []).append(epochs)
-        return res, where, (clock.seconds - waited, clock.ahead_seconds - ahead)
+def _where_it_compiles(task, log, **kw):
+    """``_run(task, **kw)``, ``{thread name prefix: [epochs finished at each compile]}`` and
+    :func:`pae.train.compilation.compile_clock`'s (waited, ahead) seconds over the run."""
+    log.events, log.tag = [], 0
+    clock = compile_clock()
+    waited, ahead = clock.seconds, clock.ahead_seconds
+    res = _run(task, callbacks=[lambda row, state: setattr(log, "tag", row["epoch"])], **kw)
+    where = {}
+    for thread, epochs in log.events:
+        where.setdefault(thread.rstrip("_0123456789"), []).append(epochs)
+    return res, where, (clock.seconds - waited, clock.ahead_seconds - ahead)
 
 
-_COMPILE_LOG = _CompileLog()   # one listener per process (they cannot be removed in every jax)
-
-
-def test_later_phases_compile_ahead_while_the_previous_one_trains(task):
+def test_later_phases_compile_ahead_while_the_previous_one_trains(task, compile_log):
     # phases b and c change the model's shapes; their steps compile in the compile-ahead thread
     # while phase a trains, so the run itself compiles nothing after phase a's first epoch
-    res, where, (_, ahead_s) = _COMPILE_LOG.run(task, precompile=True)
+    res, where, (_, ahead_s) = _where_it_compiles(task, compile_log, precompile=True)
     assert len(where[AHEAD_THREAD]) >= 2 and max(where["MainThread"]) <= 1 and ahead_s > 0
-    plain, where_plain, (waited_s, ahead_s) = _COMPILE_LOG.run(task, precompile=False)
+    plain, where_plain, (waited_s, ahead_s) = _where_it_compiles(task, compile_log, precompile=False)
     assert AHEAD_THREAD not in where_plain and {2, 4} <= set(where_plain["MainThread"])
     with pytest.raises(TypeError, match="precompile must be a bool, got str"):
         _run(task, precompile="no")

@@ -1,7 +1,5 @@
 """init_variables: model.init as one compiled program, equal to op-by-op init, compiled once per
 (model, shapes), and op by op for a model that cannot be a static argument."""
-import threading
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,31 +32,19 @@ def _assert_equal_trees(a, b):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
 
 
-_COMPILED_IN = []   # the thread of every XLA compilation in this process
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **_: _COMPILED_IN.append(threading.get_ident())
-    if event.endswith("backend_compile_duration") else None)
-
-
-def _compilations(fn, *args):
-    """``fn(*args)`` and how many XLA compilations it ran in this thread."""
-    start = len(_COMPILED_IN)
-    out = fn(*args)
-    return out, _COMPILED_IN[start:].count(threading.get_ident())
-
-
-def test_jitted_init_equals_op_by_op_init_and_compiles_once_per_model_and_shape():
+def test_jitted_init_equals_op_by_op_init_and_compiles_once_per_model_and_shape(compile_log):
     # counted as compilations, not as jit cache entries: entries of models that other tests made
     # leave the cache when those models are garbage collected
     model = CifarResNet(8, 7, (3, 5, 7))     # a model and shape no other test initializes
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
     key, other_key = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
-    got, compiled = _compilations(init_variables, model, x, key)
+    got, compiled = compile_log.compilations(init_variables, model, x, key)
     assert compiled == 1
     _assert_equal_trees(got, _eager(model, x, key))
-    _, compiled = _compilations(init_variables, CifarResNet(8, 7, (3, 5, 7)), x, other_key)  # equal model
+    equal, other = CifarResNet(8, 7, (3, 5, 7)), CifarResNet(8, 7, (3, 5, 6))
+    _, compiled = compile_log.compilations(init_variables, equal, x, other_key)
     assert compiled == 0
-    _, compiled = _compilations(init_variables, CifarResNet(8, 7, (3, 5, 6)), x, key)  # another model
+    _, compiled = compile_log.compilations(init_variables, other, x, key)
     assert compiled == 1
 
 
