@@ -98,18 +98,20 @@ PAPER_MODELS = {
 }
 PAPER_FLAGS = dict(dataset="cifar10", epochs=160, batch_size=128, lr=0.1, mask_lr=0.1,
                    weight_decay=1e-4, beta_final=200.0, lmbda=5.0, slim_finetune=40,
-                   restructure_at=[0, 10, 20, 40, 80])
+                   restructure_at=[0, 10, 20, 40, 80], margin=[0.25, 0.25, 0.25, 0.25, 0.0])
 #: per-preset overrides of PAPER_FLAGS (ImageNet: the usual ResNet-50 protocol; unverified for the paper)
 PAPER_PRESET_FLAGS = {
     "imagenet-resnet50": dict(dataset="imagenet2012", epochs=90, batch_size=256, lr=0.1, mask_lr=0.1,
                               weight_decay=1e-4, beta_final=200.0, lmbda=5.0, budget=0.5,
-                              slim_finetune=20, restructure_at=[0, 5, 10, 20, 40]),
+                              slim_finetune=20, restructure_at=[0, 5, 10, 20, 40],
+                              margin=[0.25, 0.25, 0.25, 0.25, 0.0]),
 }
 UNSUPPORTED: dict[str, str] = {}
 
 DEFAULTS = dict(models=["resnet20", "vgg8s"], dataset="digits", epochs=16, batch_size=128, lr=0.05,
                 mask_lr=1.0, weight_decay=1e-4, beta_final=10.0, lmbda=30.0, budget=0.5,
-                margin=0.25, restructure_at=[0, 5], slim_l1=1e-4, slim_finetune=5)
+                margin=[0.25, 0.25, 0.0], restructure_at=[0, 3, 6], penalize="count", slim_l1=1e-4,
+                slim_finetune=5, methods=list(METHODS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,10 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta-final", type=float, help="final temperature (default 10)")
     p.add_argument("--lmbda", type=float, help="lambda_base of the budget-aware penalty (default 30)")
     p.add_argument("--budget", type=float, help="inference-FLOPs budget in (0, 1] (default 0.5)")
-    p.add_argument("--margin", type=float, help="growth margin of a restructuring (default 0.25)")
+    p.add_argument("--penalize", choices=ps.PENALTIES,
+                   help="what lambda_t multiplies: the indicators' unweighted L1 ('count', CSQ's form; "
+                        "default) or the expected FLOPs ('cost')")
+    p.add_argument("--margin", type=float, nargs="+",
+                   help="growth margin of each restructuring, or one for all (default 0.25 0.25 0: "
+                        "grow, grow, then settle on the active channels; 0.25 with --restructure-at)")
     p.add_argument("--restructure-at", type=int, nargs="*",
-                   help="epochs at which the search is restructured (default 0 5); none: masked "
+                   help="epochs at which the search is restructured (default 0 3 6); none: masked "
                         "full-size training")
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   help=f"the methods to run (default all: {' '.join(METHODS)}); 'grown' is timed "
+                        f"against 'full' when both run")
     p.add_argument("--slim-l1", type=float, help="network slimming's L1 on BN scales (default 1e-4)")
     p.add_argument("--slim-finetune", type=int, help="network slimming's fine-tuning epochs (default 5)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -154,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args):
     if args.paper in UNSUPPORTED:
         raise ValueError(f"--paper {args.paper}: {UNSUPPORTED[args.paper]}")
+    if args.restructure_at is not None and args.margin is None:
+        args.margin = [0.25]       # the default margins go with the default restructurings
     out = fill_unset(args, DEFAULTS, PAPER_FLAGS if args.paper else {}, PAPER_PRESET_FLAGS.get(args.paper, {}),
                      {"models": [args.paper]} if args.paper else {})
     if not 0 < out.budget <= 1:
@@ -164,6 +176,16 @@ def resolve(args):
         raise ValueError(f"--slim-finetune must be in [1, epochs), got {out.slim_finetune}")
     if any(not 0 <= e < out.epochs for e in out.restructure_at):
         raise ValueError(f"--restructure-at epochs must be in [0, {out.epochs}), got {out.restructure_at}")
+    if len(set(out.restructure_at)) != len(out.restructure_at):
+        raise ValueError(f"--restructure-at epochs must be distinct, got {out.restructure_at}")
+    if any(not 0 <= m <= 1 for m in out.margin):
+        raise ValueError(f"--margin values must be in [0, 1], got {out.margin}")
+    if len(out.margin) == 1 or not out.restructure_at:
+        out.margin = out.margin[:1] * len(out.restructure_at)
+    elif out.restructure_at and len(out.margin) != len(out.restructure_at):
+        raise ValueError(f"--margin: give one value or one per --restructure-at epoch "
+                         f"({len(out.restructure_at)}), got {len(out.margin)}")
+    out.methods = [m for m in METHODS if m in out.methods]
     return out
 
 
@@ -203,15 +225,9 @@ def _flops(model, example) -> float:
 
 
 def width_flops(spec: ps.GateSpec, widths: dict[str, int]) -> float:
-    """Inference FLOPs (multiply-accumulates per example) of ``spec``'s net with ``widths[group]``
-    channels per group, all blocks on: ``sum over layers taps * C_in * C_out`` with a group's
-    ``C`` its width (the count of :func:`pae.growth.flops.cost` for prefix masks, in host floats)."""
-    size = spec.group_sizes
-
-    def c(group, n):
-        return n if group is None else widths.get(group, size[group])
-    return float(sum(layer.taps * c(layer.in_group, layer.in_size) * c(layer.out_group, layer.out_size)
-                     for layer in spec.layers))
+    """Inference FLOPs of ``spec``'s net with ``widths[group]`` channels per group (the others
+    full), all blocks on: :func:`pae.growth.flops.cost` with that many gates on per group."""
+    return float(pf.cost(spec, {g: np.ones(w, np.float32) for g, w in widths.items()}, {}))
 
 
 def uniform_candidates(spec: ps.GateSpec):
@@ -285,11 +301,14 @@ def slimming_masks(spec: ps.GateSpec, params, target: float) -> dict[str, np.nda
     return masks(values[hi])
 
 
-def at_capacity(learned: dict, restructurings: list, sizes: dict) -> list[str]:
-    """Groups whose learned width is the width of the last restructuring, below the group's full
-    size: the compacted net had no room left for them to grow (after ``k`` restructurings a group
-    has at most its seed width plus ``k`` margins), so their width was capped, not learned."""
-    last = dict(restructurings[-1][1]) if restructurings else {}
+def at_capacity(learned: dict, restructurings: list, sizes: dict, margins=None) -> list[str]:
+    """Groups whose learned width is the width of the last growing restructuring (``margins``: one
+    per restructuring, default all > 0; a settling one, margin 0, only cuts to the active
+    channels), below the group's full size: the compacted net had no room left for them to grow
+    (after ``k`` growing restructurings a group has at most its seed width plus ``k`` margins), so
+    their width was capped, not learned."""
+    growing = [w for i, (_, w) in enumerate(restructurings) if margins is None or margins[i] > 0]
+    last = dict(growing[-1]) if growing else {}
     return sorted(g for g, n in learned.items() if g in last and n >= last[g] < sizes[g])
 
 
@@ -322,107 +341,113 @@ def run_seed(args, name: str, dataset, seed: int, log=print) -> dict:
     task = make_task(model, dataset, eval_splits=("test",))
     example = np.asarray(dataset.example_inputs())
     spec = ps.gate_spec(model, example)
-    full_flops = pf.full_cost(spec)
+    full_flops, full_params = pf.full_cost(spec), pf.full_cost(spec, "params")
     cfg = ps.StructuredConfig(epochs=args.epochs, lr=args.lr, mask_lr=args.mask_lr,
                               weight_decay=args.weight_decay, beta_final=args.beta_final,
-                              lmbda=args.lmbda, budget=args.budget, seed=seed)
+                              lmbda=args.lmbda, budget=args.budget, penalize=args.penalize, seed=seed)
     bs, E = args.batch_size, args.epochs
     rows, out = [], {"seed": seed}
     quiet = lambda s: None  # noqa: E731
-
-    # full training and the search, timed one after the other; compile: JAX's tracing, lowering and
-    # compilation seconds inside each (pae.train.compilation), train = wall - compile
     clock = compile_clock()
+
+    def timed(fn):
+        """``(result, wall seconds, compile seconds, load average after)``: compile is JAX's tracing,
+        lowering and compilation inside ``fn`` (pae.train.compilation); train = wall - compile."""
+        c0, t0 = clock.seconds, time.perf_counter()
+        result = fn()
+        return result, time.perf_counter() - t0, clock.seconds - c0, os.getloadavg()
+
+    def row(method, net, acc, **extra):
+        return {"method": method, "flops": _flops(net, example) / full_flops, "test_acc": acc, "epochs": E,
+                "params": pf.full_cost(ps.gate_spec(net, example), "params") / full_params, **extra}
+
+    # full training and the search, timed one after the other
     load0 = os.getloadavg()
-    c0, t0 = clock.seconds, time.perf_counter()
-    full = train_phases(task, [Phase("full", E, dense_optimizer(cfg, E))], init_state(model, example, seed),
-                        batch_size=bs, seed=seed, log=quiet)
-    t_full, c_full = time.perf_counter() - t0, clock.seconds - c0
-    load1 = os.getloadavg()
-    state = init_state(model, example, seed, cfg.transform(spec).init)
-    c0, t0 = clock.seconds, time.perf_counter()
-    search = ps.structured_search(task, cfg, spec, state, batch_size=bs,
-                                  restructure_at=args.restructure_at, margin=args.margin, log=quiet)
-    t_search, c_search = time.perf_counter() - t0, clock.seconds - c0
-    load2 = os.getloadavg()
-    s_full, s_search = _steady(full.history, "phase"), _steady(search.history, "segment")
-    out["timing"] = {"full_s": t_full, "search_s": t_search, "ratio": t_search / t_full,
-                     "full_compile_s": c_full, "search_compile_s": c_search,
-                     "ratio_train": (t_search - c_search) / (t_full - c_full),
-                     "full_epoch_times": [r["epoch_time"] for r in full.history],
-                     "search_epoch_times": [r["epoch_time"] for r in search.history],
-                     "ratio_steady": float(np.mean(s_search) / np.mean(s_full)) if s_full and s_search
-                     else float("nan"),
-                     "loadavg": [list(load0), list(load1), list(load2)]}
-    rows.append({"method": "full", "flops": 1.0, "test_acc": full.history[-1]["test_acc"], "epochs": E,
-                 "params": pf.full_cost(spec, "params") / pf.full_cost(spec, "params")})
+    if "full" in args.methods:
+        full, t_full, c_full, load1 = timed(lambda: train_phases(
+            task, [Phase("full", E, dense_optimizer(cfg, E))], init_state(model, example, seed),
+            batch_size=bs, seed=seed, log=quiet))
+        rows.append(row("full", model, full.history[-1]["test_acc"]))
+        log(f"[{name} seed {seed}] full {rows[-1]['test_acc']:.4f} ({t_full:.1f} s, compile {c_full:.1f} s)")
+    target = args.budget
+    if "grown" in args.methods:
+        state = init_state(model, example, seed, cfg.transform(spec).init)
+        search, t_search, c_search, load2 = timed(lambda: ps.structured_search(
+            task, cfg, spec, state, batch_size=bs, restructure_at=args.restructure_at, margin=args.margin,
+            log=quiet))
+        if "full" in args.methods:
+            s_full, s_search = _steady(full.history, "phase"), _steady(search.history, "segment")
+            out["timing"] = {"full_s": t_full, "search_s": t_search, "ratio": t_search / t_full,
+                             "full_compile_s": c_full, "search_compile_s": c_search,
+                             "ratio_train": (t_search - c_search) / (t_full - c_full),
+                             "full_epoch_times": [r["epoch_time"] for r in full.history],
+                             "search_epoch_times": [r["epoch_time"] for r in search.history],
+                             "ratio_steady": float(np.mean(s_search) / np.mean(s_full)) if s_full and s_search
+                             else float("nan"),
+                             "loadavg": [list(load0), list(load1), list(load2)]}
 
-    # extraction: logits equal the gated (evaluation) logits
-    current, st = search.spec, search.state
-    ex = pe.extract(current, st.params, st.batch_stats)
-    test = dataset["test"]
-    first = test.take(np.arange(min(256, len(test))))          # any source (arrays or tfds records)
-    eval_tf = dataset.transform(False)
-    x_test = np.asarray((eval_tf(first, np.random.default_rng(0)) if eval_tf else first)["inputs"],
-                        np.float32)
-    t = cfg.transform(current, reference=spec)
-    gated = current.model.apply({"params": t.apply(st.params, Context.make(beta=cfg.beta_final, train=False)),
-                                 "batch_stats": st.batch_stats}, x_test)
-    extracted = ex.model.apply(ex.variables, x_test)
-    grown_flops = _flops(ex.model, example) / full_flops
-    grown_acc = _acc(task, _with_variables(ex.model, example, ex.variables, seed), ex.model, bs)
-    hist = search.history
-    learned = {g: int(len(ex.kept[g])) for g in ex.kept}
-    out["search"] = {
-        "history": [{k: r[k] for k in ("epoch", "segment", "flops", "params", "train_flops", "width_flops",
-                                       "channels", "blocks", "lambda", "train_loss", "test_acc",
-                                       "epoch_time") if k in r} for r in hist],
-        "widths": [[e, w] for e, w in search.widths],
-        "seed_flops": float(pf.cost(spec, *ps.hard_gates(state.params.logits)) / full_flops),
-        "learned_widths": learned,
-        "original_widths": spec.group_sizes,
-        "at_capacity": at_capacity(learned, search.widths, spec.group_sizes),
-        "blocks_on": list(ex.blocks), "gated_blocks": [b.name for b in spec.blocks],
-        "total_channels": int(sum(spec.group_sizes.values())),
-        "extract_max_abs_diff": float(np.max(np.abs(np.asarray(extracted) - np.asarray(gated)))),
-        "gated_acc_last_epoch": hist[-1]["test_acc"],
-        "train_flops_counted": float(np.mean([r["train_flops"] for r in hist])),
-        "train_flops_executed": float(np.mean([r["width_flops"] for r in hist])),
-    }
-    rows.append({"method": "grown", "flops": grown_flops, "test_acc": grown_acc, "epochs": E,
-                 "params": pf.full_cost(ps.gate_spec(ex.model, example), "params") / pf.full_cost(spec, "params")})
-    log(f"[{name} seed {seed}] full {rows[0]['test_acc']:.4f}; grown {grown_acc:.4f} at {grown_flops:.3f} "
-        f"FLOPs (extracted - gated logits {out['search']['extract_max_abs_diff']:.1e}); time search/full "
-        f"{t_search:.1f}/{t_full:.1f} s (compile {c_search:.1f}/{c_full:.1f} s)"
-        + (f"; at the compacted net's capacity: {', '.join(out['search']['at_capacity'])}"
-           if out["search"]["at_capacity"] else ""))
+        # extraction: logits equal the gated (evaluation) logits
+        current, st = search.spec, search.state
+        ex = pe.extract(current, st.params, st.batch_stats)
+        test = dataset["test"]
+        first = test.take(np.arange(min(256, len(test))))          # any source (arrays or tfds records)
+        eval_tf = dataset.transform(False)
+        x_test = np.asarray((eval_tf(first, np.random.default_rng(0)) if eval_tf else first)["inputs"],
+                            np.float32)
+        t = cfg.transform(current, reference=spec)
+        gated = current.model.apply({"params": t.apply(st.params, Context.make(beta=cfg.beta_final, train=False)),
+                                     "batch_stats": st.batch_stats}, x_test)
+        extracted = ex.model.apply(ex.variables, x_test)
+        grown_acc = _acc(task, _with_variables(ex.model, example, ex.variables, seed), ex.model, bs)
+        hist = search.history
+        learned = {g: int(len(ex.kept[g])) for g in ex.kept}
+        out["search"] = {
+            "history": [{k: r[k] for k in ("epoch", "segment", "flops", "params", "train_flops", "width_flops",
+                                           "channels", "blocks", "lambda", "train_loss", "test_acc",
+                                           "epoch_time") if k in r} for r in hist],
+            "widths": [[e, w] for e, w in search.widths],
+            "seed_flops": float(pf.cost(spec, *ps.hard_gates(state.params.logits)) / full_flops),
+            "learned_widths": learned,
+            "original_widths": spec.group_sizes,
+            "at_capacity": at_capacity(learned, search.widths, spec.group_sizes, args.margin),
+            "blocks_on": list(ex.blocks), "gated_blocks": [b.name for b in spec.blocks],
+            "total_channels": int(sum(spec.group_sizes.values())),
+            "extract_max_abs_diff": float(np.max(np.abs(np.asarray(extracted) - np.asarray(gated)))),
+            "gated_acc_last_epoch": hist[-1]["test_acc"],
+            "train_flops_counted": float(np.mean([r["train_flops"] for r in hist])),
+            "train_flops_executed": float(np.mean([r["width_flops"] for r in hist])),
+        }
+        rows.append(row("grown", ex.model, grown_acc))
+        target = rows[-1]["flops"]
+        log(f"[{name} seed {seed}] grown {grown_acc:.4f} at {target:.3f} FLOPs (extracted - gated logits "
+            f"{out['search']['extract_max_abs_diff']:.1e}); search {t_search:.1f} s (compile {c_search:.1f} s)"
+            + (f"; at the compacted net's capacity: {', '.join(out['search']['at_capacity'])}"
+               if out["search"]["at_capacity"] else ""))
 
-    # uniform thinning at the grown net's FLOPs (the nearest of all uniform roundings)
-    thin, thin_widths, _ = uniform_nearest(spec, grown_flops)
-    u = train_phases(task, [Phase("uniform", E, dense_optimizer(cfg, E), model=thin)],
-                     init_state(thin, example, seed), batch_size=bs, seed=seed, log=quiet)
-    rows.append({"method": "uniform", "flops": _flops(thin, example) / full_flops, "widths": thin_widths,
-                 "test_acc": u.history[-1]["test_acc"], "epochs": E,
-                 "params": pf.full_cost(ps.gate_spec(thin, example), "params") / pf.full_cost(spec, "params")})
+    # the baselines at the grown net's FLOPs (the budget when the search is not run)
+    if "uniform" in args.methods:     # uniform thinning (the nearest of all uniform roundings)
+        thin, thin_widths, _ = uniform_nearest(spec, target)
+        u = train_phases(task, [Phase("uniform", E, dense_optimizer(cfg, E), model=thin)],
+                         init_state(thin, example, seed), batch_size=bs, seed=seed, log=quiet)
+        rows.append(row("uniform", thin, u.history[-1]["test_acc"], widths=thin_widths))
+        log(f"[{name} seed {seed}] uniform {rows[-1]['test_acc']:.4f} at {rows[-1]['flops']:.3f}")
 
-    # network slimming: L1 on BN scales, prune to the grown net's FLOPs, fine-tune
-    F = args.slim_finetune
-    sparse = train_phases(task, [Phase("slim_train", E - F, dense_optimizer(cfg, E - F), bn_l1(args.slim_l1))],
-                          init_state(model, example, seed), batch_size=bs, seed=seed, log=quiet)
-    sp_state = host(sparse.state)
-    group_masks = slimming_masks(spec, sp_state.params, grown_flops)
-    layer_masks = {layer.path: group_masks[layer.out_group] for layer in spec.layers if layer.out_group}
-    pruned = pe.extract_masked(spec, sp_state.params, sp_state.batch_stats, layer_masks)
-    pstate = _with_variables(pruned.model, example, pruned.variables, seed)
-    acc_pruned = _acc(task, pstate, pruned.model, bs)
-    ft = train_phases(task, [Phase("slim_finetune", F, dense_optimizer(cfg, F, cfg.lr * 0.1),
-                                   model=pruned.model, data_epochs_from=E - F)],
-                      pstate, batch_size=bs, seed=seed, log=quiet)
-    rows.append({"method": "slimming", "flops": _flops(pruned.model, example) / full_flops,
-                 "test_acc": ft.history[-1]["test_acc"], "test_acc_pruned": acc_pruned, "epochs": E,
-                 "params": pf.full_cost(ps.gate_spec(pruned.model, example), "params") / pf.full_cost(spec, "params")})
-    log(f"[{name} seed {seed}] uniform {rows[2]['test_acc']:.4f} at {rows[2]['flops']:.3f}; slimming "
-        f"{rows[3]['test_acc']:.4f} at {rows[3]['flops']:.3f} (before fine-tuning {acc_pruned:.4f})")
+    if "slimming" in args.methods:    # L1 on BN scales, prune to the grown net's FLOPs, fine-tune
+        F = args.slim_finetune
+        sparse = train_phases(task, [Phase("slim_train", E - F, dense_optimizer(cfg, E - F), bn_l1(args.slim_l1))],
+                              init_state(model, example, seed), batch_size=bs, seed=seed, log=quiet)
+        sp_state = host(sparse.state)
+        group_masks = slimming_masks(spec, sp_state.params, target)
+        layer_masks = {layer.path: group_masks[layer.out_group] for layer in spec.layers if layer.out_group}
+        pruned = pe.extract_masked(spec, sp_state.params, sp_state.batch_stats, layer_masks)
+        pstate = _with_variables(pruned.model, example, pruned.variables, seed)
+        acc_pruned = _acc(task, pstate, pruned.model, bs)
+        ft = train_phases(task, [Phase("slim_finetune", F, dense_optimizer(cfg, F, cfg.lr * 0.1),
+                                       model=pruned.model, data_epochs_from=E - F)],
+                          pstate, batch_size=bs, seed=seed, log=quiet)
+        rows.append(row("slimming", pruned.model, ft.history[-1]["test_acc"], test_acc_pruned=acc_pruned))
+        log(f"[{name} seed {seed}] slimming {rows[-1]['test_acc']:.4f} at {rows[-1]['flops']:.3f} "
+            f"(before fine-tuning {acc_pruned:.4f})")
     out["rows"] = [{"seed": seed, **r} for r in rows]
     return out
 
@@ -444,27 +469,31 @@ def summarize(rows):
 
 
 def targets(per_seed, summary, budget):
+    """The issue's targets that the methods run can tell (all of them when every method ran)."""
     by = {r["method"]: r for r in summary}
-    counted = float(np.mean([s["search"]["train_flops_counted"] for s in per_seed]))
-    executed = float(np.mean([s["search"]["train_flops_executed"] for s in per_seed]))
-    ratio = float(np.mean([s["timing"]["ratio"] for s in per_seed]))
-    steady = float(np.mean([s["timing"]["ratio_steady"] for s in per_seed]))
-    train = float(np.mean([s["timing"].get("ratio_train", np.nan) for s in per_seed]))
-    return {
-        "seeds": len(per_seed),
-        "grown_flops_le_budget": bool(max(r["flops"] for s in per_seed for r in s["rows"]
-                                          if r["method"] == "grown") <= budget + 1e-9),
-        "grown_within_1pt_of_full": by["grown"]["test_acc"] >= by["full"]["test_acc"] - 0.01,
-        "grown_above_uniform": by["grown"]["test_acc"] > by["uniform"]["test_acc"],
-        "grown_flops": by["grown"]["flops"], "uniform_flops": by["uniform"]["flops"],
-        "grown_above_slimming": by["grown"]["test_acc"] > by["slimming"]["test_acc"],
-        "train_flops_counted": counted, "train_flops_counted_le_0.6": counted <= 0.6,
-        "train_flops_executed": executed, "train_flops_executed_le_0.6": executed <= 0.6,
-        "wallclock_ratio": ratio, "wallclock_le_0.75": ratio <= 0.75,
-        "wallclock_ratio_steady": steady, "wallclock_steady_le_0.75": steady <= 0.75,
-        "wallclock_ratio_train": train, "wallclock_train_le_0.75": train <= 0.75,
-        "extract_max_abs_diff": float(max(s["search"]["extract_max_abs_diff"] for s in per_seed)),
-    }
+    out = {"seeds": len(per_seed)}
+    if "grown" not in by:
+        return out
+    out["grown_flops_le_budget"] = bool(max(r["flops"] for s in per_seed for r in s["rows"]
+                                            if r["method"] == "grown") <= budget + 1e-9)
+    out["grown_flops"] = by["grown"]["flops"]
+    if "full" in by:
+        out["grown_within_1pt_of_full"] = by["grown"]["test_acc"] >= by["full"]["test_acc"] - 0.01
+    for peer in ("uniform", "slimming"):
+        if peer in by:
+            out[f"grown_above_{peer}"] = by["grown"]["test_acc"] > by[peer]["test_acc"]
+            out[f"{peer}_flops"] = by[peer]["flops"]
+    for kind in ("counted", "executed"):
+        v = float(np.mean([s["search"][f"train_flops_{kind}"] for s in per_seed]))
+        out[f"train_flops_{kind}"], out[f"train_flops_{kind}_le_0.6"] = v, v <= 0.6
+    if all("timing" in s for s in per_seed):
+        for field, name, met in (("ratio", "wallclock_ratio", "wallclock_le_0.75"),
+                                 ("ratio_steady", "wallclock_ratio_steady", "wallclock_steady_le_0.75"),
+                                 ("ratio_train", "wallclock_ratio_train", "wallclock_train_le_0.75")):
+            v = float(np.mean([s["timing"][field] for s in per_seed]))
+            out[name], out[met] = v, v <= 0.75
+    out["extract_max_abs_diff"] = float(max(s["search"]["extract_max_abs_diff"] for s in per_seed))
+    return out
 
 
 def table(summary) -> str:
@@ -570,20 +599,23 @@ def main(argv=None) -> dict:
         result = run_model(args, name, dataset)
         base = os.path.join(args.out_dir, f"grow_structured_{name}_{args.name or args.dataset}")
         atomic_write(base + ".json", json.dumps(result, indent=1, default=float))
-        if not args.no_plot:
+        drawn = not args.no_plot and "grown" in args.methods     # the figure shows the search
+        if drawn:
             plot(result, base + ".png", f"{name} on {args.dataset}: grown (budget {args.budget}) vs "
-                                        f"full, uniform, slimming ({len(args.seeds)} seeds, {args.epochs} epochs)")
+                                        f"{', '.join(m for m in args.methods if m != 'grown')} "
+                                        f"({len(args.seeds)} seeds, {args.epochs} epochs)")
         print(f"== {name} on {args.dataset} ({len(args.seeds)} seeds, {args.epochs} epochs)")
         print(table(result["summary"]))
         tg = result["targets"]
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in tg.items()}))
-        loads = [s["timing"]["loadavg"] for s in result["per_seed"]]
-        print("wall-clock search/full per seed: " + ", ".join(
-            f"{s['timing']['search_s']:.1f}/{s['timing']['full_s']:.1f} s (compile "
-            f"{s['timing']['search_compile_s']:.1f}/{s['timing']['full_compile_s']:.1f} s)"
-            for s in result["per_seed"])
-              + f"; load average (1 min) at the timings: {[[round(l[0], 2) for l in x] for x in loads]}")
-        print(f"wrote {base}.json" + ("" if args.no_plot else f" and {base}.png"))
+        if all("timing" in s for s in result["per_seed"]):
+            loads = [s["timing"]["loadavg"] for s in result["per_seed"]]
+            print("wall-clock search/full per seed: " + ", ".join(
+                f"{s['timing']['search_s']:.1f}/{s['timing']['full_s']:.1f} s (compile "
+                f"{s['timing']['search_compile_s']:.1f}/{s['timing']['full_compile_s']:.1f} s)"
+                for s in result["per_seed"])
+                  + f"; load average (1 min) at the timings: {[[round(l[0], 2) for l in x] for x in loads]}")
+        print(f"wrote {base}.json" + (f" and {base}.png" if drawn else ""))
         results[name] = result
     return results
 

@@ -58,6 +58,12 @@ Budget-aware penalty (the form of CSQ's code; whether the paper uses exactly thi
 ``C`` is :func:`pae.growth.flops.cost`; at the probabilities it is the expected cost of the sampled
 net (the relaxed, FLOPs-weighted L1 penalty of the indicators). Below budget ``lambda_t < 0``
 rewards switching components on (growth from the seed), above it the penalty prunes.
+``penalize="count"`` multiplies ``lambda_t`` by the *unweighted* L1 instead, as CSQ's code does
+(``sum sigmoid(beta s) / N`` over the ``N`` gated channels and blocks; ``u_t`` stays the FLOPs
+fraction). The two grow different nets: with the cost-weighted reward the channels that cost most
+(early, high-resolution layers) grow fastest, and since ``lambda_t`` is near 0 once the budget is
+reached, the net keeps the shape its growth gave it; with the count every indicator gets the same
+push and the task gradient decides which grow (``experiments/grow_structured.py --penalize``).
 
 Training savings (a choice of this implementation; the paper's schedule is unverified): masked
 full-size training (:func:`structured_phases`) costs what full training costs. Compaction trains the
@@ -91,6 +97,7 @@ from pae.sparsity.cs import temperature_schedule
 from pae.train.engine import Phase
 
 ESTIMATORS = ("straight_through", "scaled")
+PENALTIES = ("cost", "count")
 MEASURES = pflops.MEASURES
 SUPPORTED = ("pae.models.CifarResNet (resnet20/32/56), pae.models.ResNet with bottleneck=True "
              "(resnet50), pae.models.VGG (vgg11/16), SlimResNet, SlimBottleneckResNet, SlimVGG")
@@ -437,7 +444,7 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
                               channels: pselect.Selector | None = None, blocks: bool = True,
                               seed_width: float = 0.25, seed_blocks: int | None = 1,
                               s_on: float = 1.0, s_off: float = -1.0,
-                              reference: GateSpec | None = None) -> Transform:
+                              reference: GateSpec | None = None, penalize: str = "cost") -> Transform:
     """The structured-sparsification transform (module doc; arXiv 2007.15353).
 
     Args:
@@ -451,6 +458,10 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
       seed_width, seed_blocks, s_on, s_off: the seed architecture (:func:`seed_logits`).
       reference: the spec whose full cost the utilization is a fraction of (default ``spec``; a
         compacted net passes the full net's, so ``u_t`` and the penalty keep their meaning).
+      penalize: what ``lambda_t`` multiplies (module doc): ``"cost"`` (default), the expected
+        utilization ``C(sigmoid(beta s)) / C(full)``, or ``"count"``, the unweighted L1 of the
+        indicators as in CSQ's code, ``sum sigmoid(beta s) / N`` over every gated channel and block
+        (``N`` their number in ``reference``).
 
     ``init(params, key)`` returns a :class:`Gated` latent; ``apply`` samples (``ctx.train``) or
     thresholds the gates; ``finalize`` applies ``1[s > 0]``.
@@ -466,6 +477,8 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
         raise ValueError(f"utilization must be one of {MEASURES}, got {utilization!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if penalize not in PENALTIES:
+        raise ValueError(f"penalize must be one of {PENALTIES}, got {penalize!r}")
     select = pselect.everything() if channels is None else channels
     if not isinstance(select, pselect.Selector):
         raise TypeError(f"channels must be a pae.select selector, got {type(select).__name__}")
@@ -477,6 +490,15 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
                          f"and blocks={blocks} with {len(spec.blocks)} gateable blocks")
     seed = seed_logits(spec, gated, bool(blocks), seed_width, seed_blocks, s_on, s_off)
     full = pflops.full_cost(spec if reference is None else reference, utilization)
+    ref = spec if reference is None else reference
+    indicators = sum(n for g, n in ref.groups if g in gated) + (len(ref.blocks) if blocks else 0)
+
+    def relaxed(latent, beta):
+        ch, bl = probabilities(latent.logits, beta)
+        if penalize == "cost":
+            return pflops.cost(spec, ch, bl, utilization) / full
+        total = sum((jnp.sum(p) for p in (*ch.values(), *bl.values())), jnp.zeros((), jnp.float32))
+        return total / indicators
 
     def init(params, key):
         del key
@@ -491,7 +513,7 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
         _check_ctx(ctx)
         used = pflops.cost(spec, *hard_gates(latent.logits), utilization) / full
         lam = jax.lax.stop_gradient(jnp.float32(lmbda) * (used - jnp.float32(budget)))
-        return lam * pflops.cost(spec, *probabilities(latent.logits, ctx.beta), utilization) / full
+        return lam * relaxed(latent, ctx.beta)
 
     def finalize(latent, ctx):
         del ctx
@@ -546,6 +568,7 @@ class StructuredConfig:
     lmbda: float = 1.0
     utilization: str = "flops"
     estimator: str = "straight_through"
+    penalize: str = "cost"
     seed_width: float = 0.25
     seed_blocks: int | None = 1
     s_on: float = 1.0
@@ -566,13 +589,16 @@ class StructuredConfig:
             raise ValueError(f"utilization must be one of {MEASURES}, got {self.utilization!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.penalize not in PENALTIES:
+            raise ValueError(f"penalize must be one of {PENALTIES}, got {self.penalize!r}")
 
     def transform(self, spec: GateSpec, channels: pselect.Selector | None = None,
                   blocks: bool = True, reference: GateSpec | None = None) -> Transform:
         return structured_sparsification(
             spec, budget=self.budget, lmbda=self.lmbda, utilization=self.utilization,
             estimator=self.estimator, channels=channels, blocks=blocks, seed_width=self.seed_width,
-            seed_blocks=self.seed_blocks, s_on=self.s_on, s_off=self.s_off, reference=reference)
+            seed_blocks=self.seed_blocks, s_on=self.s_on, s_off=self.s_off, reference=reference,
+            penalize=self.penalize)
 
 
 def structured_optimizer(cfg: StructuredConfig, steps_per_epoch: int, start_epoch: int = 0
@@ -699,8 +725,43 @@ def margin_widths(spec: GateSpec, latent: Gated, margin: float, multiple: int = 
     return out
 
 
+def fit_budget(spec: GateSpec, latent: Gated, budget: float, utilization: str = "flops",
+               reference: GateSpec | None = None) -> Gated:
+    """``latent`` with the weakest active channels switched off until the utilization
+    ``C(1[s > 0]) / C(full)`` is at most ``budget``: one at a time, the active channel of smallest
+    logit ``s`` across every gated group (its logit set to 0, off), every group keeping at least one.
+    The budget-aware penalty holds the utilization *near* the budget, on either side; this makes
+    it a bound (:func:`structured_search` applies it when it settles). Returned unchanged when
+    already within the budget. ``reference``: the spec the fraction is of (default ``spec``)."""
+    budget = _check_unit("budget", budget)
+    if utilization not in MEASURES:
+        raise ValueError(f"utilization must be one of {MEASURES}, got {utilization!r}")
+    full = pflops.full_cost(spec if reference is None else reference, utilization)
+    logits = {g: np.array(v, np.float32) for g, v in latent.logits["channels"].items()}
+    blocks = {b: np.asarray(v > 0, np.float32) for b, v in latent.logits["blocks"].items()}
+
+    def used():
+        return float(pflops.cost(spec, {g: (v > 0).astype(np.float32) for g, v in logits.items()},
+                                 blocks, utilization)) / full
+
+    changed = False
+    while used() > budget + 1e-9:
+        candidates = [(v[i], g, i) for g, v in logits.items() if np.sum(v > 0) > 1
+                      for i in np.flatnonzero(v > 0)]
+        if not candidates:
+            break
+        _, g, i = min(candidates)
+        logits[g][i] = 0.0
+        changed = True
+    if not changed:
+        return latent
+    return latent.replace(logits={**latent.logits, "channels": {
+        g: jnp.asarray(v) for g, v in logits.items()}})
+
+
 def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, batch_size: int,
-                      restructure_at: Sequence[int] = (0,), margin: float = 0.25, multiple: int = 1,
+                      restructure_at: Sequence[int] = (0,), margin: float | Sequence[float] = 0.25,
+                      multiple: int = 1,
                       channels: pselect.Selector | None = None, blocks: bool = True,
                       name: str = "search", seed: int | None = None, log=None) -> SearchResult:
     """The search with periodic restructuring decided during the run: at every epoch of
@@ -715,7 +776,11 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
     last restructuring made it: with a seed of fraction ``f`` and restructurings at epochs
     ``e_1 < ... < e_k`` it ends at most ``f + k * margin`` of its size, so restructure often enough
     (or with a margin large enough) for the budget's widths to fit, or the widths are capped rather
-    than learned (masked full-size training, ``restructure_at=()``, has no cap).
+    than learned (masked full-size training, ``restructure_at=()``, has no cap). ``margin`` may be
+    one per restructuring (in the order of ``restructure_at``): growth margins while the net grows,
+    then ``0`` to *settle*: the net is cut to its active channels, first trimmed to the budget by
+    :func:`fit_budget` (the penalty holds it near the budget, on either side), and can only narrow
+    after that, so the extracted net is within the budget.
 
     ``state``: ``init_state(spec.model, example, seed, cfg.transform(spec, channels, blocks).init)``.
     ``seed``: the data order (default ``cfg.seed``).
@@ -723,10 +788,23 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
     from pae.growth import extraction as pextract
     from pae.train import engine
 
-    cuts = sorted({int(e) for e in restructure_at})
-    if any(not 0 <= e < cfg.epochs for e in cuts):
+    epochs = [int(e) for e in restructure_at]
+    if any(not 0 <= e < cfg.epochs for e in epochs):
         raise ValueError(f"restructure_at epochs must be in [0, epochs={cfg.epochs}), got "
                          f"{list(restructure_at)}")
+    if isinstance(margin, numbers.Real):
+        margins = {e: float(margin) for e in epochs}
+    else:
+        margin = list(margin)
+        if len(margin) != len(epochs) or len(set(epochs)) != len(epochs):
+            raise ValueError(f"margin must be a number or one per restructuring of distinct epochs: got "
+                             f"{len(margin)} margins for restructure_at={list(restructure_at)}")
+        margins = dict(zip(epochs, (float(m) for m in margin)))
+    for m in margins.values():
+        check_finite("margin", m)
+        if not 0 <= m <= 1:
+            raise ValueError(f"margin must be in [0, 1], got {m!r}")
+    cuts = sorted(margins)
     if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
         raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
     if not isinstance(state.params, Gated):
@@ -750,7 +828,9 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
                 full = pextract.expand_state(spec, full, state)
             else:
                 full = state
-            w = margin_widths(spec, full.params, margin, multiple)
+            if margins[start] == 0:
+                full = full.replace(params=fit_budget(spec, full.params, cfg.budget, cfg.utilization))
+            w = margin_widths(spec, full.params, margins[start], multiple)
             model, state = pextract.compact_state(spec, full, w)
             current = gate_spec(model, np.zeros(spec.example_shape, np.float32))
             widths.append((start, w))

@@ -25,9 +25,10 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
     gs = _load()
     monkeypatch.chdir(tmp_path)   # results go under ./runs/grow_structured by default
     budget = 0.5
-    results = gs.main(["--models", "vgg3t", "--seeds", "0", "--epochs", "8", "--restructure-at", "0",
-                       "--margin", "0.5", "--slim-finetune", "2", "--limit-train", "256",
-                       "--batch-size", "64", "--mask-lr", "2", "--lmbda", "30", "--beta-final", "5",
+    # the default penalty (count); grows at margin 0.5, settles (margin 0) at epoch 4
+    results = gs.main(["--models", "vgg3t", "--seeds", "0", "--epochs", "8", "--restructure-at", "0", "4",
+                       "--margin", "0.5", "0", "--slim-finetune", "2", "--limit-train", "256",
+                       "--batch-size", "32", "--mask-lr", "1", "--lmbda", "10", "--beta-final", "5",
                        "--budget", str(budget), "--name", "tiny"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     out = tmp_path / "runs" / "grow_structured"
@@ -39,14 +40,17 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
     assert search["seed_flops"] < 0.15 and lam[0] < 0             # starts small, under budget
     assert flops.max() > 0.4 and np.argmax(flops > 0.4) > 0       # grew, not at the first epoch
     assert abs(flops[-1] - budget) < 0.08                          # settled near the budget
+    # the settling restructuring cut the net to its active channels within the budget (fit_budget)
+    settle_epoch, settled = search["widths"][-1]
+    assert settle_epoch == 4 and flops[3] > budget >= flops[4] and flops.max() > budget
     # trained on the compacted net (seed + margin), not the full one
     widths = np.array([r["width_flops"] for r in search["history"]])
     assert np.all(widths < 0.9) and np.all(widths >= flops - 1e-6)
     assert search["train_flops_executed"] == pytest.approx(widths.mean())
     # the extracted net computes the gated (evaluation) logits, at the counted FLOPs
     assert search["extract_max_abs_diff"] < 1e-4
-    # capped groups: learned width == the last restructuring's width < the group's size
-    last = dict(search["widths"][-1][1])
+    # capped groups: learned width == the last growing restructuring's width < the group's size
+    last = dict(search["widths"][-2][1])
     assert search["at_capacity"] == sorted(g for g, n in search["learned_widths"].items()
                                            if g in last and n == last[g] < search["original_widths"][g])
     rows = {r["method"]: r for r in result["rows"]}
@@ -78,6 +82,28 @@ def test_at_capacity_names_groups_with_no_room_left():
     assert gs.at_capacity({"a": 12, "b": 32, "c": 40}, restructurings, sizes) == ["a"]
     assert gs.at_capacity({"a": 11, "b": 30, "c": 48}, restructurings, sizes) == ["c"]
     assert gs.at_capacity({"a": 11, "b": 30, "c": 48}, [], sizes) == []     # masked full-size search
+    # a settling restructuring (margin 0) cuts to the active channels: the cap is the one before it
+    settled = restructurings + [(8, {"a": 12, "b": 30, "c": 40})]
+    assert gs.at_capacity({"a": 12, "b": 30, "c": 40}, settled, sizes, [0.25, 0.25, 0.0]) == ["a"]
+    assert gs.at_capacity({"a": 12, "b": 30, "c": 40}, settled, sizes) == ["a", "b", "c"]
+
+
+def test_methods_subset_and_margin_flags(tmp_path, monkeypatch):
+    gs = _load()
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--models", "vgg3t", "--seeds", "0", "--epochs", "2", "--limit-train", "64", "--batch-size", "32",
+            "--slim-finetune", "1", "--name", "tiny"]
+    with pytest.raises(ValueError, match="--margin: give one value or one per --restructure-at epoch"):
+        gs.main(tiny + ["--restructure-at", "0", "1", "--margin", "0.25", "0.25", "0"])
+    with pytest.raises(ValueError, match="--margin values must be in"):
+        gs.main(tiny + ["--restructure-at", "0", "--margin", "1.5"])
+    result = gs.main(tiny + ["--restructure-at", "0", "--methods", "uniform", "full"])["vgg3t"]
+    # the baselines alone, matched to the budget's FLOPs; no search, so no figure and no timing
+    assert [r["method"] for r in result["rows"]] == ["full", "uniform"]
+    assert abs(result["rows"][1]["flops"] - 0.5) < 0.1
+    assert result["targets"] == {"seeds": 1}
+    assert sorted(p.name for p in (tmp_path / "runs" / "grow_structured").iterdir()) == [
+        "grow_structured_vgg3t_tiny.json"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -283,13 +283,13 @@ def test_expected_flops_is_the_mean_sampled_flops(resnet_setup):
 
 # ----------------------------------------------------------------------------- budget penalty
 
-@pytest.mark.parametrize("utilization", ["flops", "params"])
+@pytest.mark.parametrize("utilization,penalize", [("flops", "cost"), ("params", "cost"), ("flops", "count")])
 @pytest.mark.parametrize("on", [0.25, 1.0])
-def test_budget_penalty_sign_and_size(vgg_setup, utilization, on):
+def test_budget_penalty_sign_and_size(vgg_setup, utilization, penalize, on):
     config, model, x, spec, state = vgg_setup
     budget, lmbda, beta = 0.5, 3.0, 1.5
     t = ps.structured_sparsification(spec, budget=budget, lmbda=lmbda, utilization=utilization,
-                                     seed_width=on)
+                                     seed_width=on, penalize=penalize)
     latent = t.init(state.params, None)
     rng = np.random.default_rng(9)
     latent = latent.replace(logits={"channels": {g: s * rng.uniform(0.5, 2, s.shape).astype(np.float32)
@@ -310,6 +310,8 @@ def test_budget_penalty_sign_and_size(vgg_setup, utilization, on):
     ones = {g: np.ones_like(v) for g, v in s.items()}
     u = c(hard) / c(ones)
     lam = lmbda * (u - budget)
+    if penalize == "count":      # the unweighted L1 of the 3 + 5 + 4 indicators (CSQ's form), normalized
+        c = lambda gt: sum(v.sum() for v in gt.values()) / 12  # noqa: E731
     pen, grad = jax.value_and_grad(t.penalty)(latent, ctx)
     np.testing.assert_allclose(float(pen), lam * c(soft) / c(ones), rtol=1e-5)
     assert (lam < 0) == (on == 0.25)
@@ -327,6 +329,41 @@ def test_budget_penalty_sign_and_size(vgg_setup, utilization, on):
     # below budget the penalty's gradient pushes every logit up (growth), above it down (pruning)
     signs = np.concatenate([np.sign(np.asarray(v)) for v in grad.logits["channels"].values()])
     assert np.all(signs == (1 if lam > 0 else -1))
+
+
+def test_fit_budget_switches_off_the_weakest_channels(vgg_setup):
+    config, model, x, spec, state = vgg_setup
+    latent = ps.structured_sparsification(spec, seed_width=1.0).init(state.params, None)
+    rng = np.random.default_rng(4)
+    s = {g: rng.uniform(0.1, 3.0, v.shape).astype(np.float32) for g, v in latent.logits["channels"].items()}
+    s["Conv_1"][1] = -1.0                                  # already off
+    latent = latent.replace(logits={"channels": s, "blocks": {}})
+
+    def flops(on):   # SlimVGG((3, M, 5, 4)) on 4x4 inputs, hand-counted (test_budget_penalty_sign_and_size)
+        a0, a1, a2 = (on[f"Conv_{i}"].sum() for i in range(3))
+        return 16 * 9 * 3 * a0 + 4 * 9 * a0 * a1 + 4 * 9 * a1 * a2 + a2 * 3
+
+    full = flops({g: np.ones_like(v) for g, v in s.items()})
+    # NumPy reference: the active logits in increasing order; switch off the fewest from the smallest
+    order = sorted((float(v[i]), g, i) for g, v in s.items() for i in np.flatnonzero(v > 0))
+    for budget in (0.3, 0.6):
+        on = {g: (v > 0).astype(float) for g, v in s.items()}
+        for _, g, i in order:
+            if flops(on) / full <= budget:
+                break
+            if on[g].sum() > 1:                            # every group keeps a channel
+                on[g][i] = 0.0
+        out = ps.fit_budget(spec, latent, budget)
+        got = {g: (np.asarray(v) > 0).astype(float) for g, v in out.logits["channels"].items()}
+        for g in s:
+            np.testing.assert_array_equal(got[g], on[g])
+        assert flops(got) / full <= budget
+        kept = {g: np.asarray(v)[got[g] > 0] for g, v in out.logits["channels"].items()}
+        np.testing.assert_array_equal(np.concatenate(list(kept.values())),
+                                      np.concatenate([s[g][on[g] > 0] for g in s]))
+    assert ps.fit_budget(spec, latent, 1.0) is latent
+    with pytest.raises(ValueError, match="budget"):
+        ps.fit_budget(spec, latent, 0.0)
 
 
 # ----------------------------------------------------------------------------- seed
@@ -423,6 +460,10 @@ def test_bad_input(vgg_setup, resnet_setup):
         ps.structured_sparsification(spec, estimator="reinforce")
     with pytest.raises(ValueError, match="utilization"):
         ps.structured_sparsification(spec, utilization="latency")
+    with pytest.raises(ValueError, match="penalize must be one of"):
+        ps.structured_sparsification(spec, penalize="flops")
+    with pytest.raises(ValueError, match="penalize must be one of"):
+        ps.StructuredConfig(penalize="l2")
     with pytest.raises(ValueError, match="s_on > 0 > s_off"):
         ps.structured_sparsification(spec, s_off=0.5)
     with pytest.raises(TypeError, match="GateSpec"):

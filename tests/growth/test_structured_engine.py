@@ -1,5 +1,7 @@
 """Structured continuous sparsification on the engine: a tiny run grows from the seed and settles at
 the budget; the extracted net computes the searched net's evaluation logits."""
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -169,5 +171,22 @@ def test_structured_search_segments_equal_one_run_and_restructure():
     ids = {g: np.asarray(v).astype(int) for g, v in st.params.ids.items()}
     for g, s in st.params.logits["channels"].items():
         np.testing.assert_array_equal(np.asarray(narrow.full.params.logits["channels"][g])[ids[g]], s)
+    # one margin per restructuring: growing at epoch 0, settled at epoch 2 on the active channels
+    # (segment 0 is narrow's, so narrow's epoch-2 widths are these plus its margin)
+    settled = ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0, 2),
+                                   margin=(0.25, 0.0))
+    assert settled.widths[0] == narrow.widths[0]
+    sizes = spec.group_sizes
+    active = settled.widths[1][1]
+    for g, n in narrow.widths[1][1].items():
+        m = math.ceil(0.25 * sizes[g])
+        assert active[g] == n - m if n < sizes[g] else active[g] >= n - m
+    assert any(active[g] < narrow.widths[1][1][g] for g in active)
+    for g, s in settled.state.params.logits["channels"].items():
+        assert s.shape == (active[g],)
+    with pytest.raises(ValueError, match="one per restructuring"):
+        ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0, 2), margin=(0.25,))
+    with pytest.raises(ValueError, match="margin must be in"):
+        ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0, 2), margin=(0.25, 2.0))
     with pytest.raises(ValueError, match="restructure_at"):
         ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(4,))
