@@ -709,12 +709,16 @@ class SearchResult(NamedTuple):
     full: Any
 
 
-def margin_widths(spec: GateSpec, latent: Gated, margin: float, multiple: int = 1) -> dict:
-    """``{group: min(size, active + ceil(margin * size))}`` for every gated group of the full-net
-    ``spec``, rounded up to a multiple of ``multiple`` (fewer distinct shapes, fewer compilations)."""
+def _check_margin(margin) -> None:
     check_finite("margin", margin)
     if not 0 <= margin <= 1:
         raise ValueError(f"margin must be in [0, 1], got {margin!r}")
+
+
+def margin_widths(spec: GateSpec, latent: Gated, margin: float, multiple: int = 1) -> dict:
+    """``{group: min(size, active + ceil(margin * size))}`` for every gated group of the full-net
+    ``spec``, rounded up to a multiple of ``multiple`` (fewer distinct shapes, fewer compilations)."""
+    _check_margin(margin)
     sizes = spec.group_sizes
     out = {}
     for g, s in latent.logits["channels"].items():
@@ -800,10 +804,8 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
             raise ValueError(f"margin must be a number or one per restructuring of distinct epochs: got "
                              f"{len(margin)} margins for restructure_at={list(restructure_at)}")
         margins = dict(zip(epochs, (float(m) for m in margin)))
-    for m in margins.values():
-        check_finite("margin", m)
-        if not 0 <= m <= 1:
-            raise ValueError(f"margin must be in [0, 1], got {m!r}")
+    for m in margins.values():          # all of them before any training
+        _check_margin(m)
     cuts = sorted(margins)
     if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
         raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
