@@ -763,6 +763,22 @@ def fit_budget(spec: GateSpec, latent: Gated, budget: float, utilization: str = 
         g: jnp.asarray(v) for g, v in logits.items()}})
 
 
+PINNED_OFF = -1e4
+"""The logit a settled search gives a gated block that is off: ``sigmoid(beta * s)`` is exactly 0 in
+float32 for any ``beta >= 0.01``, so the block is never sampled and gets no gradient."""
+
+
+def settle(spec: GateSpec, latent: Gated, budget: float, utilization: str = "flops") -> Gated:
+    """``latent`` fitted to the budget (:func:`fit_budget`) with every gated block that is off
+    (``s <= 0``) pinned off (``s = PINNED_OFF``). A compacted net keeps every block, so without the
+    pin the penalty could switch a block back on after the net was cut to its active channels and
+    leave it above the budget; with it the settled net can only narrow."""
+    latent = fit_budget(spec, latent, budget, utilization)
+    blocks = {b: np.where(np.asarray(v) > 0, np.asarray(v), PINNED_OFF).astype(np.asarray(v).dtype)
+              for b, v in latent.logits["blocks"].items()}
+    return latent.replace(logits={**latent.logits, "blocks": blocks})
+
+
 def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, batch_size: int,
                       restructure_at: Sequence[int] = (0,), margin: float | Sequence[float] = 0.25,
                       multiple: int = 1,
@@ -782,9 +798,9 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
     (or with a margin large enough) for the budget's widths to fit, or the widths are capped rather
     than learned (masked full-size training, ``restructure_at=()``, has no cap). ``margin`` may be
     one per restructuring (in the order of ``restructure_at``): growth margins while the net grows,
-    then ``0`` to *settle*: the net is cut to its active channels, first trimmed to the budget by
-    :func:`fit_budget` (the penalty holds it near the budget, on either side), and can only narrow
-    after that, so the extracted net is within the budget.
+    then ``0`` to *settle* (:func:`settle`): the net is cut to its active channels, first trimmed to
+    the budget by :func:`fit_budget` (the penalty holds it near the budget, on either side), its off
+    blocks pinned off, and can only narrow after that, so the extracted net is within the budget.
 
     ``state``: ``init_state(spec.model, example, seed, cfg.transform(spec, channels, blocks).init)``.
     ``seed``: the data order (default ``cfg.seed``).
@@ -831,7 +847,7 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
             else:
                 full = state
             if margins[start] == 0:
-                full = full.replace(params=fit_budget(spec, full.params, cfg.budget, cfg.utilization))
+                full = full.replace(params=settle(spec, full.params, cfg.budget, cfg.utilization))
             w = margin_widths(spec, full.params, margins[start], multiple)
             model, state = pextract.compact_state(spec, full, w)
             current = gate_spec(model, np.zeros(spec.example_shape, np.float32))

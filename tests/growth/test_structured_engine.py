@@ -190,3 +190,34 @@ def test_structured_search_segments_equal_one_run_and_restructure():
         ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0, 2), margin=(0.25, 2.0))
     with pytest.raises(ValueError, match="restructure_at"):
         ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(4,))
+
+
+def test_a_settled_search_never_switches_an_off_block_back_on():
+    """The compacted net keeps every block; settling (margin 0) pins the off ones off, so a penalty
+    that rewards growth (budget 1) widens nothing afterwards: the counted FLOPs never rise above the
+    settled net's. Without settling the same penalty switches the seed's off blocks on."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(96, 8, 8, 3)).astype(np.float32)
+    y = (x[:, :4, :, 0].mean((1, 2)) > 0).astype(np.int32)
+    model = CifarResNet(14, 2, (4, 8, 8))
+    spec = ps.gate_spec(model, x[:1])
+    cfg = ps.StructuredConfig(epochs=3, lr=0.05, mask_lr=1.0, lmbda=50.0, beta_final=4.0, budget=1.0,
+                              weight_decay=0.0)
+    task = make_task(model, {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])})
+    state = init_state(model, x[:1], 0, cfg.transform(spec).init)
+    off = [b for b, s in state.params.logits["blocks"].items() if np.asarray(s) <= 0]
+    assert off                                              # the seed: one block per stage
+    grown = ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0,), margin=1.0)
+    assert any(np.asarray(grown.full.params.logits["blocks"][b]) > 0 for b in off)
+    settled = ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0,), margin=(0.0,))
+    for b in off:
+        assert np.asarray(settled.full.params.logits["blocks"][b]) == ps.PINNED_OFF
+    seed_flops = float(pf.cost(spec, *ps.hard_gates(state.params.logits)) / pf.full_cost(spec))
+    assert max(r["flops"] for r in settled.history) <= seed_flops + 1e-6
+    # pinning leaves the budget fit and the on blocks alone
+    pinned = ps.settle(spec, state.params, 1.0)
+    for b, s in state.params.logits["blocks"].items():
+        if np.asarray(s) > 0:
+            assert np.asarray(pinned.logits["blocks"][b]) == np.asarray(s)
+    for g, s in state.params.logits["channels"].items():
+        np.testing.assert_array_equal(pinned.logits["channels"][g], s)
