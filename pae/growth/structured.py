@@ -49,21 +49,23 @@ Gradient estimators (``estimator=``), both through ``sigmoid(beta * s)`` with th
 * ``"scaled"``: ``m = q * p`` (the CS-consistent form ``q * sigmoid(beta*s)``); an indicator sampled
   off gets no gradient that step. The gap to evaluation's ``1[s > 0]`` closes as beta grows.
 
-Budget-aware penalty (the form of CSQ's code; whether the paper uses exactly this is unverified)::
+Budget-aware penalty (the form of CSQ's code, the closest code there is; whether the paper uses
+exactly this is unverified)::
 
     u_t      = C(1[s > 0]) / C(full)               measured utilization (FLOPs, or parameters)
     lambda_t = stop_gradient(lambda_base * (u_t - budget))
-    penalty  = lambda_t * C(sigmoid(beta * s)) / C(full)
+    penalty  = lambda_t * sum sigmoid(beta * s) / N          penalize="count" (default)
+    penalty  = lambda_t * C(sigmoid(beta * s)) / C(full)     penalize="cost"
 
-``C`` is :func:`pae.growth.flops.cost`; at the probabilities it is the expected cost of the sampled
-net (the relaxed, FLOPs-weighted L1 penalty of the indicators). Below budget ``lambda_t < 0``
-rewards switching components on (growth from the seed), above it the penalty prunes.
-``penalize="count"`` multiplies ``lambda_t`` by the *unweighted* L1 instead, as CSQ's code does
-(``sum sigmoid(beta s) / N`` over the ``N`` gated channels and blocks; ``u_t`` stays the FLOPs
-fraction). The two grow different nets: with the cost-weighted reward the channels that cost most
-(early, high-resolution layers) grow fastest, and since ``lambda_t`` is near 0 once the budget is
-reached, the net keeps the shape its growth gave it; with the count every indicator gets the same
-push and the task gradient decides which grow (``experiments/grow_structured.py --penalize``).
+``C`` is :func:`pae.growth.flops.cost`. ``"count"`` is CSQ's code's unweighted L1 of the indicators
+(``N`` gated channels and blocks); ``"cost"`` weights each indicator by what it costs, so that
+``C(sigmoid(beta s))`` is the expected cost of the sampled net (the "FLOPs-weighted" reading of the
+paper's objective). Below budget ``lambda_t < 0`` rewards switching components on (growth from the
+seed), above it the penalty prunes. The two grow different nets: with the cost-weighted reward the
+channels that cost most (early, high-resolution layers) grow fastest, and since ``lambda_t`` is
+near 0 once the budget is reached, the net keeps the shape its growth gave it; with the count every
+indicator gets the same push and the task gradient decides which grow
+(``experiments/grow_structured.py --penalize``; README, growth).
 
 Training savings (a choice of this implementation; the paper's schedule is unverified): masked
 full-size training (:func:`structured_phases`) costs what full training costs. Compaction trains the
@@ -444,7 +446,7 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
                               channels: pselect.Selector | None = None, blocks: bool = True,
                               seed_width: float = 0.25, seed_blocks: int | None = 1,
                               s_on: float = 1.0, s_off: float = -1.0,
-                              reference: GateSpec | None = None, penalize: str = "cost") -> Transform:
+                              reference: GateSpec | None = None, penalize: str = "count") -> Transform:
     """The structured-sparsification transform (module doc; arXiv 2007.15353).
 
     Args:
@@ -458,10 +460,10 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
       seed_width, seed_blocks, s_on, s_off: the seed architecture (:func:`seed_logits`).
       reference: the spec whose full cost the utilization is a fraction of (default ``spec``; a
         compacted net passes the full net's, so ``u_t`` and the penalty keep their meaning).
-      penalize: what ``lambda_t`` multiplies (module doc): ``"cost"`` (default), the expected
-        utilization ``C(sigmoid(beta s)) / C(full)``, or ``"count"``, the unweighted L1 of the
-        indicators as in CSQ's code, ``sum sigmoid(beta s) / N`` over every gated channel and block
-        (``N`` their number in ``reference``).
+      penalize: what ``lambda_t`` multiplies (module doc): ``"count"`` (default), the unweighted L1
+        of the indicators as in CSQ's code, ``sum sigmoid(beta s) / N`` over every gated channel
+        and block (``N`` their number in ``reference``), or ``"cost"``, the expected utilization
+        ``C(sigmoid(beta s)) / C(full)``.
 
     ``init(params, key)`` returns a :class:`Gated` latent; ``apply`` samples (``ctx.train``) or
     thresholds the gates; ``finalize`` applies ``1[s > 0]``.
@@ -568,7 +570,7 @@ class StructuredConfig:
     lmbda: float = 1.0
     utilization: str = "flops"
     estimator: str = "straight_through"
-    penalize: str = "cost"
+    penalize: str = "count"
     seed_width: float = 0.25
     seed_blocks: int | None = 1
     s_on: float = 1.0

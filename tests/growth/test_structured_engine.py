@@ -19,7 +19,7 @@ def run():
     y = (x[:, :4, :, 0].mean((1, 2)) > x[:, 4:, :, 1].mean((1, 2))).astype(np.int32)
     model = CifarResNet(14, 2, (4, 8, 8))
     spec = ps.gate_spec(model, x[:1])
-    cfg = ps.StructuredConfig(epochs=12, lr=0.05, mask_lr=1.0, lmbda=20.0, beta_final=10.0, budget=0.5,
+    cfg = ps.StructuredConfig(epochs=12, lr=0.05, mask_lr=0.5, lmbda=20.0, beta_final=10.0, budget=0.5,
                               weight_decay=0.0)
     task = make_task(model, {"train": (x[:192], y[:192]), "test": (x[192:], y[192:])})
     state = init_state(model, x[:1], 0, cfg.transform(spec).init)
