@@ -175,7 +175,9 @@ def resolve(args):
     if not 0 < out.slim_finetune < out.epochs:
         raise ValueError(f"--slim-finetune must be in [1, epochs), got {out.slim_finetune}")
     if any(not 0 <= e < out.epochs for e in out.restructure_at):
-        raise ValueError(f"--restructure-at epochs must be in [0, {out.epochs}), got {out.restructure_at}")
+        given = "" if args.restructure_at is not None else " (the default; set --restructure-at for fewer epochs)"
+        raise ValueError(f"--restructure-at epochs must be in [0, --epochs={out.epochs}), got "
+                         f"{out.restructure_at}{given}")
     if len(set(out.restructure_at)) != len(out.restructure_at):
         raise ValueError(f"--restructure-at epochs must be distinct, got {out.restructure_at}")
     if any(not 0 <= m <= 1 for m in out.margin):
@@ -185,6 +187,11 @@ def resolve(args):
     elif len(out.margin) != len(out.restructure_at):
         raise ValueError(f"--margin: give one value or one per --restructure-at epoch "
                          f"({len(out.restructure_at)}), got {len(out.margin)}")
+    pairs = sorted(zip(out.restructure_at, out.margin))      # in epoch order, each with its margin
+    out.restructure_at, out.margin = [e for e, _ in pairs], [m for _, m in pairs]
+    if 0 in out.margin and any(out.margin[out.margin.index(0):]):
+        raise ValueError(f"--margin: a growth margin after the settling restructuring (margin 0) would "
+                         f"regrow the settled net; settle last, got {pairs} as (epoch, margin)")
     out.methods = [m for m in METHODS if m in out.methods]
     return out
 

@@ -712,6 +712,9 @@ class SearchResult(NamedTuple):
 
 
 def _check_margin(margin) -> None:
+    if isinstance(margin, bool) or not isinstance(margin, (numbers.Real, np.ndarray, np.generic)) \
+            or not np.issubdtype(np.asarray(margin).dtype, np.number):
+        raise TypeError(f"margin must be a number in [0, 1], got {margin!r}")
     check_finite("margin", margin)
     if not 0 <= margin <= 1:
         raise ValueError(f"margin must be in [0, 1], got {margin!r}")
@@ -733,52 +736,70 @@ def margin_widths(spec: GateSpec, latent: Gated, margin: float, multiple: int = 
 
 def fit_budget(spec: GateSpec, latent: Gated, budget: float, utilization: str = "flops",
                reference: GateSpec | None = None) -> Gated:
-    """``latent`` with the weakest active channels switched off until the utilization
-    ``C(1[s > 0]) / C(full)`` is at most ``budget``: one at a time, the active channel of smallest
-    logit ``s`` across every gated group (its logit set to 0, off), every group keeping at least one.
-    The budget-aware penalty holds the utilization *near* the budget, on either side; this makes
-    it a bound (:func:`structured_search` applies it when it settles). Returned unchanged when
-    already within the budget. ``reference``: the spec the fraction is of (default ``spec``)."""
+    """``latent`` with the weakest active indicators switched off until the utilization of the net
+    :func:`pae.growth.extraction.extract` would give is at most ``budget``: one at a time, the active
+    channel of smallest logit ``s`` across every gated group (its logit set to 0, off), every group
+    keeping at least one; only when no group has a channel to spare, the active gated block of
+    smallest logit. A group with no active channel counts one (extraction keeps a zeroed placeholder
+    channel for it). The budget-aware penalty holds the utilization *near* the budget, on either
+    side; this makes it a bound (:func:`structured_search` applies it when it settles). Returned
+    unchanged when already within the budget; a ValueError when the budget is below the smallest
+    net (one channel per group, no gated block). ``reference``: the spec the fraction is of
+    (default ``spec``)."""
     budget = _check_unit("budget", budget)
     if utilization not in MEASURES:
         raise ValueError(f"utilization must be one of {MEASURES}, got {utilization!r}")
     full = pflops.full_cost(spec if reference is None else reference, utilization)
     logits = {g: np.array(v, np.float32) for g, v in latent.logits["channels"].items()}
-    blocks = {b: np.asarray(v > 0, np.float32) for b, v in latent.logits["blocks"].items()}
+    block_logits = {b: np.array(v, np.float32) for b, v in latent.logits["blocks"].items()}
+
+    def extracted(v):
+        on = (v > 0).astype(np.float32)
+        if not on.any():
+            on[0] = 1.0
+        return on
 
     def used():
-        return float(pflops.cost(spec, {g: (v > 0).astype(np.float32) for g, v in logits.items()},
-                                 blocks, utilization)) / full
+        return float(pflops.cost(spec, {g: extracted(v) for g, v in logits.items()},
+                                 {b: np.float32(v > 0) for b, v in block_logits.items()},
+                                 utilization)) / full
 
     changed = False
     while used() > budget + 1e-9:
         candidates = [(v[i], g, i) for g, v in logits.items() if np.sum(v > 0) > 1
                       for i in np.flatnonzero(v > 0)]
-        if not candidates:
-            break
-        _, g, i = min(candidates)
-        logits[g][i] = 0.0
+        if candidates:
+            _, g, i = min(candidates)
+            logits[g][i] = 0.0
+        else:
+            on = [(v, b) for b, v in block_logits.items() if v > 0]
+            if not on:
+                raise ValueError(f"budget={budget} is below the smallest net the search can settle "
+                                 f"on (one channel per group, no gated block): {used():.4g}")
+            block_logits[min(on)[1]] = np.float32(0.0)
         changed = True
     if not changed:
         return latent
-    return latent.replace(logits={**latent.logits, "channels": {
-        g: jnp.asarray(v) for g, v in logits.items()}})
+    return latent.replace(logits={"channels": {g: jnp.asarray(v) for g, v in logits.items()},
+                                  "blocks": {b: jnp.asarray(v) for b, v in block_logits.items()}})
 
 
 PINNED_OFF = -1e4
-"""The logit a settled search gives a gated block that is off: ``sigmoid(beta * s)`` is exactly 0 in
-float32 for any ``beta >= 0.01``, so the block is never sampled and gets no gradient."""
+"""The logit a settled search gives an indicator that is off: ``sigmoid(beta * s)`` is exactly 0 in
+float32 for any ``beta >= 0.01``, so it is never sampled and gets no gradient."""
 
 
-def settle(spec: GateSpec, latent: Gated, budget: float, utilization: str = "flops") -> Gated:
-    """``latent`` fitted to the budget (:func:`fit_budget`) with every gated block that is off
-    (``s <= 0``) pinned off (``s = PINNED_OFF``). A compacted net keeps every block, so without the
-    pin the penalty could switch a block back on after the net was cut to its active channels and
-    leave it above the budget; with it the settled net can only narrow."""
-    latent = fit_budget(spec, latent, budget, utilization)
-    blocks = {b: np.where(np.asarray(v) > 0, np.asarray(v), PINNED_OFF).astype(np.asarray(v).dtype)
-              for b, v in latent.logits["blocks"].items()}
-    return latent.replace(logits={**latent.logits, "blocks": blocks})
+def settle(spec: GateSpec, latent: Gated, budget: float, utilization: str = "flops",
+           reference: GateSpec | None = None) -> Gated:
+    """``latent`` fitted to the budget (:func:`fit_budget`) with every indicator that is off
+    (``s <= 0``), channel or block, pinned off (``s = PINNED_OFF``). A compacted net keeps every
+    block, and a group's placeholder channel or (with ``multiple > 1``) spare ones, so without the
+    pin the penalty could switch them back on below the budget and end above it; with it the
+    settled net can only narrow."""
+    latent = fit_budget(spec, latent, budget, utilization, reference)
+    pin = lambda v: np.where(np.asarray(v) > 0, np.asarray(v), PINNED_OFF).astype(np.asarray(v).dtype)  # noqa: E731
+    return latent.replace(logits={"channels": {g: pin(v) for g, v in latent.logits["channels"].items()},
+                                  "blocks": {b: pin(v) for b, v in latent.logits["blocks"].items()}})
 
 
 def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, batch_size: int,
@@ -800,9 +821,10 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
     (or with a margin large enough) for the budget's widths to fit, or the widths are capped rather
     than learned (masked full-size training, ``restructure_at=()``, has no cap). ``margin`` may be
     one per restructuring (in the order of ``restructure_at``): growth margins while the net grows,
-    then ``0`` to *settle* (:func:`settle`): the net is cut to its active channels, first trimmed to
-    the budget by :func:`fit_budget` (the penalty holds it near the budget, on either side), its off
-    blocks pinned off, and can only narrow after that, so the extracted net is within the budget.
+    then ``0`` to *settle* (:func:`settle`): the net is cut to its active channels (``multiple`` does
+    not apply), first trimmed to the budget by :func:`fit_budget` (the penalty holds it near the
+    budget, on either side), everything off pinned off, and can only narrow after that, so the
+    extracted net is within the budget; no growth margin may follow a settling one.
 
     ``state``: ``init_state(spec.model, example, seed, cfg.transform(spec, channels, blocks).init)``.
     ``seed``: the data order (default ``cfg.seed``).
@@ -814,17 +836,23 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
     if any(not 0 <= e < cfg.epochs for e in epochs):
         raise ValueError(f"restructure_at epochs must be in [0, epochs={cfg.epochs}), got "
                          f"{list(restructure_at)}")
-    if isinstance(margin, numbers.Real):
-        margins = {e: float(margin) for e in epochs}
+    if np.ndim(margin) == 0:
+        margins = {e: margin for e in epochs}
     else:
         margin = list(margin)
         if len(margin) != len(epochs) or len(set(epochs)) != len(epochs):
             raise ValueError(f"margin must be a number or one per restructuring of distinct epochs: got "
                              f"{len(margin)} margins for restructure_at={list(restructure_at)}")
-        margins = dict(zip(epochs, (float(m) for m in margin)))
+        margins = dict(zip(epochs, margin))
     for m in margins.values():          # all of them before any training
         _check_margin(m)
+    margins = {e: float(m) for e, m in margins.items()}
     cuts = sorted(margins)
+    settled = [e for e in cuts if margins[e] == 0]
+    if settled and any(margins[e] > 0 for e in cuts if e > settled[0]):
+        raise ValueError(f"margin: a growth margin after the settling restructuring (margin 0 at epoch "
+                         f"{settled[0]}) would regrow the settled net; settle last, got "
+                         f"{[(e, margins[e]) for e in cuts]} as (epoch, margin)")
     if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
         raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
     if not isinstance(state.params, Gated):
@@ -850,7 +878,7 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
                 full = state
             if margins[start] == 0:
                 full = full.replace(params=settle(spec, full.params, cfg.budget, cfg.utilization))
-            w = margin_widths(spec, full.params, margins[start], multiple)
+            w = margin_widths(spec, full.params, margins[start], multiple if margins[start] else 1)
             model, state = pextract.compact_state(spec, full, w)
             current = gate_spec(model, np.zeros(spec.example_shape, np.float32))
             widths.append((start, w))

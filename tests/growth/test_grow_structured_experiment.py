@@ -106,11 +106,22 @@ def test_methods_subset_and_margin_flags(tmp_path, monkeypatch):
         "grow_structured_vgg3t_tiny.json"]
 
 
+def test_restructurings_are_taken_in_epoch_order_with_their_margins():
+    gs = _load()
+    args = gs.resolve(gs.build_parser().parse_args(["--restructure-at", "6", "0", "3", "--margin", "0", "0.25", "0.5"]))
+    assert args.restructure_at == [0, 3, 6] and args.margin == [0.25, 0.5, 0.0]
+    learned, sizes = {"a": 6, "b": 9}, {"a": 8, "b": 16}
+    widths = [(0, {"a": 4, "b": 6}), (3, {"a": 6, "b": 9}), (6, {"a": 6, "b": 9})]
+    assert gs.at_capacity(learned, widths, sizes, args.margin) == ["a", "b"]   # the last growing one is epoch 3's
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "1.5"], "budget must be in (0, 1]"),
     (["--budget", "0"], "budget must be in (0, 1]"),
     (["--paper", "imagenet-resnet50", "--epochs", "10"], "slim-finetune"),
     (["--restructure-at", "99"], "restructure-at"),
+    (["--epochs", "6"], "(the default; set --restructure-at for fewer epochs)"),
+    (["--restructure-at", "0", "3", "--margin", "0", "0.25"], "settle last"),
     (["--models", "mlp"], "invalid choice"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):

@@ -366,6 +366,48 @@ def test_fit_budget_switches_off_the_weakest_channels(vgg_setup):
         ps.fit_budget(spec, latent, 0.0)
 
 
+
+def _extracted_fraction(spec, latent, state, x):
+    ex = pe.extract(spec, latent, state.batch_stats)
+    return pf.full_cost(ps.gate_spec(ex.model, x[:1])) / pf.full_cost(spec)
+
+
+def test_fit_budget_counts_placeholders_then_trims_blocks_and_settle_pins(resnet_setup):
+    """With blocks and an on block's inner group entirely off (extraction keeps a zeroed channel
+    for it), the net fit_budget leaves is within the budget as *extracted*; once every group is
+    down to one channel it switches off the on block of smallest logit; below the smallest net it
+    raises; settle pins every off indicator."""
+    model, x, spec, state = resnet_setup
+    t = ps.structured_sparsification(spec)
+    logits = random_logits(spec, np.random.default_rng(7), p_on=0.8)
+    logits["blocks"] = {b: np.float32(v) for b, v in zip(logits["blocks"], (1.5, 0.5, 2.0, 1.0))}
+    logits["channels"]["BasicBlock_1/Conv_0"][:] = -1.0          # on block, no inner channel
+    latent = t.init(state.params, None).replace(logits=logits)
+    before = _extracted_fraction(spec, latent, state, x)
+    counted = float(pf.cost(spec, *ps.hard_gates(logits)) / pf.full_cost(spec))
+    assert counted < before                                  # the placeholder costs
+    for budget in (counted, 0.9 * before, 0.5 * before):
+        out = ps.fit_budget(spec, latent, budget)
+        assert _extracted_fraction(spec, out, state, x) <= budget + 1e-9
+    # one channel per group: the blocks go, the smallest logit first
+    one = {g: np.where(np.arange(v.size) == np.argmax(v), 1.0, -1.0).astype(np.float32)
+           for g, v in logits["channels"].items()}
+    latent1 = latent.replace(logits={"channels": one, "blocks": logits["blocks"]})
+    used1 = _extracted_fraction(spec, latent1, state, x)
+    out = ps.fit_budget(spec, latent1, used1 - 1e-6)
+    assert {b: float(v > 0) for b, v in out.logits["blocks"].items()} == {
+        "BasicBlock_0": 1.0, "BasicBlock_1": 0.0, "BasicBlock_3": 1.0, "BasicBlock_5": 1.0}
+    for g, v in out.logits["channels"].items():
+        np.testing.assert_array_equal(v, one[g])
+    with pytest.raises(ValueError, match="below the smallest net"):
+        ps.fit_budget(spec, latent1, 1e-4)
+    pinned = ps.settle(spec, latent, 0.5 * before)
+    fitted = ps.fit_budget(spec, latent, 0.5 * before)
+    for a, b in zip(jax.tree.leaves(pinned.logits), jax.tree.leaves(fitted.logits)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_array_equal(a, np.where(b > 0, b, ps.PINNED_OFF))
+
+
 # ----------------------------------------------------------------------------- seed
 
 def test_seed_architecture(resnet_setup):

@@ -12,6 +12,17 @@ from pae.models import CifarResNet
 from pae.train import init_state, make_task, train_phases
 
 
+def _toy(seed: int, depth: int):
+    """96 random 8x8x3 images, a label from their left half, a 2-class CifarResNet of ``depth``
+    (widths 4, 8, 8): 64 for training, 32 for testing."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(96, 8, 8, 3)).astype(np.float32)
+    y = (x[:, :4, :, 0].mean((1, 2)) > 0).astype(np.int32)
+    model = CifarResNet(depth, 2, (4, 8, 8))
+    task = make_task(model, {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])})
+    return x, model, ps.gate_spec(model, x[:1]), task
+
+
 @pytest.fixture(scope="module")
 def run():
     rng = np.random.default_rng(0)
@@ -66,15 +77,10 @@ def test_compaction_then_training_equals_masked_full_size_training(carry):
     ``carry`` the optimizer state (Nesterov momentum of weights and logits, the step count) goes on
     in both, sliced to the kept channels by the compaction; without it both restart it."""
     from pae.train import Phase
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(96, 8, 8, 3)).astype(np.float32)
-    y = (x[:, :4, :, 0].mean((1, 2)) > 0).astype(np.int32)
-    model = CifarResNet(8, 2, (4, 8, 8))
-    spec = ps.gate_spec(model, x[:1])
+    x, model, spec, task = _toy(1, 8)
     cfg = ps.StructuredConfig(epochs=4, lr=0.05, mask_lr=0.5, lmbda=5.0, beta_final=4.0, budget=0.5,
                               weight_decay=1e-3, seed_width=0.5)
     widths = {"stream0": 3, "stream1": 5, "BasicBlock_0/Conv_0": 2, "BasicBlock_1/Conv_0": 6}
-    task = make_task(model, {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])})
     state = init_state(model, x[:1], 0, cfg.transform(spec).init)
     compacted = ps.structured_phases(cfg, spec, compactions=[(2, widths)], carry_optimizer=carry)
     assert [p.name for p in compacted] == ["search", "search1"] and compacted[1].model != model
@@ -132,14 +138,9 @@ def test_structured_search_segments_equal_one_run_and_restructure():
     """structured_search restructured at full widths (margin 1: nothing dropped) is the one-call
     search of structured_phases (temperature, key, lr schedule, momentum and data order continue
     across the segments); with a margin < 1 it trains narrower nets and still extracts exactly."""
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(96, 8, 8, 3)).astype(np.float32)
-    y = (x[:, :4, :, 0].mean((1, 2)) > 0).astype(np.int32)
-    model = CifarResNet(8, 2, (4, 8, 8))
-    spec = ps.gate_spec(model, x[:1])
+    x, model, spec, task = _toy(2, 8)
     cfg = ps.StructuredConfig(epochs=4, lr=0.05, mask_lr=0.5, lmbda=5.0, beta_final=4.0, budget=0.5,
                               weight_decay=1e-3, seed_width=0.5, seed=3)
-    task = make_task(model, {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])})
     state = init_state(model, x[:1], 0, cfg.transform(spec).init)
     one = train_phases(task, ps.structured_phases(cfg, spec), state, batch_size=32, seed=3,
                        log=lambda s: None)
@@ -193,31 +194,28 @@ def test_structured_search_segments_equal_one_run_and_restructure():
 
 
 def test_a_settled_search_never_switches_an_off_block_back_on():
-    """The compacted net keeps every block; settling (margin 0) pins the off ones off, so a penalty
-    that rewards growth (budget 1) widens nothing afterwards: the counted FLOPs never rise above the
-    settled net's. Without settling the same penalty switches the seed's off blocks on."""
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(96, 8, 8, 3)).astype(np.float32)
-    y = (x[:, :4, :, 0].mean((1, 2)) > 0).astype(np.int32)
-    model = CifarResNet(14, 2, (4, 8, 8))
-    spec = ps.gate_spec(model, x[:1])
+    """The compacted net keeps every block; settling (margin 0) pins everything off, cuts to the
+    active channels even with ``multiple=4``, so a penalty that rewards growth (budget 1) widens
+    nothing afterwards: the counted FLOPs never rise above the settled net's. Without settling the
+    same penalty switches the seed's off blocks on. A growth margin after a settling one is refused."""
+    x, model, spec, task = _toy(4, 14)
     cfg = ps.StructuredConfig(epochs=3, lr=0.05, mask_lr=1.0, lmbda=50.0, beta_final=4.0, budget=1.0,
                               weight_decay=0.0)
-    task = make_task(model, {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])})
     state = init_state(model, x[:1], 0, cfg.transform(spec).init)
     off = [b for b, s in state.params.logits["blocks"].items() if np.asarray(s) <= 0]
     assert off                                              # the seed: one block per stage
     grown = ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0,), margin=1.0)
     assert any(np.asarray(grown.full.params.logits["blocks"][b]) > 0 for b in off)
-    settled = ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0,), margin=(0.0,))
+    # settling cuts to the active channels whatever ``multiple`` (spare channels could regrow)
+    settled = ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(0,), margin=(0.0,),
+                                   multiple=4)
+    assert settled.widths[0][1] == {g: int(np.sum(np.asarray(v) > 0))
+                                    for g, v in state.params.logits["channels"].items()}
     for b in off:
         assert np.asarray(settled.full.params.logits["blocks"][b]) == ps.PINNED_OFF
+    for v in jax.tree.leaves(settled.full.params.logits):
+        assert np.all((np.asarray(v) > 0) | (np.asarray(v) == ps.PINNED_OFF))
+    with pytest.raises(ValueError, match="settle last"):
+        ps.structured_search(task, cfg, spec, state, batch_size=32, restructure_at=(2, 0), margin=(0.25, 0.0))
     seed_flops = float(pf.cost(spec, *ps.hard_gates(state.params.logits)) / pf.full_cost(spec))
     assert max(r["flops"] for r in settled.history) <= seed_flops + 1e-6
-    # pinning leaves the budget fit and the on blocks alone
-    pinned = ps.settle(spec, state.params, 1.0)
-    for b, s in state.params.logits["blocks"].items():
-        if np.asarray(s) > 0:
-            assert np.asarray(pinned.logits["blocks"][b]) == np.asarray(s)
-    for g, s in state.params.logits["channels"].items():
-        np.testing.assert_array_equal(pinned.logits["channels"][g], s)
