@@ -30,26 +30,31 @@ learning rate: ``optax.chain(optax.sgd(lr, 0.9), scale_by_birth_stage())``.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 LRA_NORMS = ("layer", "global")
 LRA_RECOMPUTE = ("growth", "step")
 LRA_LEAVES = ("kernels", "all")
 
 
-class BirthState(NamedTuple):
+@struct.dataclass
+class BirthState:
     """``stage``: growth steps so far (int32 scalar); ``stale``: recompute the scales at the next
     update (bool scalar); ``birth``: per element, the stage it was born at (int32, params-shaped);
-    ``scale``: per element, ``lr_t / lr_0`` of its subnetwork (float32, params-shaped)."""
+    ``scale``: per element, ``lr_t / lr_0`` of its subnetwork (float32, params-shaped);
+    ``max_stages``: the stages tracked (static, not a leaf; :func:`pae.growth.grow` refuses to grow
+    past them)."""
 
     stage: jax.Array
     stale: jax.Array
     birth: Any
     scale: Any
+    max_stages: int = struct.field(pytree_node=False, default=16)
 
 
 def _check(name, value, allowed):
@@ -104,7 +109,8 @@ def scale_by_birth_stage(*, norms: str = "layer", recompute: str = "growth", lea
     def init(params):
         return BirthState(stage=jnp.zeros((), jnp.int32), stale=jnp.zeros((), jnp.bool_),
                           birth=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.int32), params),
-                          scale=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.float32), params))
+                          scale=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.float32), params),
+                          max_stages=max_stages)
 
     def update(updates, state, params=None):
         if params is None:
@@ -115,7 +121,7 @@ def scale_by_birth_stage(*, norms: str = "layer", recompute: str = "growth", lea
         else:
             scale = jax.tree.map(lambda f, s: jnp.where(state.stale, f, s), fresh, state.scale)
         updates = jax.tree.map(lambda u, s: (u * s).astype(u.dtype), updates, scale)
-        return updates, state._replace(stale=jnp.zeros((), jnp.bool_), scale=scale)
+        return updates, state.replace(stale=jnp.zeros((), jnp.bool_), scale=scale)
 
     return optax.GradientTransformation(init, update)
 

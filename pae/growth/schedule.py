@@ -32,7 +32,8 @@ def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, gr
     """The widths of each of the ``steps + 1`` stages, per group (see the module doc).
 
     The start width is the integer nearest ``start_fraction * C_final`` with the parity of
-    ``C_final`` (every increment is even; at least 1): 64 -> 16, 12 -> 4, 20 -> 4.
+    ``C_final`` (every increment is even; at least 1): 64 -> 16, 12 -> 4, 20 -> 4. The last stage
+    is the final width, so ``steps=0`` is one stage at the final width (no growth).
     """
     if not 0 < start_fraction <= 1:
         raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction!r}")
@@ -47,7 +48,7 @@ def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, gr
         c = int(c_final - round_even(c_final - start_fraction * c_final))
         if c < 1:
             c = 2 - c_final % 2
-        widths = [c]
+        widths = [c if steps else c_final]
         for t in range(1, steps + 1):
             c = c_final if t == steps else min(c_final, c + max(2, round_even(growth * c)))
             widths.append(c)

@@ -60,10 +60,14 @@ with the new fan-in ``fan_in' = receptive field * m_i`` (the growable models' ow
 units look freshly initialized at the new width); ``"mup"``: std ``1 / fan_in'`` (pairs with
 ``vt="linear"``); ``"empirical"``: the std of the layer's old (rescaled) weights (GroMo-like).
 
-Optimizer state is grown with ``optax.tree_map_params``: old entries carried unchanged, new ones
-zero (GradMax's zero-padded slots). For Adam-family states (a state with ``mu`` and ``nu``),
+Optimizer state is grown to the shapes ``tx.init`` gives the grown parameters: every leaf whose
+shape changes (moments, and factored statistics such as Adafactor's) keeps its old entries in the
+leading corner and gets zeros in the new ones (GradMax's zero-padded slots); leaves whose shape does
+not change (counts, masked-out nodes, Adafactor's unfactored placeholders) are carried. For states
+with a second moment (``nu``: Adam, RMSProp; ``nu_max``; AvaGrad's ``sqrt_nu``),
 ``new_moments="warm"`` (default) seeds the new entries' ``nu`` (and ``nu_max``) with the mean of the
-leaf's old ``nu``: with zero ``nu`` and Adam's global step count ``n``, a new entry's first step is
+leaf's old ``nu`` (with zero ``nu`` an RMSProp entry's first step is ``1 / sqrt(1 - decay)`` times the
+learning rate, about 3x); for Adam: with zero ``nu`` and Adam's global step count ``n``, a new entry's first step is
 ``(1 - b1) / sqrt(1 - b2) * sqrt(1 - b2^n) / (1 - b1^n)`` times the learning rate (about 2.5x at
 ``n = 1000`` with 0.9/0.999, up to 6.5x); with the seeded ``nu`` it is at most about
 ``(1 - b1) * |g| / sqrt(nu_old)``, a normal-sized step ramping up with the momentum (AvaGrad's
@@ -243,11 +247,10 @@ def _grow_params(params, batch_stats, spec, old, new, key, vt, new_init):
 _SECOND_MOMENTS = ("nu", "nu_max", "sqrt_nu")
 
 
-def _is_adam(x) -> bool:
-    """An Adam-family state: a NamedTuple with ``mu`` and a second moment (``nu``; AvaGrad's
-    ``sqrt_nu``)."""
+def _has_second_moment(x) -> bool:
+    """A state NamedTuple with a second moment (``nu``: Adam, RMSProp; AvaGrad's ``sqrt_nu``)."""
     fields = getattr(x, "_fields", ())
-    return "mu" in fields and any(f in fields for f in ("nu", "sqrt_nu"))
+    return any(f in fields for f in ("nu", "sqrt_nu"))
 
 
 def _grow_opt_state(opt_state, tx, params, grown, new_moments):
@@ -271,19 +274,25 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
         raise ValueError("tx: state.opt_state holds no parameter-shaped moments to grow (e.g. plain "
                          "SGD without momentum); grow with tx=None and opt_state=None, or use a "
                          "fresh optimizer state (Phase(optimizer_state='fresh'))")
-    out = optax.tree_map_params(
-        tx, lambda x, g: _pad(np.asarray(x), np.shape(g)).astype(np.asarray(x).dtype),
-        jax.tree.map(np.asarray, opt_state), grown, transform_non_params=lambda x: x)
+    target = jax.eval_shape(tx.init, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), grown))
+    out = jax.tree.map(lambda x, t: np.asarray(x) if np.shape(x) == t.shape
+                       else _pad(np.asarray(x), t.shape).astype(np.asarray(x).dtype), opt_state, target)
 
     def fix(old, new):
         if isinstance(old, BirthState):
             stage = np.asarray(old.stage) + 1
+            if stage >= old.max_stages:
+                raise ValueError(f"scale_by_birth_stage(max_stages={old.max_stages}) tracks stages "
+                                 f"0..{old.max_stages - 1}; growth step {int(stage)} needs a larger "
+                                 f"max_stages")
             birth = jax.tree.map(lambda b, g: _pad(np.asarray(b), np.shape(g), stage).astype(np.int32),
                                  old.birth, grown)
             scale = jax.tree.map(lambda s, g: _pad(np.asarray(s, np.float32), np.shape(g), 1.0),
                                  old.scale, grown)
-            return BirthState(stage.astype(np.int32), np.ones((), np.bool_), birth, scale)
-        if _is_adam(old) and new_moments == "warm":
+            return old.replace(stage=stage.astype(np.int32), stale=np.ones((), np.bool_), birth=birth,
+                               scale=scale)
+        if _has_second_moment(old) and new_moments == "warm":
             seeded = {}
             for field in _SECOND_MOMENTS:
                 if field in old._fields:
@@ -292,7 +301,8 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
             return new._replace(**seeded)
         return new
 
-    return jax.tree.map(fix, opt_state, out, is_leaf=lambda x: isinstance(x, BirthState) or _is_adam(x))
+    return jax.tree.map(fix, opt_state, out,
+                        is_leaf=lambda x: isinstance(x, BirthState) or _has_second_moment(x))
 
 
 def _seed(old, new):

@@ -199,3 +199,51 @@ def test_other_adam_family_second_moments_are_seeded(make, field, images, g):
         return old
     jax.tree.map(check, state.opt_state, grown.opt_state, is_leaf=lambda x: hasattr(x, "_fields"))
     assert len(found) == len(jax.tree.leaves(state.params))
+
+
+def test_rmsprop_second_moment_is_seeded(images, g):
+    """RMSProp's ``nu`` has no ``mu`` beside it; its new entries get the old mean as Adam's do."""
+    tx = optax.rmsprop(1e-3)
+    state = _steps(tx, g.perturbed_state(VGG, images), 2)
+    grown = growth.grow(state, VGG, VGG_TO, jax.random.PRNGKey(0), tx=tx)
+    for a, b in _pairs(state.opt_state[0].nu, grown.opt_state[0].nu):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_array_equal(b[_old(a, b)], a.ravel())
+        np.testing.assert_allclose(b[~_old(a, b)], a.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["masked", "multi_transform", "adafactor"])
+def test_masked_partitioned_and_factored_states_grow_to_what_init_gives(name, images, g):
+    """The grown state has ``tx.init(grown params)``'s structure and shapes: masked-out nodes and
+    Adafactor's unfactored placeholders are carried, every leaf whose shape grows keeps its old
+    entries in the leading corner and is zero elsewhere; the optimizer then updates it."""
+    kernels = lambda p: jax.tree.map(lambda x: np.ndim(x) > 1, p)  # noqa: E731
+    tx = {"masked": optax.masked(optax.adam(1e-2), kernels),
+          "multi_transform": optax.multi_transform(
+              {"k": optax.sgd(0.1, momentum=0.9), "o": optax.adam(1e-2)},
+              lambda p: jax.tree.map(lambda x: "k" if np.ndim(x) > 1 else "o", p)),
+          "adafactor": optax.adafactor(1e-2, min_dim_size_to_factor=4)}[name]
+    state = _steps(tx, g.perturbed_state(VGG, images), 2)
+    grown = growth.grow(state, VGG, VGG_TO, jax.random.PRNGKey(0), tx=tx, new_moments="zeros")
+    want = tx.init(grown.params)
+    assert jax.tree.structure(grown.opt_state) == jax.tree.structure(want)
+    moved = 0
+    for a, b, w in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(grown.opt_state), jax.tree.leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert b.shape == np.shape(w) and b.dtype == a.dtype
+        np.testing.assert_array_equal(b[_old(a, b)], a.ravel())
+        np.testing.assert_array_equal(b[~_old(a, b)], 0)
+        moved += a.shape != b.shape
+    assert moved > 0
+    grads = jax.tree.map(lambda p: np.ones_like(p), grown.params)
+    updates, _ = tx.update(grads, grown.opt_state, grown.params)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_growing_past_the_tracked_stages_is_refused(images, g):
+    tx = optax.chain(optax.sgd(0.1, momentum=0.9), growth.scale_by_birth_stage(max_stages=2))
+    state = _steps(tx, g.perturbed_state(VGG, images), 1)
+    grown = growth.grow(state, VGG, VGG_TO, jax.random.PRNGKey(0), tx=tx)
+    assert int(grown.opt_state[1].stage) == 1 and grown.opt_state[1].max_stages == 2
+    with pytest.raises(ValueError, match="max_stages=2"):
+        growth.grow(grown, VGG.at_widths(VGG_TO), VGG_TO2, jax.random.PRNGKey(1), tx=tx)

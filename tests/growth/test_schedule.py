@@ -13,6 +13,7 @@ def test_width_schedule_quarter_width_plus_20_percent_rounded_to_even():
     for prev, nxt in zip(ws, ws[1:]):
         assert all((nxt[g] - prev[g]) % 2 == 0 and nxt[g] >= prev[g] for g in prev)
     assert growth.width_schedule({"a": 64}, steps=2) == [{"a": 16}, {"a": 20}, {"a": 64}]
+    assert growth.width_schedule({"a": 64, "b": 5}, steps=0) == [{"a": 64, "b": 5}]   # no growth: full width
     # the start keeps the final parity: 12/4 = 3 -> 4, 20/4 = 5 -> 4, 3/4 -> 1
     assert [growth.width_schedule({"a": n}, steps=1)[0]["a"] for n in (12, 20, 3, 2)] == [4, 4, 1, 2]
     assert growth.round_even(4.8) == 4 and growth.round_even(5.6) == 6 and growth.round_even(3.2) == 4
