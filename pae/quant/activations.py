@@ -47,6 +47,8 @@ quantizes its input before computing. Layers called twice share their statistics
 """
 from __future__ import annotations
 
+import numbers
+
 import dataclasses
 import inspect
 import itertools
@@ -163,8 +165,7 @@ def act_codes(x: jax.Array, bits: Any, r: Any, unsigned: Any) -> jax.Array:
 
 
 def _clip(x, r, unsigned):
-    lo = jnp.where(unsigned, 0.0, -r)
-    return jnp.clip(x, lo, r)
+    return qz.clip_ste(x, jnp.where(unsigned, 0.0, -r), r)
 
 
 def quantize_act(x: jax.Array, bits: Any, r: Any, unsigned: Any) -> jax.Array:
@@ -299,7 +300,7 @@ def act_noise_injection(select: pselect.Selector | None = None, *, b_min: float 
     theta0 = check_width_args("act ", b_min, b_max, b_init)
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
-    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+    if isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real) and 0.0 <= momentum < 1.0):
         raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
     check_penalty_args("act ", b_min, b_max, lmbda, target_bits, budget_weight, budget_form, eval_mode)
     b_min, b_max, momentum = float(b_min), float(b_max), float(momentum)

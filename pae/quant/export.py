@@ -355,9 +355,13 @@ def _act_layer(path: str, node: qa.QuantAct, stats: Any) -> dict:
     if stats is None:
         raise ValueError(f"export: layer {path!r} quantizes its inputs, but batch_stats holds no "
                          f"running statistics for it; pass the phase-2 state's batch_stats")
-    for name in ("ema", "count", "min"):
-        if name != "min":
-            _finite(f"{path}/{qa.ACT}/{name}", stats[name], "activation statistics")
+    for name in ("ema", "count"):
+        _finite(f"{path}/{qa.ACT}/{name}", stats[name], "activation statistics")
+    if np.isnan(np.asarray(stats["min"])).any():        # +inf (never seen) is allowed, NaN is not
+        raise ValueError(f"export: {path}/{qa.ACT}/min holds NaN; the activation statistics are damaged")
+    if not np.all(np.asarray(stats["count"]) > 0):
+        raise ValueError(f"export: the activation statistics of {path!r} were never updated (count 0), "
+                         f"so its range is 0 and every input would quantize to 0; train (phase 2) first")
     if node.log_scale is not None:
         _finite(f"{path}/{qa.ACT}/log_scale", node.log_scale, "activation range scales")
     r = np.asarray(qa.running_range(stats, node.momentum), np.float32)
@@ -545,6 +549,21 @@ def _unflat(items: list) -> dict:
     return out
 
 
+def _storable(arrays: dict, meta: dict) -> dict:
+    """``arrays`` with every array of a dtype ``.npz`` cannot hold (bfloat16 and the other
+    ``ml_dtypes``, written as raw void bytes that load back unreadable) stored as its unsigned
+    integer view; ``meta["views"]`` names the dtype to view it back as."""
+    out, views = {}, {}
+    for key, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind == "V" or type(a.dtype).__module__.startswith("ml_dtypes"):
+            views[key] = a.dtype.name
+            a = a.view(np.dtype(f"uint{8 * a.dtype.itemsize}"))
+        out[key] = a
+    meta["views"] = views
+    return out
+
+
 def _perm_dtype(size: int) -> np.dtype:
     """The smallest integer dtype holding indices ``0 .. size - 1`` (uint8, uint16, else int32)."""
     return np.dtype(np.uint8 if size <= 2 ** 8 else np.uint16 if size <= 2 ** 16 else np.int32)
@@ -643,6 +662,7 @@ def save_exported(path: str, exported: Exported) -> None:
         meta["acts"].append(apath)
         for key, a in act.items():
             arrays[f"acts/{j}/{key}"] = np.asarray(a)
+    arrays = _storable(arrays, meta)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with open(path, "wb") as f:      # np.savez(path) would append ".npz" to a path without it
         np.savez(f, **arrays)
@@ -663,6 +683,8 @@ def load_exported(path: str, model: nn.Module, *, backend: str = "auto") -> Expo
     if meta.get("version") != SAVE_VERSION:
         raise ValueError(f"path {path!r} has format version {meta.get('version')!r}; this pae reads "
                          f"version {SAVE_VERSION}: export the model again")
+    for key, name in meta.get("views", {}).items():
+        data[key] = data[key].view(jnp.dtype(name))
     tree: dict = {}
     for part in ("params", "batch_stats"):
         tree[part] = _unflat([(tuple(k), None if empty else data[f"{part}/{i}"])

@@ -418,9 +418,9 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
             learned = n.log_range is not None
             delta = qz.step_size(node_bits(n, learned_bits(n)), r)
             u = jax.random.uniform(key, w.shape, jnp.float32, -0.5, 0.5)
-            noisy = (jnp.clip(wf, -r, r) if learned else wf) + delta * u
+            noisy = (qz.clip_ste(wf, -r, r) if learned else wf) + delta * u
             held = wf if eval_mode == "clean" else _quantized(n, rounded_bits(n)).astype(jnp.float32)
-            return jnp.where(jnp.asarray(ctx.train), noisy, held).astype(w.dtype)
+            return jnp.where(jnp.asarray(ctx.train), noisy, held).astype(qz.quantized_dtype(w.dtype))
 
         return map_nodes(one, latent, NoisyWeight)
 

@@ -83,6 +83,20 @@ def _round_ste(x):
     return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
+def clip_ste(x: jax.Array, lo: Any, hi: Any) -> jax.Array:
+    """``clip(x, lo, hi)`` whose derivative in ``x`` is 1 on the *closed* interval (``jnp.clip``
+    gives 1/2 where ``x`` equals a bound, as the max-abs element does when the range starts at the
+    max-abs) and 0 outside, where the bound gets it (the LSQ convention)."""
+    return jnp.where(x > hi, hi, jnp.where(x < lo, lo, x))
+
+
+def quantized_dtype(dtype) -> np.dtype:
+    """The dtype ``Q(w)`` is returned in: ``w``'s, at least float32. The levels ``k * delta`` are
+    exact in float32 but not in bfloat16 (a relative rounding of ~2e-3), and the exported model
+    computes with the exact levels."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def codes(w: jax.Array, bits: Any, r: Any) -> jax.Array:
     """Integer codes ``q = clip(round(clip(w, -R, R) / delta + o), 0, 2**b - 1)`` as float32.
 
@@ -102,7 +116,8 @@ def codes(w: jax.Array, bits: Any, r: Any) -> jax.Array:
 def quantize(w: jax.Array, bits: Any, r: Any | None = None, *, learned_range: bool = False
              ) -> jax.Array:
     """``Q(w)`` on the mid-rise grid of ``bits`` with range ``r`` (default: per-output-channel
-    max-abs of ``w``), with the straight-through gradient of the module doc; dtype of ``w``.
+    max-abs of ``w``), with the straight-through gradient of the module doc; dtype of ``w``, at
+    least float32 (:func:`quantized_dtype`).
 
     ``learned_range``: ``r`` is a trainable clip (gradients flow to it and ``w`` outside ``[-r, r]``
     gets none); otherwise ``r`` is treated as a constant and ``dQ/dw = 1``. Concrete ``bits``
@@ -119,13 +134,13 @@ def quantize(w: jax.Array, bits: Any, r: Any | None = None, *, learned_range: bo
         r = jax.lax.stop_gradient(r)
         q = codes(wf, bits, r)
         hard = (q - o) * (r / o)
-        return (wf + jax.lax.stop_gradient(hard - wf)).astype(w.dtype)
+        return (wf + jax.lax.stop_gradient(hard - wf)).astype(quantized_dtype(w.dtype))
     delta = r / o
     safe = jnp.where(delta > 0, delta, 1.0)
     # x lies in [0, 2o] (w is clipped), so round(x) is a code; no clip after the rounding (a clip
     # whose bound equals its input would halve the straight-through gradient there)
-    x = jnp.clip(wf, -r, r) / safe + o
-    return ((_round_ste(x) - o) * delta).astype(w.dtype)
+    x = clip_ste(wf, -r, r) / safe + o
+    return ((_round_ste(x) - o) * delta).astype(quantized_dtype(w.dtype))
 
 
 def bits_from_logits(logits: Any, b_min: float, b_max: float) -> jax.Array:

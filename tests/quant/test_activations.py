@@ -428,6 +428,15 @@ def test_bad_input_is_refused_naming_the_argument():
     bad["Dense_0"]["act"] = dict(bad["Dense_0"]["act"], ema=np.full(5, np.nan, np.float32))
     with pytest.raises(ValueError, match="'Dense_0/act/ema' has NaN or Inf"):
         q.export(m, latent, bad)
+    bad["Dense_0"]["act"] = dict(stats["Dense_0"]["act"], min=np.full(5, np.nan, np.float32))
+    with pytest.raises(ValueError, match="Dense_0/act/min holds NaN"):
+        q.export(m, latent, bad)
+    bad["Dense_0"]["act"] = dict(stats["Dense_0"]["act"], count=np.zeros((), np.float32))
+    with pytest.raises(ValueError, match="'Dense_0' were never updated"):
+        q.export(m, latent, bad)
+    assert q.act_noise_injection(momentum=np.float32(0.9)) is not None       # a NumPy scalar is a number
+    with pytest.raises(ValueError, match="momentum"):
+        q.act_noise_injection(momentum=True)
     over = dict(latent, Dense_1=dict(latent["Dense_1"], act=latent["Dense_1"]["act"].replace(
         bits=jnp.full((9,), 9.0))))
     with pytest.raises(ValueError, match="activation bits of 'Dense_1'"):

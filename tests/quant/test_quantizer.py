@@ -104,3 +104,23 @@ def test_width_parameterization_roundtrip_and_bounds():
     np.testing.assert_allclose(big, [2.0, 6.0])
     with pytest.raises(ValueError, match="b_init"):
         q.quantizer.logits_for_bits(8.0, 1.0, 8.0)
+
+
+def test_clip_boundary_gets_the_whole_gradient_and_bf16_keeps_exact_levels():
+    """At ``w == R`` (the max-abs element when a learned range starts at the max-abs) dQ/dw is 1,
+    not ``jnp.clip``'s 1/2; activations likewise at ``x == R`` and at 0 on the unsigned grid. A
+    bfloat16 kernel is quantized to float32 levels, those of its float32 values, exactly."""
+    w = np.array([[0.7, -0.3, 0.2], [-0.5, 0.1, 0.4]], np.float32)        # (K, N): column max-abs
+    r = np.abs(w).max(axis=0)
+    g = jax.grad(lambda w: jnp.sum(q.quantize(w, 4, r, learned_range=True)))(w)
+    np.testing.assert_array_equal(np.asarray(g), np.ones_like(w))
+    from pae.quant import activations as qa
+    x = np.array([[0.0, 0.5, 1.0, 1.5]], np.float32)
+    gx = jax.grad(lambda x: jnp.sum(qa.quantize_act(x, 4, 1.0, True)))(x)
+    np.testing.assert_array_equal(np.asarray(gx), [[1.0, 1.0, 1.0, 0.0]])
+    wb = jnp.asarray(np.random.default_rng(0).normal(size=(16, 5)), jnp.bfloat16)
+    for bits in (2, 4, 8):
+        got = q.quantize(wb, bits)
+        assert got.dtype == jnp.float32
+        want, *_ = ref_quantize(np.asarray(wb, np.float32), bits, np.abs(np.asarray(wb, np.float32)).max(0))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
