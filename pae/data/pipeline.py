@@ -61,9 +61,9 @@ def _check_positive_int(batch_size, argument: str = "batch_size") -> None:
         raise ValueError(f"{argument} must be >= 1, got {argument}={batch_size}")
 
 
-def _clamped(batch_size: int, num_examples: int, process_count: int) -> int:
-    """``batch_size``, or the split's size rounded up to a multiple of ``process_count`` if smaller."""
-    return min(batch_size, math.ceil(num_examples / process_count) * process_count)
+def _clamped(batch_size: int, num_examples: int, multiple: int) -> int:
+    """``batch_size``, or the split's size rounded up to a multiple of ``multiple`` if smaller."""
+    return min(batch_size, math.ceil(num_examples / multiple) * multiple)
 
 
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool = False, *,
@@ -98,6 +98,7 @@ def iterate_batches(
     process_index: int = 0,
     process_count: int = 1,
     clamp: bool = False,
+    clamp_multiple: int = 1,
     split: str | None = None,
 ) -> Iterator[Example]:
     """Yield this process's share of each global batch of one epoch.
@@ -109,9 +110,9 @@ def iterate_batches(
 
     Arguments are checked when this is called, before any batch is built: ``batch_size`` larger
     than ``len(source)`` raises ValueError (naming ``split`` if given), unless ``clamp=True``, which
-    uses ``min(batch_size, ceil(n / P) * P)`` rows instead (for evaluation; not with
-    ``drop_remainder``). A clamped batch has a different shape from ``batch_size``: callers that
-    shard it over devices must allow for that.
+    uses ``min(batch_size, ceil(n / m) * m)`` rows instead, ``m`` the least common multiple of ``P``
+    and ``clamp_multiple`` (for evaluation; not with ``drop_remainder``; pass the number of devices
+    the batch is sharded over as ``clamp_multiple``, the padding rows have mask 0).
     """
     n = len(source)
     if n == 0:
@@ -121,7 +122,8 @@ def iterate_batches(
     if clamp:
         _check_clamp(drop_remainder)
         _check_positive_int(batch_size)
-        batch_size = _clamped(batch_size, n, process_count)
+        _check_positive_int(clamp_multiple, "clamp_multiple")
+        batch_size = _clamped(batch_size, n, math.lcm(process_count, clamp_multiple))
     else:
         check_batch_size(batch_size, n, split=split)
     if batch_size % process_count:

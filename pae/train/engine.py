@@ -164,6 +164,16 @@ class Phase:
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(f"Phase {self.name!r}: optimizer_state must be one of {OPTIMIZER_STATES}, "
                              f"got {self.optimizer_state!r}")
+        if self.data_epochs_from is not None and (
+                isinstance(self.data_epochs_from, bool) or not isinstance(self.data_epochs_from, (int, np.integer))
+                or self.data_epochs_from < 0):
+            raise ValueError(f"Phase {self.name!r}: data_epochs_from must be None or an int >= 0, got "
+                             f"{self.data_epochs_from!r}")
+        for field in ("context", "enter", "metrics", "eval_apply"):
+            v = getattr(self, field)
+            if v is not None and not callable(v):
+                raise TypeError(f"Phase {self.name!r}: {field} must be a function or None, got "
+                                f"{type(v).__name__}")
         bad = [k for k in self.keep if not isinstance(k, (int, np.integer)) or not 0 <= k <= self.epochs]
         if bad:
             raise ValueError(f"Phase {self.name!r}: keep epochs must be in [0, epochs={self.epochs}], "
@@ -212,10 +222,17 @@ def host(tree):
 
 
 def _abstract(tree):
+    """Shapes and dtypes as the run holds them: a host-side result's NumPy defaults (float64, a
+    Python int) become what ``jax.device_put`` makes of them (float32, int32 without x64)."""
     def spec(x):
         dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
-        return jax.ShapeDtypeStruct(np.shape(x), dtype)
+        return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(dtype))
     return jax.tree.map(spec, tree)
+
+
+def _device_count(mesh) -> int:
+    """Devices a batch is sharded over (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.devices.size)
 
 
 def _zeros(tree):
@@ -380,7 +397,8 @@ def _eval_batch_shapes(task: Task, batch_size: int, mesh) -> list:
         batch = next(pdata.iterate_batches(source, batch_size, shuffle=False,
                                            augment=task.eval_transform,
                                            process_index=jax.process_index(),
-                                           process_count=jax.process_count(), clamp=True), None)
+                                           process_count=jax.process_count(), clamp=True,
+                                           clamp_multiple=_device_count(mesh)), None)
         if batch is not None:
             shapes.append(_abstract_sharded(distributed.shard_batch(batch, mesh)))
     return shapes
@@ -397,24 +415,33 @@ def _structure_at(programs, phases, state, position: tuple[int, int]):
     return {"state": state, "snapshots": snapshots}
 
 
-def _check_finite(sums, phase: Phase, epoch: int, ckpt) -> None:
-    """TrainingDiverged when an epoch's loss or penalty sum is not finite (in any run)."""
-    for key in ("loss_sum", "penalty"):
-        values = np.asarray(sums[key], np.float64)
-        if not np.all(np.isfinite(values)):
-            last = ckpt.latest_step() if ckpt else None
-            kept = f"the newest checkpoint is step {last} in {ckpt.directory}" if last else "no checkpoint was written"
-            raise TrainingDiverged(
-                f"phase {phase.name!r}, epoch {epoch + 1}: the training {key.replace('_sum', '')} is "
-                f"{values.tolist()} (not finite); the run stopped without recording or checkpointing "
-                f"this epoch ({kept}). Lower the learning rate, or check the data and the transform.")
+def _check_finite(sums, state: TrainState, phase: Phase, epoch: int, ckpt) -> None:
+    """TrainingDiverged when an epoch's loss or penalty sum is not finite (in any run), or when the
+    state it ends with holds NaN or Inf (each step's loss is computed before its update, so a last
+    update that overflows shows in no loss of the epoch)."""
+    bad = [f"the training {key.replace('_sum', '')} is {np.asarray(sums[key], np.float64).tolist()}"
+           for key in ("loss_sum", "penalty") if not np.all(np.isfinite(np.asarray(sums[key], np.float64)))]
+    if not bad:
+        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(
+            {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}))
+        bad = [f"{jax.tree_util.keystr(path)} holds NaN or Inf after the epoch's last update"
+               for path, x in leaves if np.issubdtype(np.asarray(x).dtype, np.inexact)
+               and not np.all(np.isfinite(x))][:1]
+    if bad:
+        last = ckpt.latest_step() if ckpt else None
+        kept = f"the newest checkpoint is step {last} in {ckpt.directory}" if last else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"phase {phase.name!r}, epoch {epoch + 1}: {bad[0]} (not finite); the run stopped without "
+            f"recording or checkpointing this epoch ({kept}). Lower the learning rate, or check the "
+            f"data and the transform.")
 
 
 def _evaluate(eval_step, state, source, batch_size, task, ctx) -> dict:
     total = None
     for batch in pdata.iterate_batches(source, batch_size, shuffle=False, augment=task.eval_transform,
                                        process_index=jax.process_index(),
-                                       process_count=jax.process_count(), clamp=True):
+                                       process_count=jax.process_count(), clamp=True,
+                                       clamp_multiple=_device_count(task.mesh)):
         sums = eval_step(state, distributed.shard_batch(batch, task.mesh), ctx)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     return total
@@ -518,8 +545,10 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
     for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    for name, v, low in (("seed", seed, 0), ("checkpoint_every", checkpoint_every, 0),
+                         ("keep_checkpoints", keep_checkpoints, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
     if not isinstance(precompile, bool):
         raise TypeError(f"precompile must be a bool, got {type(precompile).__name__}")
     if on_damaged_checkpoint not in ON_DAMAGED:
@@ -606,7 +635,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                         kept = {**_abstract(snapshots), **{name: current for name in phase.keep.values()}}
                         compiling = ahead.submit(_compile_ahead, programs, phases[p + 1], current, kept,
                                                  _abstract_sharded(batch), eval_shapes, mesh)
-                _check_finite(sums, phase, e, ckpt)
+                _check_finite(sums, state, phase, e, ckpt)
                 done_epochs += 1
                 row = {"phase": phase.name, "phase_index": p, "epoch": done_epochs,
                        "phase_epoch": e + 1, **_summarize("train", sums, task.text),

@@ -1,6 +1,7 @@
 """The phase engine: transitions (shape-changing and latent-replacing), snapshots, bit-exact resume at
 every kind of boundary, parallel runs equal to sequential ones, one compile per distinct phase."""
 import json
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,8 @@ import pytest
 
 from pae import sparsity as sp
 from pae.core import Transform, identity
-from pae.train import CheckpointError, Phase, TrainState, evaluate, init_state, make_task, train_phases
+from pae.train import (CheckpointError, Phase, TrainingDiverged, TrainState, evaluate, init_state, make_task,
+                       train_phases)
 from pae.train.compilation import AHEAD_THREAD, compile_clock
 
 
@@ -254,3 +256,77 @@ def test_bad_phases_fail_clearly(task):
                   enter=lambda st, sn: grow(st, sn).replace(opt_state=st.opt_state))
     with pytest.raises(ValueError, match="keeps the optimizer state"):
         train_phases(task, [Phase("a", 1, _adam), widen], state, batch_size=32)
+
+
+def test_resume_after_a_host_side_enter_with_numpy_default_dtypes(task, tmp_path):
+    """An ``enter`` returning float64 arrays and a Python int step (NumPy's defaults) is held as
+    float32 / int32 by the run; resume replays it on placeholders and must expect the same."""
+    def reset(state, snapshots):
+        params = jax.tree.map(np.asarray, state.params)
+        params["Dense_0"]["bias"] = np.full(np.shape(params["Dense_0"]["bias"]), 0.5)      # float64
+        return state.replace(params=params, step=0)
+    phases = lambda: [Phase("a", 1, _adam), Phase("b", 2, _adam, enter=reset)]  # noqa: E731
+    run = lambda **kw: train_phases(task, phases(), init_state(task.model, task.example, 0),  # noqa: E731
+                                    batch_size=32, **kw)
+    whole = run()
+
+    def stop(row, state):
+        if row["epoch"] == 2:
+            raise _Stop
+    with pytest.raises(_Stop):
+        run(checkpoint_dir=tmp_path, callbacks=[stop])
+    _equal(run(checkpoint_dir=tmp_path).state, whole.state)
+
+
+class _NanLastUpdate(NamedTuple):
+    count: jax.Array
+
+
+def test_a_last_update_that_overflows_is_not_recorded_or_checkpointed(task, tmp_path):
+    """Each step's loss comes before its update: the epoch whose last update makes the weights NaN
+    has a finite loss, and must still stop the run before it is recorded or saved."""
+    spe = -(-100 // 32)
+
+    def poisoned(_):
+        def update(updates, state, params=None):
+            bad = state.count == spe - 1
+            return jax.tree.map(lambda u: jnp.where(bad, jnp.nan, u), updates), _NanLastUpdate(state.count + 1)
+        return optax.chain(optax.sgd(0.1), optax.GradientTransformation(
+            lambda p: _NanLastUpdate(jnp.zeros((), jnp.int32)), update))
+    rows = []
+    with pytest.raises(TrainingDiverged, match=r"epoch 1: \['params'\].* holds NaN or Inf"):
+        train_phases(task, [Phase("a", 2, poisoned)], init_state(task.model, task.example, 0), batch_size=32,
+                     checkpoint_dir=tmp_path, callbacks=[lambda row, state: rows.append(row)])
+    assert rows == [] and not any(tmp_path.iterdir() if tmp_path.exists() else [])
+
+
+def test_evaluation_batches_fit_the_devices_when_a_split_is_small():
+    """A split smaller than the eval batch is clamped to one batch padded to a multiple of the
+    devices (mask 0 on the padding), not to the split's size."""
+    from pae.data import pipeline as pdata
+    src = _data()["test"]
+    from pae.train import make_task as mk
+    t = mk(MLP(), {"train": _data()["train"], "test": (src[0][:10], src[1][:10])})
+    batches = list(pdata.iterate_batches(t.evals["test"], 16, shuffle=False, clamp=True, clamp_multiple=4))
+    assert len(batches) == 1 and batches[0]["mask"].shape == (12,) and batches[0]["mask"].sum() == 10
+    with pytest.raises(TypeError, match="clamp_multiple"):
+        list(pdata.iterate_batches(t.evals["test"], 16, clamp=True, clamp_multiple=1.5))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"keep_checkpoints": 0}, "keep_checkpoints must be an int >= 1"),
+    ({"checkpoint_every": 0.5}, "checkpoint_every must be an int >= 0"),
+])
+def test_bad_run_arguments_are_refused_before_training(task, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train_phases(task, [Phase("a", 1, _adam)], init_state(task.model, task.example, 0), batch_size=32,
+                     **kwargs)
+
+
+def test_bad_phase_fields_are_refused_when_the_phase_is_made():
+    with pytest.raises(ValueError, match="data_epochs_from must be None or an int >= 0"):
+        Phase("a", 1, _adam, data_epochs_from=-1)
+    for field in ("enter", "context", "metrics", "eval_apply"):
+        with pytest.raises(TypeError, match=f"{field} must be a function or None"):
+            Phase("a", 1, _adam, **{field: "x"})
