@@ -66,8 +66,8 @@ leading corner and gets zeros in the new ones (GradMax's zero-padded slots); lea
 not change (counts, masked-out nodes, Adafactor's unfactored placeholders) are carried. For states
 with a second moment (``nu``: Adam, RMSProp; ``nu_max``; AvaGrad's ``sqrt_nu``),
 ``new_moments="warm"`` (default) seeds the new entries' ``nu`` (and ``nu_max``) with the mean of the
-leaf's old ``nu`` (with zero ``nu`` an RMSProp entry's first step is ``1 / sqrt(1 - decay)`` times the
-learning rate, about 3x); for Adam: with zero ``nu`` and Adam's global step count ``n``, a new entry's first step is
+leaf's old ``nu``. With zero ``nu`` an RMSProp entry's first step is ``1 / sqrt(1 - decay)`` times
+the learning rate (about 3x); an Adam entry's, at Adam's global step count ``n``, is
 ``(1 - b1) / sqrt(1 - b2) * sqrt(1 - b2^n) / (1 - b1^n)`` times the learning rate (about 2.5x at
 ``n = 1000`` with 0.9/0.999, up to 6.5x); with the seeded ``nu`` it is at most about
 ``(1 - b1) * |g| / sqrt(nu_old)``, a normal-sized step ramping up with the momentum (AvaGrad's
