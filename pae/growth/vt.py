@@ -258,8 +258,10 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
         raise TypeError(f"tx must be the optax.GradientTransformation that made state.opt_state, got "
                         f"{type(tx).__name__}")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), params)
-    wanted = jax.eval_shape(tx.init, abstract)
+    def init_shapes(tree):
+        return jax.eval_shape(tx.init, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree))
+    wanted = init_shapes(params)
     if jax.tree.structure(wanted) != jax.tree.structure(opt_state) or any(
             np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(opt_state), jax.tree.leaves(wanted))):
         raise ValueError("state.opt_state does not match tx.init(state.params): pass the optimizer "
@@ -274,8 +276,7 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
         raise ValueError("tx: state.opt_state holds no parameter-shaped moments to grow (e.g. plain "
                          "SGD without momentum); grow with tx=None and opt_state=None, or use a "
                          "fresh optimizer state (Phase(optimizer_state='fresh'))")
-    target = jax.eval_shape(tx.init, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), grown))
+    target = init_shapes(grown)
     out = jax.tree.map(lambda x, t: np.asarray(x) if np.shape(x) == t.shape
                        else _pad(np.asarray(x), t.shape).astype(np.asarray(x).dtype), opt_state, target)
 
