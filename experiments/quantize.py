@@ -474,9 +474,12 @@ def run_fp(setup: Setup, seed: int):
     last = res.history[-1]
     row = {"method": "fp", "setting": "fp32", "label": "FP32", "weight_bits": FLOAT_BITS,
            "act_bits": FLOAT_BITS, **_score(last, setup.text)}
+    key = _score_key(setup.text)
     if a.pretrain_epochs:
-        row["pretrained_" + _score_key(setup.text)] = res.history[a.pretrain_epochs - 1][
-            _score_key(setup.text)]
+        row["pretrained_" + key] = res.history[a.pretrain_epochs - 1][key]
+    scores = [h[key] for h in res.history]
+    best = int(np.argmin(scores) if setup.text else np.argmax(scores))
+    row.update({"best_" + key: float(scores[best]), "best_epoch": best + 1})
     fp32 = _fp32_bytes(res.state.params, res.state.batch_stats)
     row.update(bytes=fp32, bytes_tight=fp32, fp32_bytes=fp32)
     return row, res.state, res.snapshots.get("pretrained")
@@ -725,7 +728,7 @@ def summarize(rows) -> list[dict]:
     for (method, setting), rs in groups.items():
         row = {"method": method, "setting": setting, "label": rs[0]["label"], "n": len(rs)}
         for key in ("weight_bits", "act_bits", "bytes", "bytes_tight", "fp32_bytes", "test_acc",
-                    "test_bpc", "export_test_acc"):
+                    "test_bpc", "best_test_acc", "best_test_bpc", "export_test_acc"):
             if all(key in r and r[key] is not None for r in rs):
                 row[key], row[key + "_std"] = _mean_sd([r[key] for r in rs])
         row["ratio"] = row["fp32_bytes"] / row["bytes"]
@@ -783,7 +786,9 @@ def check_targets(rows, text: bool) -> dict:
     ``compression``: per learned budget, the size ratios (whole model: stored and tight; the
     quantized kernels alone, ``weights_ratio*``: fp32 kernel bytes over codes + scales +
     permutations) and whether the score is within 0.5 points of FP accuracy (text: within 2 % of
-    FP bpc); ``met_*``: some budget is >= 10x (text: 7x) smaller (whole model, tight / stored; or
+    FP bpc). The FP reference is the better of FP's final score and its best epoch's (the mean
+    over seeds of each seed's best test score): a float model that overfits in its last epochs
+    (the character LM does) would otherwise make the target easier. ``met_*``: some budget is >= 10x (text: 7x) smaller (whole model, tight / stored; or
     ``met_weights_tight_with_activations``: the kernels alone, tight) and within that tolerance
     (``*_with_activations``: and activations <= 4 average bits).
     ``vs_qat`` / ``vs_qwix``: the learned score minus the peer's at the learned row's average weight
@@ -798,19 +803,23 @@ def check_targets(rows, text: bool) -> dict:
     learned = [r for r in summary if r["method"] in ("learned", "learned_w")]
     ratio_goal = 7.0 if text else 10.0
     out = {"score": key, "ratio_goal": ratio_goal, "compression": []}
+    fp_ref = None
+    if fp is not None:
+        pick = min if text else max
+        fp_ref = pick(fp[key], fp.get("best_" + key, fp[key]))
     for r in learned:
         if fp is None:
             ok = None
         elif text:
-            ok = r[key] <= fp[key] * 1.02
+            ok = r[key] <= fp_ref * 1.02
         else:
-            ok = r[key] >= fp[key] - 0.005
+            ok = r[key] >= fp_ref - 0.005
         acts = r.get("act_bits", FLOAT_BITS)
         out["compression"].append({
             "method": r["method"], "budget": r["setting"], "weight_bits": r["weight_bits"], "act_bits": acts,
             "ratio": r["ratio"], "ratio_tight": r["ratio_tight"], "weights_ratio": r.get("weights_ratio"),
             "weights_ratio_tight": r.get("weights_ratio_tight"), "score": r[key],
-            "fp_score": None if fp is None else fp[key], "within_tolerance": ok,
+            "fp_score": None if fp is None else fp[key], "fp_reference": fp_ref, "within_tolerance": ok,
             "acts_at_most_4": acts <= 4.0})
     comp = out["compression"]
     out["met_tight"] = any(c["within_tolerance"] and c["ratio_tight"] >= ratio_goal for c in comp)
@@ -1023,8 +1032,8 @@ def main(argv=None) -> dict:
               f"{c['act_bits']:.2f} act bits, kernels alone {c['weights_ratio_tight'] or 0:.2f}x smaller "
               f"(tight), whole model {c['ratio_tight']:.2f}x "
               f"smaller (tight; {c['ratio']:.2f}x stored), score {c['score']:.4f} vs FP "
-              f"{c['fp_score'] if c['fp_score'] is None else round(c['fp_score'], 4)}: within tolerance "
-              f"{c['within_tolerance']}")
+              f"{c['fp_reference'] if c['fp_reference'] is None else round(c['fp_reference'], 4)} "
+              f"(the better of its final and best epochs): within tolerance {c['within_tolerance']}")
     for name_ in ("vs_qat", "vs_qwix"):
         for c in t[name_]:
             unit = "bpc" if text else "points"

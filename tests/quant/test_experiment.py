@@ -184,6 +184,25 @@ def test_targets_compare_at_equal_bits_paired_by_seed(ex):
     assert not ex.check_targets(rows, text=False)["met_tight"]                      # 0.935 < 0.948 - 0.005
 
 
+def test_the_fp_reference_is_the_better_of_its_final_and_best_epochs(ex):
+    """An FP model that overfits (final bpc above its best epoch's) must not loosen the target."""
+    def row(seed, method, setting, bpc, ratio, **kw):
+        return {"seed": seed, "method": method, "setting": setting, "label": f"{method} {setting}",
+                "weight_bits": 32.0 if method == "fp" else 3.0, "act_bits": 32.0, "test_bpc": bpc,
+                "fp32_bytes": 1000.0, "bytes": 1000.0 / ratio, "bytes_tight": 1000.0 / ratio, **kw}
+    rows = [row(s, "fp", "fp32", 2.30, 1.0, best_test_bpc=best) for s, best in ((0, 2.20), (1, 2.22))]
+    rows += [row(s, "learned_w", "3", 2.26, 7.5) for s in (0, 1)]
+    (c,) = ex.check_targets(rows, text=True)["compression"]
+    assert c["fp_score"] == pytest.approx(2.30) and c["fp_reference"] == pytest.approx(2.21)
+    assert not c["within_tolerance"]                             # 2.26 > 1.02 * 2.21 = 2.254
+    rows = [dict(r, test_bpc=2.25) if r["method"] == "learned_w" else r for r in rows]
+    t = ex.check_targets(rows, text=True)
+    assert t["compression"][0]["within_tolerance"] and t["met_tight"]
+    # the best epoch never makes the reference worse than the final one
+    rows = [dict(r, best_test_bpc=2.40) if r["method"] == "fp" else r for r in rows]
+    assert ex.check_targets(rows, text=True)["compression"][0]["fp_reference"] == pytest.approx(2.30)
+
+
 def test_pretrained_start_forks_every_method_from_the_fp_snapshot(ex):
     """--pretrain-epochs: FP keeps its state after P epochs; a quantized method starts from exactly
     those weights and statistics, and its data order continues at epoch P."""
@@ -197,6 +216,8 @@ def test_pretrained_start_forks_every_method_from_the_fp_snapshot(ex):
     setup = ex.build(args)
     row, final, pre = ex.run_fp(setup, 0)
     assert "pretrained_test_acc" in row and pre is not None
+    assert 1 <= row["best_epoch"] <= 3                         # 1 + 1 + 1 epochs
+    assert row["best_test_acc"] >= max(row["test_acc"], row["pretrained_test_acc"])
     moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(pre.params))]
     assert max(moved) > 0                                     # the snapshot is from before the end
     cfg = ex._quant_cfg(setup, 0, target_bits=3.0)
