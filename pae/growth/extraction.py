@@ -89,7 +89,7 @@ def extract_masked(spec: ps.GateSpec, params: Any, batch_stats: Any, channel_mas
         raise ValueError(f"block_masks names unknown block(s) {unknown}; gated blocks: "
                          f"{[b.name for b in spec.blocks]}")
     sets = channel_sets(spec, channel_masks, block_masks)
-    kept = {g: np.flatnonzero(m) if m.any() else np.zeros(1, np.int64) for g, m in sets.items()}
+    kept = {g: ps.kept_channels(m) for g, m in sets.items()}
     empty = {g for g, m in sets.items() if not m.any()}
     active = {b.name for b in spec.blocks if bool(block_masks.get(b.name, True))}
     slim, variables = _slice(spec, params, batch_stats, kept, active, empty)

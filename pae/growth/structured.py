@@ -734,6 +734,14 @@ def margin_widths(spec: GateSpec, latent: Gated, margin: float, multiple: int = 
     return out
 
 
+def kept_channels(on: Any) -> np.ndarray:
+    """The channel indices extraction keeps of a group whose active channels are the true entries
+    of ``on``: those, or channel 0 alone (a zeroed placeholder that keeps the net connected) when
+    none is. Extraction and :func:`fit_budget` count a group through this one rule."""
+    on = np.asarray(on, bool)
+    return np.flatnonzero(on) if on.any() else np.zeros(1, np.int64)
+
+
 def fit_budget(spec: GateSpec, latent: Gated, budget: float, utilization: str = "flops",
                reference: GateSpec | None = None) -> Gated:
     """``latent`` with the weakest active indicators switched off until the utilization of the net
@@ -754,9 +762,8 @@ def fit_budget(spec: GateSpec, latent: Gated, budget: float, utilization: str = 
     block_logits = {b: np.array(v, np.float32) for b, v in latent.logits["blocks"].items()}
 
     def extracted(v):
-        on = (v > 0).astype(np.float32)
-        if not on.any():
-            on[0] = 1.0
+        on = np.zeros(v.shape, np.float32)
+        on[kept_channels(v > 0)] = 1.0
         return on
 
     def used():
