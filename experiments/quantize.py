@@ -936,6 +936,9 @@ def plot(result, path, title):
         ax.axhline(scale * fp[key], color="k", ls=":", label="FP32")
         ax.axhspan(scale * (fp[key] - fp[key + "_std"]), scale * (fp[key] + fp[key + "_std"]),
                    color="k", alpha=0.08)
+        best = fp.get("best_" + key)
+        if best is not None and abs(best - fp[key]) > 1e-9:
+            ax.axhline(scale * best, color="k", ls="--", lw=1, label="FP32, best epoch")
     for method, (style, color) in _STYLES.items():
         rs = [r for r in summary if r["method"] == method]
         if method == "qwix":
