@@ -307,6 +307,10 @@ def act_noise_injection(select: pselect.Selector | None = None, *, b_min: float 
 
     def init(params, key):
         del key
+        if nodes(params, (NoisyAct, QuantAct)):
+            raise ValueError("params already hold activation quantizers (NoisyAct/QuantAct nodes, e.g. "
+                             "from another act_noise_injection in the chain); each acts on every such "
+                             "node, so use one act_noise_injection per model and widen its select")
         hits = []
 
         check_layout_paths(params, layouts)

@@ -371,6 +371,9 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
       layouts: ``{leaf path: k_axes or "conv"}`` (module doc, "Kernel layouts"), normally
         :func:`pae.quant.kernel_layouts`; required for every selected 3-D kernel.
 
+    One per model: ``apply`` and ``penalty`` act on every :class:`NoisyWeight` of the latent, so a
+    second ``noise_injection`` in a chain is refused (widen ``select`` instead).
+
     Roles: ``weight`` "weights", ``logits`` "bits", ``log_range`` "range", so
     ``pae.core.role_optimizer({"weights": ..., "bits": optax.adam(1e-3)})`` gives the widths their
     own optimizer and no weight decay (SMOL: Adam, lr 1e-3, no decay).
@@ -387,6 +390,11 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
 
     def init(params, key):
         del key
+        if nodes(params, (NoisyWeight, QuantWeight)):
+            raise ValueError("params already hold quantized weights (NoisyWeight/QuantWeight nodes, e.g. "
+                             "from another noise_injection in the chain); each quantization transform "
+                             "acts on every such node, so use one noise_injection per model and widen "
+                             "its select")
         check_layout_paths(params, layouts)
 
         def wrap(path, w):

@@ -161,3 +161,13 @@ def test_bad_input_raises_clear_errors():
             q.noise_injection(**kwargs)
     with pytest.raises(TypeError, match="ctx"):
         q.noise_injection().apply(q.noise_injection().init(params, None), None)
+    # two noise injections on disjoint selectors: each would act on both's nodes; refused
+    two = pae.chain(q.noise_injection(S.path("Dense_0/kernel")), q.noise_injection(S.path("Dense_1/kernel")))
+    with pytest.raises(ValueError, match="one noise_injection per model"):
+        two.init(params, jax.random.PRNGKey(0))
+    acts = pae.chain(q.act_noise_injection(S.path("Dense_0/kernel")), q.act_noise_injection(S.path("Dense_1/kernel")))
+    with pytest.raises(ValueError, match="one act_noise_injection per model"):
+        acts.init(params, jax.random.PRNGKey(0))
+    # weights then activations of the same layers is the supported chain
+    both = pae.chain(q.noise_injection(), q.act_noise_injection())
+    assert len(pae.core.nodes(both.init(params, jax.random.PRNGKey(0)))) == 3 + 3
