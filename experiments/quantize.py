@@ -788,7 +788,8 @@ def check_targets(rows, text: bool) -> dict:
     permutations) and whether the score is within 0.5 points of FP accuracy (text: within 2 % of
     FP bpc). The FP reference is the better of FP's final score and its best epoch's (the mean
     over seeds of each seed's best test score): a float model that overfits in its last epochs
-    (the character LM does) would otherwise make the target easier. ``met_*``: some budget is >= 10x (text: 7x) smaller (whole model, tight / stored; or
+    (the character LM does) would otherwise make the target easier. ``met_*``: some budget is
+    >= 10x (text: 7x) smaller (whole model, tight / stored; or
     ``met_weights_tight_with_activations``: the kernels alone, tight) and within that tolerance
     (``*_with_activations``: and activations <= 4 average bits).
     ``vs_qat`` / ``vs_qwix``: the learned score minus the peer's at the learned row's average weight
