@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="default mnist_subset (pydoc_topics for transformer_lm)")
     p.add_argument("--val-size", type=int)
     p.add_argument("--seq-len", type=int, help="window length of a text data set (default 128)")
-    p.add_argument("--width", type=int, help="transformer_lm width (preset 128)")
+    p.add_argument("--width", type=int, help="transformer_lm width (preset 64)")
     p.add_argument("--depth", type=int, help="transformer_lm blocks (preset 2)")
     p.add_argument("--heads", type=int, help="transformer_lm heads (preset 4)")
     p.add_argument("--train-size", type=int, default=None,
