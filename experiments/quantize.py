@@ -90,7 +90,7 @@ from pae.data import load_dataset
 from pae.data.sources import ArraySource
 from pae.models import get_model, model_kind
 from pae.train import Phase, evaluate, init_state, make_task, train_phases
-from pae.train.cli import fill_unset
+from pae.train.cli import fill_unset, run_seeds
 from pae.train.metrics import atomic_write
 
 METHODS = ("fp", "ptq", "qat", "learned", "learned_w", "qwix")
@@ -670,10 +670,6 @@ def run_seed(args, seed: int) -> dict:
             "loadavg": list(os.getloadavg())}
 
 
-def _seed_path(base: str, seed: int) -> str:
-    return f"{base}.seed{seed}.json"
-
-
 def _write_json(path: str, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=float))
 
@@ -681,20 +677,8 @@ def _write_json(path: str, obj) -> None:
 def run(args, base: str | None = None) -> dict:
     """Every seed (saved as it finishes; reused with ``--reuse`` when the configuration matches),
     then the summary and the targets over seeds."""
-    per_seed = []
-    for seed in args.seeds:
-        path = _seed_path(base, seed) if base else None
-        if path and args.reuse and os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved.get("config") == json.loads(json.dumps(_config(args), default=float)):
-                print(f"[seed {seed}] reusing {path}", flush=True)
-                per_seed.append(saved)
-                continue
-        one = run_seed(args, seed)
-        if path:
-            _write_json(path, one)
-        per_seed.append(one)
+    per_seed = run_seeds(args.seeds, lambda seed: run_seed(args, seed), config=_config(args), base=base,
+                         reuse=args.reuse)
     rows = [r for one in per_seed for r in one["rows"]]
     text = model_kind(args.model) == "text"
     summary = summarize(rows)

@@ -40,7 +40,7 @@ from pae.core import select as S
 from pae.data import load_dataset
 from pae.models import get_model
 from pae.train import data_mesh, make_task
-from pae.train.cli import fill_unset
+from pae.train.cli import fill_unset, run_seeds
 from pae.train.metrics import atomic_write
 
 SELECTORS = {"kernels": S.kernels, "conv3x3": lambda: S.conv_kernels((3, 3))}
@@ -205,27 +205,11 @@ def run_seed(args, seed: int) -> dict:
             "cs_history": search.history, "targets": check_targets(rows)}
 
 
-def _seed_path(base: str, seed: int) -> str:
-    return f"{base}.seed{seed}.json"
-
-
 def run(args, base: str | None = None) -> dict:
     """Every seed (each saved to ``<base>.seed<k>.json`` as it finishes and reused when the saved
     configuration matches, so an interrupted sweep resumes), then the summary over seeds."""
-    per_seed = []
-    for seed in args.seeds:
-        path = _seed_path(base, seed) if base else None
-        if path and getattr(args, "reuse", False) and os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved.get("config") == json.loads(json.dumps(_config(args), default=float)):
-                print(f"[seed {seed}] reusing {path}", flush=True)
-                per_seed.append(saved)
-                continue
-        one = run_seed(args, seed)
-        if path:
-            _write_json(path, one)
-        per_seed.append(one)
+    per_seed = run_seeds(args.seeds, lambda seed: run_seed(args, seed), config=_config(args), base=base,
+                         reuse=getattr(args, "reuse", False))
     rows = [r for one in per_seed for r in one["rows"]]
     return {"config": _config(args), "seeds": list(args.seeds), "rows": rows,
             "summary": summarize(rows), "targets": targets_over_seeds(per_seed),

@@ -17,11 +17,13 @@ import argparse
 import dataclasses
 import errno
 import json
+import os
 import sys
 import typing
 from typing import Any, Callable, Mapping, Sequence
 
 from pae.train.loop import TrainConfig, run
+from pae.train.metrics import atomic_write
 
 #: The exit status of a user error.
 EXIT_USER_ERROR = 2
@@ -104,6 +106,34 @@ def fill_unset(args: argparse.Namespace, *layers: Mapping[str, Any]) -> argparse
     for key, value in merged.items():
         if getattr(out, key) is None:
             setattr(out, key, value)
+    return out
+
+
+def run_seeds(seeds: Sequence[int], run_seed: Callable[[int], dict], *, config: Mapping[str, Any],
+              base: str | None = None, reuse: bool = False) -> list[dict]:
+    """Each seed's result, ``run_seed(seed)``, in order: an experiment's sweep over seeds.
+
+    With ``base``, each result is written (atomically) to ``<base>.seed<k>.json`` as it finishes, so
+    an interrupted sweep loses at most the seed it was in. With ``reuse``, a saved seed whose
+    ``"config"`` equals ``config`` (compared as JSON) is loaded instead of run, and says so; one saved
+    with another configuration is run again and overwritten. Results must be JSON-serializable
+    (NumPy scalars are written as floats).
+    """
+    wanted = json.loads(json.dumps(config, default=float))
+    out = []
+    for seed in seeds:
+        path = f"{base}.seed{seed}.json" if base else None
+        if path and reuse and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("config") == wanted:
+                print(f"[seed {seed}] reusing {path}", flush=True)
+                out.append(saved)
+                continue
+        one = run_seed(seed)
+        if path:
+            atomic_write(path, json.dumps(one, indent=2, default=float))
+        out.append(one)
     return out
 
 

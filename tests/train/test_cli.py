@@ -175,3 +175,33 @@ def test_fill_unset_layers_later_over_earlier_and_keeps_given_flags():
     assert args.lr is None                                           # the input is not changed
     with pytest.raises(AttributeError):
         fill_unset(args, {"not_a_flag": 1})
+
+
+def test_run_seeds_saves_each_seed_and_reuses_only_a_matching_configuration(tmp_path, capsys):
+    import numpy as np
+
+    from pae.train.cli import run_seeds
+
+    calls = []
+
+    def run_seed(seed, config):
+        calls.append(seed)
+        return {"seed": seed, "config": config, "acc": np.float32(0.5 + seed / 8)}
+
+    base = str(tmp_path / "exp")
+    config = {"lr": np.float32(0.25), "depth": 2}
+    first = run_seeds([0, 1], lambda s: run_seed(s, config), config=config, base=base)
+    assert calls == [0, 1] and [r["acc"] for r in first] == [0.5, 0.625]
+    saved = json.loads((tmp_path / "exp.seed1.json").read_text())
+    assert saved == {"seed": 1, "config": {"lr": 0.25, "depth": 2}, "acc": 0.625}
+    again = run_seeds([0, 1, 2], lambda s: run_seed(s, config), config=config, base=base, reuse=True)
+    assert calls == [0, 1, 2]                                      # seeds 0 and 1 came from disk
+    assert [r["acc"] for r in again] == [0.5, 0.625, 0.75]
+    assert "[seed 0] reusing" in capsys.readouterr().out
+    other = {"lr": 0.5, "depth": 2}                                # another configuration: run again
+    run_seeds([1], lambda s: run_seed(s, other), config=other, base=base, reuse=True)
+    assert calls[3:] == [1] and json.loads((tmp_path / "exp.seed1.json").read_text())["config"] == other
+    run_seeds([2], lambda s: run_seed(s, config), config=config, base=base)   # no reuse: run
+    assert calls[4:] == [2]
+    run_seeds([5], lambda s: run_seed(s, config), config=config)   # no base: nothing written
+    assert not (tmp_path / "exp.seed5.json").exists() and calls[5:] == [5]
