@@ -16,10 +16,11 @@ the channel ``a`` bits, in bits (size + the distortion it buys, in the same curr
 which is minimal exactly at ``a = b_c`` (``gamma = 1``), and charges rounding down (exponentially
 more noise) more than rounding up (linearly more bits). ``gamma`` (``distortion_weight``) trades
 distortion against size. For every candidate palette ``(l, h)`` with ``l`` in ``low`` and ``h`` in
-``high`` (``l == h`` is a one-level palette), each channel takes its cheaper level and the palette's
-cost is the sum plus, when both levels are used, the storage of the second segment
-(``count_overhead``: 32 bits per output channel for its scales, plus, for input-channel widths,
-32 bits per K row for the permutation). The cheapest palette wins (ties: the lower levels).
+``high``, each channel takes its cheaper level and the palette's cost is the sum plus, when both
+levels are used, the storage of the second segment (``count_overhead``: 32 bits per output channel
+for its scales, plus, for input-channel widths, 32 bits per K row for the permutation); each level
+alone (every channel at ``l``, or every channel at ``h``) is a candidate too, one segment with no
+overhead. The cheapest palette wins (ties: the lower levels).
 ``levels=1`` searches one level in ``[low[0], high[1]]`` (the uniform comparison).
 """
 from __future__ import annotations
@@ -90,10 +91,13 @@ def choose_palette(bits: Any, weights_per_channel: int, *, levels: int = 2,
     elif levels == 1:
         candidates = [(a,) for a in range(low[0], high[1] + 1)]
     else:
-        candidates = [(lo, hi) for lo in range(low[0], low[1] + 1)
-                      for hi in range(high[0], high[1] + 1) if lo <= hi]
-        if not candidates:
+        pairs = [(lo, hi) for lo in range(low[0], low[1] + 1)
+                 for hi in range(high[0], high[1] + 1) if lo <= hi]
+        if not pairs:
             raise ValueError(f"no palette (l, h) with l in {low}, h in {high} and l <= h")
+        # a pair's levels used alone are candidates too: all channels at ``h`` (no second segment,
+        # no overhead) can be cheaper than the split in which some channels prefer ``l``
+        candidates = sorted({tuple(sorted(set(c))) for p in pairs for c in (p, p[:1], p[1:])})
     best = None
     for cand in candidates:
         lv = np.asarray(sorted(set(cand)), np.float64)

@@ -17,6 +17,8 @@ def ref_cost(b, a, gamma):
 
 
 def ref_choose(bits, n, low, high, gamma, overhead):
+    """Every pair (l, h), scored three ways: split (each channel its cheaper level, + overhead when
+    both are used), every channel at l, every channel at h."""
     best = None
     for lo, hi in itertools.product(range(low[0], low[1] + 1), range(high[0], high[1] + 1)):
         if lo > hi:
@@ -28,8 +30,11 @@ def ref_choose(bits, n, low, high, gamma, overhead):
             total += n * min(c_lo, c_hi)
         if len(set(picks)) > 1:
             total += overhead
-        if best is None or total < best[0] - 1e-9 * abs(best[0]):
-            best = (total, picks)
+        options = [(total, picks)] + [(sum(n * ref_cost(b, a, gamma) for b in bits), [a] * len(bits))
+                                      for a in (lo, hi)]
+        for cost, chosen in options:
+            if best is None or cost < best[0] - 1e-9 * abs(best[0]):
+                best = (cost, chosen)
     return tuple(sorted(set(best[1]))), np.array(best[1], np.float32)
 
 
@@ -52,6 +57,16 @@ def test_constructed_cases():
     # a huge second-segment overhead: one level for the whole layer
     palette, assigned = q.choose_palette(bits, 100, overhead_bits=1e9)
     assert len(palette) == 1 and np.all(assigned == palette[0])
+    # one channel prefers 1 bit, 63 prefer 6: the split saves less than its second segment costs
+    # (scales + permutation), so every channel goes to 6 bits (one segment, no overhead)
+    bits = np.full(64, 6.0)
+    bits[0] = 1.05
+    overhead = 32.0 * 64 + 32.0 * 64
+    palette, assigned = q.choose_palette(bits, 64, overhead_bits=overhead)
+    assert palette == (6,) and np.all(assigned == 6)
+    split = (q.level_cost(bits[1:], np.array([6.0])).sum() + q.level_cost(bits[:1], np.array([1.0])).sum()) * 64
+    assert split + overhead > q.level_cost(bits, np.array([6.0])).sum() * 64
+    assert q.choose_palette(bits, 64)[0] == (1, 6)                     # without overhead: the split
     # uniform option: one level in [1, 8]
     palette, assigned = q.choose_palette(np.full(5, 3.0), 10, levels=1)
     assert palette == (3,) and np.all(assigned == 3)
@@ -100,20 +115,23 @@ def test_bad_palettes_raise():
 
 
 def test_assign_palette_on_a_latent_and_the_phase_two_quantizer():
-    params = {"Dense_0": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (12, 5))},
+    # 48 K rows x 64 columns, half the rows near 2 bits and half near 7: the split saves 5 bits per
+    # weight of 24 rows, more than its second segment costs (a 32-bit scale per column and a
+    # 32-bit permutation entry per row)
+    params = {"Dense_0": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (48, 64))},
               "Dense_1": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (5, 4))}}
     t = q.noise_injection()
     latent = t.init(params, None)
-    widths = jnp.array([1.6, 7.2, 1.9, 6.8, 2.2, 7.0, 7.4, 1.5, 2.0, 6.9, 7.1, 1.8])
+    widths = jnp.tile(jnp.array([1.6, 7.2, 1.9, 6.8, 2.2, 7.0, 7.4, 1.5, 2.0, 6.9, 7.1, 1.8]), 4)
     theta = jnp.log((widths - 1) / 7 / (1 - (widths - 1) / 7))
     latent["Dense_0"]["kernel"] = latent["Dense_0"]["kernel"].replace(logits=theta)
     out = q.assign_palette(jax.device_get(latent))
     node = out["Dense_0"]["kernel"]
     assert isinstance(node, q.QuantWeight)
-    pal, assigned = q.choose_palette(np.asarray(widths), 5, overhead_bits=32.0 * 5 + 32.0 * 12)
+    pal, assigned = q.choose_palette(np.asarray(widths), 64, overhead_bits=32.0 * 64 + 32.0 * 48)
     np.testing.assert_array_equal(node.bits, assigned)
     np.testing.assert_array_equal(node.levels, pal)
-    assert set(np.unique(node.bits)) == {2.0, 7.0}
+    assert pal == (2, 7) and set(np.unique(node.bits)) == {2.0, 7.0}
     one = out["Dense_1"]["kernel"]          # untouched widths (all 6): a one-level palette, repeated
     np.testing.assert_array_equal(one.levels, [6.0, 6.0])
     np.testing.assert_array_equal(one.bits, 6.0)
