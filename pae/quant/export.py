@@ -299,6 +299,10 @@ def _conv(path: str, mod: nn.Conv, x, layer: PackedLayer, backend: str):
     if mod.feature_group_count != 1:
         raise NotImplementedError(f"export: {path!r} has feature_group_count="
                                   f"{mod.feature_group_count}; only 1 is supported")
+    if mod.mask is not None:
+        raise NotImplementedError(f"export: {path!r} has a kernel mask (nn.Conv(mask=...)); masked "
+                                  f"convolutions are not supported (mask the kernel with a sparsity "
+                                  f"transform instead: its zeros are packed)")
     padding = nn.linear.canonicalize_padding(mod.padding, nd)
     if isinstance(padding, str) and padding not in ("SAME", "VALID"):
         raise NotImplementedError(f"export: {path!r} uses padding {padding!r}; only zero padding "
@@ -488,6 +492,9 @@ def _forward(model: nn.Module, backend: str) -> Callable:
                 return next_fun(x, *args[1:], **kwargs)
             used.add(path)
             layer = layers[path]
+            # as flax's promote_dtype: the module's dtype, else inputs and (float32) params promoted
+            dtype = mod.dtype or jnp.result_type(x.dtype, mod.param_dtype)
+            x = x.astype(dtype)
             if isinstance(mod, nn.Conv) and layer.k_axes is not None:
                 raise ValueError(f"export: {path!r} is an nn.Conv, but its kernel was quantized with "
                                  f"the DenseGeneral layout k_axes={layer.k_axes}; fix layouts")
@@ -498,7 +505,7 @@ def _forward(model: nn.Module, backend: str) -> Callable:
             else:
                 y = _conv(path, mod, x, layer, backend)
             if mod.use_bias:
-                y = y + mod.get_variable("params", "bias")
+                y = y + jnp.asarray(mod.get_variable("params", "bias"), dtype)
             return y
 
         variables = {"params": params}

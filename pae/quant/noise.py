@@ -404,6 +404,9 @@ def noise_injection(select: pselect.Selector | None = None, *, b_min: float = 1.
                                  f"kernels with ndim >= 2 (output channels last) can be quantized; "
                                  f"narrow the selector (e.g. pae.select.kernels())")
             w = jnp.asarray(w)
+            if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+                raise ValueError(f"{path!r} has NaN or Inf values; noise injection needs a finite "
+                                 f"kernel (its range is the channel's max |w|)")
             node = NoisyWeight(w, None, None, axis, b_min, b_max, layout_of(path, w.shape, layouts),
                                tuple(w.shape))
             c, _ = channel_sizes(node)
@@ -454,7 +457,15 @@ def palette_quantizer() -> Transform:
     """The phase-2 transform: the deployed quantizer with each channel's fixed palette width, STE
     gradients (train and evaluation alike). ``init`` expects a latent that already holds
     :class:`QuantWeight` nodes (:func:`pae.quant.assign_palette` makes them)."""
-    return Transform(init=lambda latent, key: latent,
+    def init(latent, key):
+        del key
+        if not nodes(latent, QuantWeight):
+            raise ValueError("palette_quantizer: the latent holds no QuantWeight node; phase 2 starts "
+                             "from pae.quant.assign_palette(phase-1 latent) (or a hand-made "
+                             "QuantWeight per quantized kernel)")
+        return latent
+
+    return Transform(init=init,
                      apply=lambda latent, ctx: quantize_params(latent),
                      penalty=lambda latent, ctx: jnp.zeros((), jnp.float32),
                      finalize=lambda latent, ctx: quantize_params(latent))

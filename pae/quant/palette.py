@@ -74,6 +74,13 @@ def choose_palette(bits: Any, weights_per_channel: int, *, levels: int = 2,
     b = np.asarray(bits, np.float64)
     if b.ndim != 1 or b.size == 0 or not np.all(np.isfinite(b)):
         raise ValueError(f"bits must be a non-empty 1-D array of finite widths, got shape {b.shape}")
+    qz.check_bits("bits", b, integer=False)
+    if isinstance(weights_per_channel, bool) or not isinstance(weights_per_channel, (int, np.integer)) \
+            or weights_per_channel < 1:
+        raise ValueError(f"weights_per_channel must be an int >= 1, got {weights_per_channel!r}")
+    for name, value in (("distortion_weight", distortion_weight), ("overhead_bits", overhead_bits)):
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     if levels not in (1, 2):
         raise ValueError(f"levels must be 1 (uniform) or 2 (two-level palette), got {levels!r}")
     low, high = _check_range("low", low), _check_range("high", high)

@@ -60,6 +60,20 @@ def check_bits(name: str, bits: Any, *, integer: bool = True, lo: float = MIN_BI
         raise ValueError(f"{name} must be whole numbers of bits in [{lo}, {hi}], got {bits!r}")
 
 
+def check_range(name: str, r: Any) -> None:
+    """ValueError unless a concrete range ``r`` is finite and >= 0 (tracers pass unchecked)."""
+    if r is None or isinstance(r, jax.core.Tracer):
+        return
+    try:
+        values = np.asarray(r, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or an array of numbers, got {r!r}") from None
+    if values.size and not (np.all(np.isfinite(values)) and values.min() >= 0):
+        raise ValueError(f"{name} (the clip range R) must be finite and >= 0, got values in "
+                         f"[{np.nanmin(values):g}, {np.nanmax(values):g}]"
+                         + (" and NaN" if np.isnan(values).any() else ""))
+
+
 def offset(bits: Any) -> jax.Array:
     """``o = (2**b - 1) / 2``, the mid-rise offset (continuous ``b`` allowed)."""
     return (jnp.exp2(jnp.asarray(bits, jnp.float32)) - 1.0) / 2.0
@@ -67,7 +81,10 @@ def offset(bits: Any) -> jax.Array:
 
 def step_size(bits: Any, r: Any) -> jax.Array:
     """``delta(b, R) = 2 R / (2**b - 1)``: the deployed quantizer's step; continuous ``b`` allowed
-    (the noise phase uses it at the channel's current learned width)."""
+    (the noise phase uses it at the channel's current learned width). Concrete ``bits`` outside
+    ``[1, 8]`` or a negative ``r`` raise ValueError."""
+    check_bits("bits", bits, integer=False)
+    check_range("r", r)
     return jnp.asarray(r, jnp.float32) / offset(bits)
 
 
@@ -101,8 +118,10 @@ def codes(w: jax.Array, bits: Any, r: Any) -> jax.Array:
     """Integer codes ``q = clip(round(clip(w, -R, R) / delta + o), 0, 2**b - 1)`` as float32.
 
     ``delta = 0`` (an all-zero channel) gives ``q = round(o)`` and dequantizes to exactly 0.
-    Concrete ``bits`` outside the whole numbers 1..8 raise ValueError."""
+    Concrete ``bits`` outside the whole numbers 1..8, or a negative or non-finite ``r``, raise
+    ValueError."""
     check_bits("bits", bits)
+    check_range("r", r)
     w = jnp.asarray(w, jnp.float32)
     bits = jnp.asarray(bits, jnp.float32)
     r = jnp.asarray(r, jnp.float32)
@@ -121,8 +140,9 @@ def quantize(w: jax.Array, bits: Any, r: Any | None = None, *, learned_range: bo
 
     ``learned_range``: ``r`` is a trainable clip (gradients flow to it and ``w`` outside ``[-r, r]``
     gets none); otherwise ``r`` is treated as a constant and ``dQ/dw = 1``. Concrete ``bits``
-    outside the whole numbers 1..8 raise ValueError."""
+    outside the whole numbers 1..8, or a negative or non-finite ``r``, raise ValueError."""
     check_bits("bits", bits)
+    check_range("r", r)
     w = jnp.asarray(w)
     wf = w.astype(jnp.float32)
     bits = jnp.asarray(bits, jnp.float32)
@@ -145,7 +165,12 @@ def quantize(w: jax.Array, bits: Any, r: Any | None = None, *, learned_range: bo
 
 def bits_from_logits(logits: Any, b_min: float, b_max: float) -> jax.Array:
     """The learned width ``b = b_min + (b_max - b_min) * sigmoid(theta)``: smooth, strictly inside
-    ``(b_min, b_max)``, so the bound never stops a gradient (a clip would freeze a channel there)."""
+    ``(b_min, b_max)``, so the bound never stops a gradient (a clip would freeze a channel there).
+    ``1 <= b_min < b_max <= 8`` (ValueError otherwise)."""
+    if not (isinstance(b_min, jax.core.Tracer) or isinstance(b_max, jax.core.Tracer)):
+        check_bits("b_min, b_max", [b_min, b_max], integer=False)
+        if not b_min < b_max:
+            raise ValueError(f"b_min must be below b_max, got b_min={b_min}, b_max={b_max}")
     return b_min + (b_max - b_min) * jax.nn.sigmoid(jnp.asarray(logits, jnp.float32))
 
 
@@ -158,5 +183,5 @@ def logits_for_bits(bits: float, b_min: float, b_max: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-__all__ = ["MAX_BITS", "MIN_BITS", "bits_from_logits", "check_bits", "codes", "logits_for_bits",
+__all__ = ["MAX_BITS", "MIN_BITS", "bits_from_logits", "check_bits", "check_range", "codes", "logits_for_bits",
            "max_abs_range", "offset", "quantize", "step_size"]

@@ -152,6 +152,10 @@ def test_bad_input_raises_clear_errors():
         q.noise_injection(S.path("nothing_here")).init(params, None)
     with pytest.raises(ValueError, match="Dense_0/bias"):
         q.noise_injection(S.path("Dense_0")).init(params, None)
+    nan = jax.tree.map(lambda a: a, params)
+    nan["Dense_1"]["kernel"] = nan["Dense_1"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match="'Dense_1/kernel' has NaN or Inf"):
+        q.noise_injection().init(nan, None)
     for kwargs, match in (({"b_min": 0}, "b_min"), ({"b_max": 9}, "b_max"),
                           ({"b_min": 4, "b_max": 3}, "b_min must be < b_max"),
                           ({"b_init": 8.0}, "b_init"), ({"granularity": "row"}, "granularity"),

@@ -112,6 +112,18 @@ def test_bad_palettes_raise():
         q.choose_palette(bits, 4, fixed=(2,))
     with pytest.raises(ValueError, match="NoisyWeight"):
         q.assign_palette({"w": jnp.ones((2, 2))})
+    for kwargs, match in (({"weights_per_channel": 0}, "weights_per_channel"),
+                          ({"weights_per_channel": -64}, "weights_per_channel"),
+                          ({"weights_per_channel": 2.5}, "weights_per_channel"),
+                          ({"distortion_weight": -1.0}, "distortion_weight"),
+                          ({"overhead_bits": np.nan}, "overhead_bits")):
+        kwargs = {"weights_per_channel": 4, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            q.choose_palette(bits, **kwargs)
+    with pytest.raises(ValueError, match="bits must lie in"):
+        q.choose_palette(np.array([3.0, 9.5]), 4)
+    with pytest.raises(ValueError, match="no QuantWeight"):
+        q.palette_quantizer().init({"w": jnp.ones((2, 2))}, None)
 
 
 def test_assign_palette_on_a_latent_and_the_phase_two_quantizer():

@@ -96,6 +96,23 @@ def test_bits_outside_one_to_eight_raise(bad):
         q.codes(w, bad, np.ones(2))
 
 
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf, [1.0, -0.5]])
+def test_a_negative_or_non_finite_range_raises(bad):
+    w = np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"r \(the clip range R\) must be finite and >= 0"):
+        q.quantize(w, 3, bad)
+    with pytest.raises(ValueError, match="clip range"):
+        q.codes(w, 3, bad)
+    with pytest.raises(ValueError, match="clip range"):
+        q.step_size(3, bad)
+    with pytest.raises(ValueError, match="bits"):
+        q.step_size(0, 1.0)
+    for b_min, b_max in ((0, 8), (1, 9), (8, 1)):
+        with pytest.raises(ValueError, match="b_m"):
+            q.bits_from_logits(0.0, b_min, b_max)
+    np.testing.assert_array_equal(q.quantize(w, 3, 0.0), 0.0)      # R = 0 (an all-zero channel): 0
+
+
 def test_width_parameterization_roundtrip_and_bounds():
     for b in (1.5, 3.0, 6.0, 7.9):
         theta = q.quantizer.logits_for_bits(b, 1.0, 8.0)
