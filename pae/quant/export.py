@@ -304,9 +304,11 @@ def _conv(path: str, mod: nn.Conv, x, layer: PackedLayer, backend: str):
                                   f"convolutions are not supported (mask the kernel with a sparsity "
                                   f"transform instead: its zeros are packed)")
     padding = nn.linear.canonicalize_padding(mod.padding, nd)
-    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
-        raise NotImplementedError(f"export: {path!r} uses padding {padding!r}; only zero padding "
-                                  f"(SAME, VALID or explicit) is supported")
+    if isinstance(padding, str):
+        padding = padding.upper()           # lax reads "same" as "SAME"
+        if padding not in ("SAME", "SAME_LOWER", "VALID"):
+            raise NotImplementedError(f"export: {path!r} uses padding {mod.padding!r}; only zero "
+                                      f"padding (SAME, SAME_LOWER, VALID or explicit) is supported")
 
     def tup(v):
         return (1,) * nd if v is None else ((v,) * nd if isinstance(v, int) else tuple(v))

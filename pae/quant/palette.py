@@ -81,7 +81,7 @@ def choose_palette(bits: Any, weights_per_channel: int, *, levels: int = 2,
     for name, value in (("distortion_weight", distortion_weight), ("overhead_bits", overhead_bits)):
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    if levels not in (1, 2):
+    if isinstance(levels, bool) or levels not in (1, 2):
         raise ValueError(f"levels must be 1 (uniform) or 2 (two-level palette), got {levels!r}")
     low, high = _check_range("low", low), _check_range("high", high)
     if fixed is not None:

@@ -169,6 +169,25 @@ def test_inputs_are_promoted_as_flax_promotes_them(x_dtype, module_dtype, want_d
                                rtol=tol, atol=tol * float(jnp.abs(want.astype(jnp.float32)).max()))
 
 
+@pytest.mark.parametrize("padding", ["same", "SAME_LOWER", "valid", "CIRCULAR"])
+def test_padding_strings_as_lax_reads_them(padding):
+    class C(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Conv(4, (2, 3), padding=padding)(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 7, 2))
+    params = C().init(jax.random.PRNGKey(1), x)["params"]
+    latent = q.assign_palette(jax.device_get(q.noise_injection().init(params, None)))
+    ex = q.export(C(), latent)
+    if padding == "CIRCULAR":                  # not zero padding: refused, naming the layer
+        with pytest.raises(NotImplementedError, match="'Conv_0/kernel' uses padding 'CIRCULAR'"):
+            ex.apply(ex.tree, x)
+        return
+    want = C().apply({"params": q.palette_quantizer().apply(latent, None)}, x)
+    np.testing.assert_allclose(ex.apply(ex.tree, x), want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_masked_convolution_is_refused():
     class Masked(nn.Module):
         @nn.compact

@@ -108,6 +108,8 @@ def test_bad_palettes_raise():
         q.choose_palette(bits, 4, high=(4, 9))
     with pytest.raises(ValueError, match="levels"):
         q.choose_palette(bits, 4, levels=3)
+    with pytest.raises(ValueError, match="levels"):
+        q.choose_palette(bits, 4, levels=True)
     with pytest.raises(ValueError, match="fixed"):
         q.choose_palette(bits, 4, fixed=(2,))
     with pytest.raises(ValueError, match="NoisyWeight"):
