@@ -17,8 +17,9 @@ which is minimal exactly at ``a = b_c`` (``gamma = 1``), and charges rounding do
 more noise) more than rounding up (linearly more bits). ``gamma`` (``distortion_weight``) trades
 distortion against size. For every candidate palette ``(l, h)`` with ``l`` in ``low`` and ``h`` in
 ``high``, each channel takes its cheaper level and the palette's cost is the sum plus, when both
-levels are used, the storage of the second segment (``count_overhead``: 32 bits per output channel
-for its scales, plus, for input-channel widths, 32 bits per K row for the permutation); each level
+levels are used, the storage of the second segment (``count_overhead``; input-channel widths: its
+float32 scale per output column and an int32 permutation entry per K row; output-channel widths: an
+int32 permutation entry per output column, the scales being per column anyway); each level
 alone (every channel at ``l``, or every channel at ``h``) is a candidate too, one segment with no
 overhead. The cheapest palette wins (ties: the lower levels).
 ``levels=1`` searches one level in ``[low[0], high[1]]`` (the uniform comparison).
@@ -140,7 +141,7 @@ def assign_palette(latent: Any, *, levels: int = 2, low: Sequence[int] = (1, 4),
         c, per = qn.channel_sizes(n)
         k_rows, n_cols = qn.gemm_shape(n)
         overhead = 0.0
-        if count_overhead:
+        if count_overhead:       # module doc: a scale (input widths) or a permutation entry per column
             overhead = 32.0 * n_cols
             if n.axis == -2:
                 overhead += 32.0 * k_rows
