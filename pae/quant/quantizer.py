@@ -183,5 +183,5 @@ def logits_for_bits(bits: float, b_min: float, b_max: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-__all__ = ["MAX_BITS", "MIN_BITS", "bits_from_logits", "check_bits", "check_range", "codes", "logits_for_bits",
-           "max_abs_range", "offset", "quantize", "step_size"]
+__all__ = ["MAX_BITS", "MIN_BITS", "bits_from_logits", "check_bits", "check_range", "codes",
+           "logits_for_bits", "max_abs_range", "offset", "quantize", "step_size"]

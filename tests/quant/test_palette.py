@@ -64,7 +64,8 @@ def test_constructed_cases():
     overhead = 32.0 * 64 + 32.0 * 64
     palette, assigned = q.choose_palette(bits, 64, overhead_bits=overhead)
     assert palette == (6,) and np.all(assigned == 6)
-    split = (q.level_cost(bits[1:], np.array([6.0])).sum() + q.level_cost(bits[:1], np.array([1.0])).sum()) * 64
+    split = 64 * (q.level_cost(bits[1:], np.array([6.0])).sum()
+                  + q.level_cost(bits[:1], np.array([1.0])).sum())
     assert split + overhead > q.level_cost(bits, np.array([6.0])).sum() * 64
     assert q.choose_palette(bits, 64)[0] == (1, 6)                     # without overhead: the split
     # uniform option: one level in [1, 8]
