@@ -47,11 +47,11 @@ quantizes its input before computing. Layers called twice share their statistics
 """
 from __future__ import annotations
 
-import numbers
-
 import dataclasses
 import inspect
 import itertools
+import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -262,7 +262,8 @@ def _parent(tree: dict, path: str):
 
 
 def _copy_dicts(tree):
-    if isinstance(tree, dict):
+    """Plain nested dicts from any nest of mappings (a Flax ``FrozenDict`` included)."""
+    if isinstance(tree, Mapping):
         return {k: _copy_dicts(v) for k, v in tree.items()}
     return tree
 
@@ -379,7 +380,7 @@ def act_paths(latent: Any) -> dict:
 def with_act_stats(batch_stats: Any, latent: Any) -> dict:
     """``batch_stats`` plus fresh running statistics (``{"ema", "count", "min"}``) for every
     activation node of ``latent`` that has none yet (existing ones are kept). Pure, host-side."""
-    out = _copy_dicts(dict(batch_stats or {}))
+    out = _copy_dicts(batch_stats or {})
     for path, channels in act_paths(latent).items():
         scope = out
         for k in path.split("/"):

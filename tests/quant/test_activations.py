@@ -144,6 +144,23 @@ def test_running_range_and_auto_grid_in_the_wrapped_model():
     assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3
 
 
+def test_with_act_stats_keeps_existing_statistics_and_accepts_frozen_dicts():
+    from flax.core import freeze
+    m = MLP()
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+    latent = q.act_noise_injection().init(m.init(jax.random.PRNGKey(1), x)["params"], None)
+    kept = {"ema": np.full(5, 7.0), "count": np.asarray(3), "min": np.zeros(5)}
+    given = freeze({"Dense_0": {"act": kept}, "Other": {"mean": np.ones(2)}})
+    stats = q.with_act_stats(given, latent)
+    assert isinstance(stats["Dense_0"], dict)
+    np.testing.assert_array_equal(stats["Dense_0"]["act"]["ema"], kept["ema"])   # kept, not reset
+    np.testing.assert_array_equal(stats["Other"]["mean"], np.ones(2))
+    assert float(stats["Dense_1"]["act"]["count"]) == 0                          # added fresh
+    plain = {"Dense_0": {}}
+    q.with_act_stats(plain, latent)
+    assert plain == {"Dense_0": {}}                                              # input untouched
+
+
 def test_penalty_budget_and_average_are_per_channel_means():
     m = MLP()
     params = m.init(jax.random.PRNGKey(0), jnp.ones((1, 5)))["params"]
