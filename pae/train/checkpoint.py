@@ -47,6 +47,12 @@ def history_checksum(history: list) -> str:
     return _digest(json.dumps(history, sort_keys=True, default=str).encode())
 
 
+def meta_checksum(meta: dict) -> str:
+    """Checksum of every metadata value (identity, signature, checksums, position, phases, ...) but
+    itself and the history (which has its own)."""
+    return history_checksum({k: v for k, v in meta.items() if k not in ("meta_checksum", "history")})
+
+
 def _first_line(err: Exception, limit: int = 200) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -106,6 +112,8 @@ class Checkpointer:
         meta = {"identity": self.identity, "signature": tree_signature(state), "history": history,
                 "checksums": tree_checksums(state), "history_checksum": history_checksum(history),
                 **extra}
+        meta = json.loads(json.dumps(meta, default=str))   # as it reads back (lists, str keys)
+        meta["meta_checksum"] = meta_checksum(meta)
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
@@ -115,10 +123,16 @@ class Checkpointer:
         where = os.path.join(self.directory, str(step))
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            return meta["meta"]
+            meta = meta["meta"]
         except Exception as err:
             raise DamagedCheckpointError(f"checkpoint {where} (step {step}) has no readable metadata: "
                                          f"{_first_line(err)}") from None
+        if not isinstance(meta, dict) or ("meta_checksum" in meta
+                                          and meta["meta_checksum"] != meta_checksum(meta)):
+            raise DamagedCheckpointError(f"checkpoint {where} (step {step}) is damaged: its metadata "
+                                         f"(position, identity, checksums) does not match the checksum "
+                                         f"written with it")
+        return meta
 
     def restore(self, step: int, target: Any) -> tuple[Any, list[dict]]:
         """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target`` (arrays

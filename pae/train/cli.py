@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Parse ``argv``, train (:func:`pae.train.run`), print the final row as JSON; returns it.
-    Errors raise; ``python experiments/train.py`` runs this through :func:`run_script`."""
+    Errors raise; ``python experiments/train.py`` and ``pae-train`` (:func:`console`) run this
+    through :func:`run_script`."""
     args = vars(build_parser().parse_args(argv))
     args.pop("traceback", None)
     workdir, extend, intact = args.pop("workdir"), args.pop("extend"), args.pop("resume_intact")
@@ -266,4 +267,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    run_script(main)
+
+
+def console() -> None:
+    """The ``pae-train`` command: :func:`main` on the command line through :func:`run_script`
+    (exit status 0; a user error is one line and status 2)."""
     run_script(main)

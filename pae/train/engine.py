@@ -483,13 +483,35 @@ def _check_extends(saved: list, phases: Sequence[Phase], where: str, extend_last
             f"saved one (or, when asked, lengthen its last phase); use another checkpoint directory.")
 
 
-def _resume(ckpt, step, programs, phases, state, mesh, extend_last):
+def _run_count(runs) -> int:
+    """N of ``runs``: every leaf an array with the same leading axis of N >= 1."""
+    shapes = [np.shape(x) for x in jax.tree.leaves(runs)]
+    sizes = {shape[0] if shape else 0 for shape in shapes}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"runs must be a pytree of arrays with one leading axis of N >= 1 runs, got "
+                         f"leaf shapes {shapes}")
+    return sizes.pop()
+
+
+def _data_order(seed, batch_size, drop_remainder) -> dict:
+    """What fixes the batches of every epoch: a resumed run must use the saved values."""
+    return {"seed": int(seed), "batch_size": int(batch_size), "drop_remainder": bool(drop_remainder)}
+
+
+def _resume(ckpt, step, programs, phases, state, mesh, extend_last, data_order):
     """``(position, state, snapshots, history)`` of checkpoint ``step`` of this run."""
     meta = ckpt.read_meta(step)
     where = f"{ckpt.directory}/{step}"
     if meta.get("identity") != ckpt.identity:
         raise CheckpointError(f"checkpoint {where} belongs to a different run: saved "
                               f"{meta.get('identity')}, this run is {ckpt.identity}. Use another directory.")
+    saved_order = meta.get("data_order", data_order)   # (checkpoints written before it was saved)
+    changed = [f"{k}: {saved_order.get(k)!r} -> {v!r}" for k, v in data_order.items()
+               if saved_order.get(k) != v]
+    if changed:
+        raise CheckpointError(f"checkpoint {where} was written by a run with other batches: "
+                              f"{', '.join(changed)}. Resume with the saved values or use another "
+                              f"directory.")
     _check_extends(meta.get("phases", []), phases, where, extend_last)
     position = tuple(meta["position"])
     target = _replicated_abstract(_structure_at(programs, phases, state, position), mesh)
@@ -519,7 +541,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
       workdir: write ``metrics.jsonl``/``.csv``, ``curves.png`` and ``summary.json`` there.
       checkpoint_dir: orbax checkpoints every ``checkpoint_every`` epochs and at every phase end
         (last ``keep_checkpoints`` kept); an existing one is resumed. ``identity``: extra values that
-        must match for a checkpoint to be resumed (e.g. the method's config). A saved run resumes
+        must match for a checkpoint to be resumed (e.g. the method's config), beside ``seed``,
+        ``batch_size`` and ``drop_remainder``. A saved run resumes
         when ``phases`` starts with its phase list (appended phases are safe); ``extend_last_phase``
         also lets its last phase have more epochs now. ``on_damaged_checkpoint``: ``"raise"`` a
         :class:`~pae.train.checkpoint.DamagedCheckpointError` naming the step and item, or
@@ -562,22 +585,25 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
         raise ValueError(f"batch_size={batch_size} exceeds the {len(task.train)} training examples and "
                          f"drop_remainder=True leaves no batch")
 
+    if setup is not None and not callable(setup):
+        raise TypeError(f"setup must be a function (state, run_value) -> state or None, got "
+                        f"{type(setup).__name__}")
     batched = runs is not None
     if batched:
-        n = jax.tree.leaves(runs)[0].shape[0]
+        n = _run_count(runs)
         state = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + jnp.shape(x)), state)
         if setup is not None:
             state = jax.jit(jax.vmap(setup))(state, runs)
     programs = _Programs(task, spe, batched)
 
-    ckpt = None
+    ckpt, data_order = None, _data_order(seed, batch_size, drop_remainder)
     position, snapshots, history = (0, -1), {}, []   # -1: the first phase not entered yet
     if checkpoint_dir is not None:
         ckpt = Checkpointer(checkpoint_dir, _identity_of(task, runs, identity), keep_checkpoints)
         while (latest := ckpt.latest_step()) is not None:
             try:
                 position, state_, snapshots, history = _resume(ckpt, latest, programs, phases, state,
-                                                               mesh, extend_last_phase)
+                                                               mesh, extend_last_phase, data_order)
             except DamagedCheckpointError as err:
                 if on_damaged_checkpoint == "raise":
                     raise
@@ -658,7 +684,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                     log(_format_row(row))
                 if ckpt and (last or (checkpoint_every and done_epochs % checkpoint_every == 0)):
                     ckpt.save(done_epochs, {"state": state, "snapshots": snapshots}, history,
-                              position=[p, e + 1], phases=_phase_list(phases[:p + 1]))
+                              position=[p, e + 1], phases=_phase_list(phases[:p + 1]),
+                              data_order=data_order)
                 for callback in callbacks:
                     callback(row, state)
     finally:
@@ -678,8 +705,11 @@ def evaluate(task: Task, state: TrainState, *, batch_size: int, phase: Phase | N
     ``task``, exactly as :func:`train_phases` evaluates at the end of an epoch of ``phase`` (its
     model, eval transform and the context of ``epoch``; default: the plain model). ``runs``: the
     state has a leading run axis (values become lists)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     phase = phase or Phase("evaluate", 0, lambda spe: optax.identity())
     task = task if task.mesh is not None else dataclasses.replace(task, mesh=distributed.data_mesh())
+    distributed.check_batch_size(batch_size, task.mesh)
     eval_step = _Programs(task, 1, runs).eval_step(phase)
     ctx = _context(phase, epoch)
     state = distributed.replicate(state, task.mesh)

@@ -246,7 +246,11 @@ def run(config: TrainConfig, *, transform: Transform | None = None,
     if kind != dataset.kind:
         raise ValueError(f"model {config.model!r} takes {kind} data but dataset "
                          f"{config.dataset!r} is {dataset.kind} data")
-    model = pmodels.get_model(config.model, dataset.num_classes, **config.model_kwargs)
+    try:
+        model = pmodels.get_model(config.model, dataset.num_classes, **config.model_kwargs)
+    except TypeError as err:   # an unknown or missing keyword of the model's constructor
+        raise ValueError(f"model_kwargs {dict(config.model_kwargs)} do not fit model {config.model!r}: "
+                         f"{err}") from err
     task = make_task(model, dataset, mesh=mesh, augment=config.augment)
     steps_per_epoch = pdata.num_batches(len(task.train), config.batch_size, config.drop_remainder)
     schedule = make_schedule(config.schedule, config.learning_rate, max(steps_per_epoch, 1),

@@ -132,6 +132,27 @@ def test_run_script_turns_user_errors_into_one_line(capsys):
     assert run_script(lambda argv: argv, ["--x", "--traceback"]) == ["--x"]
 
 
+def test_the_pae_train_console_script_exits_0_on_success_and_2_with_one_line_on_a_user_error(
+        monkeypatch, capsys):
+    """The installed ``pae-train`` script is ``sys.exit(console())``: a finished run exits 0, and a
+    user error is one line, not a trace."""
+    from pae.train import cli
+    from pae.train.loop import RunResult
+
+    monkeypatch.setattr(cli, "run", lambda config, **kw: RunResult(None, [{"epoch": 1}], "w", 3))
+    monkeypatch.setattr(sys, "argv", ["pae-train", "--epochs", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        sys.exit(cli.console())
+    out = capsys.readouterr()
+    assert exit_.value.code is None and out.err == "" and json.loads(out.out)["epoch"] == 1
+    for argv, says in ((["--epochs", "0"], "error: epochs must be >= 1, got 0"),
+                       (["--bogus"], "error: unrecognized arguments: --bogus (see --help)")):
+        monkeypatch.setattr(sys, "argv", ["pae-train", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            sys.exit(cli.console())
+        assert exit_.value.code == 2 and capsys.readouterr().err == says + "\n"
+
+
 def test_output_resume_extend_quiet_and_a_refused_shorter_run(tmp_path, directory_bytes):
     workdir = str(tmp_path / "run")
     # progress on (the default) with the output going to files: one line per epoch, no bar

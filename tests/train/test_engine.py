@@ -317,6 +317,8 @@ def test_evaluation_batches_fit_the_devices_when_a_split_is_small():
     ({"seed": -1}, "seed must be an int >= 0"),
     ({"keep_checkpoints": 0}, "keep_checkpoints must be an int >= 1"),
     ({"checkpoint_every": 0.5}, "checkpoint_every must be an int >= 0"),
+    ({"runs": np.float32(3.0)}, "runs must be a pytree of arrays with one leading axis.*\\[\\(\\)\\]"),
+    ({"runs": {"a": np.zeros(2), "b": np.zeros(3)}}, "runs must be .*\\[\\(2,\\), \\(3,\\)\\]"),
 ])
 def test_bad_run_arguments_are_refused_before_training(task, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -330,3 +332,30 @@ def test_bad_phase_fields_are_refused_when_the_phase_is_made():
     for field in ("enter", "context", "metrics", "eval_apply"):
         with pytest.raises(TypeError, match=f"{field} must be a function or None"):
             Phase("a", 1, _adam, **{field: "x"})
+
+
+def test_evaluate_refuses_a_batch_the_devices_cannot_split_naming_it(task):
+    """On 8 devices a batch of 3 must be a clear ValueError naming batch_size, not jax's sharding
+    error from inside the first eval step."""
+    state = init_state(task.model, task.example, 0)
+    with pytest.raises(ValueError, match="batch_size=3 must be divisible by the number of devices"):
+        evaluate(task, state, batch_size=3)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        evaluate(task, state, batch_size=0)
+
+
+@pytest.mark.parametrize("kwargs, says", [({"seed": 5}, "seed: 0 -> 5"),
+                                          ({"batch_size": 16}, "batch_size: 32 -> 16"),
+                                          ({"drop_remainder": True}, "drop_remainder: False -> True")])
+def test_a_checkpoint_is_not_resumed_with_other_batches(task, tmp_path, kwargs, says):
+    """The seed, batch size and drop_remainder fix every epoch's batches (and steps per epoch): a run
+    resumed with others silently trains on batches the saved run never saw."""
+    def stop(row, state):
+        raise _Stop
+    run = lambda **kw: train_phases(task, [Phase("a", 2, _adam)], init_state(task.model, task.example, 0),  # noqa
+                                    **{"batch_size": 32, "checkpoint_dir": tmp_path, **kw})
+    with pytest.raises(_Stop):
+        run(callbacks=[stop])
+    with pytest.raises(CheckpointError, match=f"other batches: {says}"):
+        run(**kwargs)
+    assert [r["epoch"] for r in run().history] == [1, 2]

@@ -81,6 +81,32 @@ def test_a_damaged_history_is_refused(tmp_path):
         ckpt.restore(1, {"w": jnp.zeros(4)})
 
 
+
+def _edit_meta(step_dir: str, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in the JSON metadata of a checkpoint step."""
+    path = next(p for p in glob.glob(os.path.join(step_dir, "meta", "**"), recursive=True)
+                if os.path.isfile(p) and old in open(p).read())
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
+
+
+def test_a_damaged_position_in_the_metadata_is_refused_and_previous_resumes(tmp_path):
+    """The position (and every other metadata value) is covered by a checksum: a damaged one must not
+    resume from the wrong epoch."""
+    task = _task()
+    state = init_state(task.model, task.example, 0)
+    whole = train_phases(task, _phases(), state, batch_size=32)
+    train_phases(task, _phases(epochs=3), state, batch_size=32, checkpoint_dir=tmp_path)
+    _edit_meta(str(tmp_path / "3"), '"position": [0, 3]', '"position": [0, 2]')
+    with pytest.raises(DamagedCheckpointError, match=r"\(step 3\) is damaged: its metadata"):
+        train_phases(task, _phases(), state, batch_size=32, checkpoint_dir=tmp_path, extend_last_phase=True)
+    resumed = train_phases(task, _phases(), state, batch_size=32, checkpoint_dir=tmp_path,
+                           extend_last_phase=True, on_damaged_checkpoint="previous")
+    _equal(resumed.state, whole.state)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+
 def test_a_non_finite_loss_stops_the_run_without_recording_or_checkpointing_it(tmp_path):
     task = _task()
     state = init_state(task.model, task.example, 0)

@@ -178,6 +178,12 @@ def test_bad_configs_fail_clearly(tmp_path):
         run(_config(model="lenet5"), workdir=str(tmp_path / "c"), progress=False)
 
 
+
+def test_model_kwargs_the_model_does_not_take_are_a_value_error_naming_them(tmp_path):
+    """``--model-kwargs '{"bogus": 1}'`` is a user error (one line from the CLI), not a TypeError."""
+    with pytest.raises(ValueError, match="model_kwargs \\{'bogus': 1\\} do not fit model 'lenet300_100'"):
+        run(_config(model_kwargs={"bogus": 1}), workdir=str(tmp_path), progress=False)
+
 def test_cli_maps_flags_to_config():
     args = vars(build_parser().parse_args(
         ["--model", "resnet20", "--epochs", "7", "--milestones", "3", "5", "--augment", "false",
