@@ -60,10 +60,15 @@ with the new fan-in ``fan_in' = receptive field * m_i`` (the growable models' ow
 units look freshly initialized at the new width); ``"mup"``: std ``1 / fan_in'`` (pairs with
 ``vt="linear"``); ``"empirical"``: the std of the layer's old (rescaled) weights (GroMo-like).
 
-Optimizer state is grown to the shapes ``tx.init`` gives the grown parameters: every leaf whose
-shape changes (moments, and factored statistics such as Adafactor's) keeps its old entries in the
-leading corner and gets zeros in the new ones (GradMax's zero-padded slots); leaves whose shape does
-not change (counts, masked-out nodes, Adafactor's unfactored placeholders) are carried. For states
+Optimizer state is grown to what ``tx.init`` gives the grown parameters: every leaf whose shape
+changes (moments, and factored statistics such as Adafactor's) keeps its old entries in the leading
+corner and gets the fresh state's values in the new ones (zeros for moments: GradMax's zero-padded
+slots; Adagrad's ``initial_accumulator_value``, not 0, which would make its first step on a new
+entry ``sign(g)`` times the learning rate); leaves whose shape does
+not change (counts, masked-out nodes, Adafactor's unfactored placeholders) are carried. Adafactor
+factors the two largest axes of the grown leaf, which growth can change (in and out swap, a leaf
+becomes factored): each of its statistics is the mean over the axes it factors *now*, taken from the
+old statistic over the same axis (:func:`_grow_factored_leaf`). For states
 with a second moment (``nu``: Adam, RMSProp; ``nu_max``; AvaGrad's ``sqrt_nu``),
 ``new_moments="warm"`` (default) seeds the new entries' ``nu`` (and ``nu_max``) with the mean of the
 leaf's old ``nu``. With zero ``nu`` an RMSProp entry's first step is ``1 / sqrt(1 - decay)`` times
@@ -125,6 +130,10 @@ def resolve_widths(model_from, model_to, *, pairs: bool = True) -> tuple[Any, di
         if unknown:
             raise ValueError(f"new_widths names groups {unknown} that model_from does not have "
                              f"(groups: {sorted(old)})")
+        bad = {g: w for g, w in model_to.items()
+               if isinstance(w, bool) or not isinstance(w, (int, np.integer))}
+        if bad:
+            raise ValueError(f"new_widths must be ints, got {bad}")
         model_to = model_from.at_widths({**old, **{g: int(w) for g, w in model_to.items()}})
     else:
         arg = "model_to"
@@ -276,9 +285,18 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
         raise ValueError("tx: state.opt_state holds no parameter-shaped moments to grow (e.g. plain "
                          "SGD without momentum); grow with tx=None and opt_state=None, or use a "
                          "fresh optimizer state (Phase(optimizer_state='fresh'))")
-    target = init_shapes(grown)
-    out = jax.tree.map(lambda x, t: np.asarray(x) if np.shape(x) == t.shape
-                       else _pad(np.asarray(x), t.shape).astype(np.asarray(x).dtype), opt_state, target)
+    target = jax.tree.map(np.asarray, tx.init(grown))   # new entries start as a fresh state's
+
+    def grow_leaf(x, t):
+        if isinstance(x, optax.FactoredState):
+            return _grow_factored(x, t, params, grown)
+        x = np.asarray(x)
+        if x.shape == t.shape:
+            return x
+        out = t.astype(x.dtype)
+        out[tuple(slice(0, s) for s in x.shape)] = x
+        return out
+    out = jax.tree.map(grow_leaf, opt_state, target, is_leaf=lambda x: isinstance(x, optax.FactoredState))
 
     def fix(old, new):
         if isinstance(old, BirthState):
@@ -287,10 +305,12 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
                 raise ValueError(f"scale_by_birth_stage(max_stages={old.max_stages}) tracks stages "
                                  f"0..{old.max_stages - 1}; growth step {int(stage)} needs a larger "
                                  f"max_stages")
+            # shapes from the grown state (not from grown params: inside optax.masked or
+            # multi_transform the maps hold MaskedNodes where the params hold arrays)
             birth = jax.tree.map(lambda b, g: _pad(np.asarray(b), np.shape(g), stage).astype(np.int32),
-                                 old.birth, grown)
+                                 old.birth, new.birth)
             scale = jax.tree.map(lambda s, g: _pad(np.asarray(s, np.float32), np.shape(g), 1.0),
-                                 old.scale, grown)
+                                 old.scale, new.scale)
             return old.replace(stage=stage.astype(np.int32), stale=np.ones((), np.bool_), birth=birth,
                                scale=scale)
         if _has_second_moment(old) and new_moments == "warm":
@@ -304,6 +324,55 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
 
     return jax.tree.map(fix, opt_state, out,
                         is_leaf=lambda x: isinstance(x, BirthState) or _has_second_moment(x))
+
+
+def _factored_dims(shape, v_shape):
+    """Adafactor's ``(d1, d0)`` (the axes its ``v_col`` / ``v_row`` average over) for a leaf of
+    ``shape`` whose ``v`` has ``v_shape``; None when unfactored (``v`` is then the full leaf)."""
+    if len(shape) < 2 or tuple(v_shape) == tuple(shape):
+        return None
+    d1, d0 = np.argsort(shape)[-2:]          # as optax's _factored_dims: the two largest axes
+    return int(d1), int(d0)
+
+
+def _grow_factored_leaf(p_old, p_new, row, col, v, t_row, t_col, t_v):
+    """One leaf of an Adafactor state: ``(v_row, v_col, v)`` for ``p_new``'s shape.
+
+    Growth can change which axes Adafactor factors (in and out swap when the input axis outgrows
+    the output axis; a leaf becomes factored when its second-largest axis reaches
+    ``min_dim_size_to_factor``), so each new statistic (the mean of ``g ** 2`` over one axis) is
+    taken from the old statistic over the same axis (or from the full or reconstructed ``v``),
+    old entries in the leading corner, zeros elsewhere."""
+    if not hasattr(row, "shape"):            # a masked-out leaf (optax.MaskedNode)
+        return row, col, v
+    row, col, v = np.asarray(row), np.asarray(col), np.asarray(v)
+    old = _factored_dims(np.shape(p_old), v.shape)
+    new = _factored_dims(np.shape(p_new), t_v.shape)
+    dtype = v.dtype
+
+    def mean_over(axis):
+        if old is not None and axis in old:
+            return row if axis == old[1] else col
+        if old is None:
+            return v.mean(axis)
+        d1, d0 = old                          # Adafactor's estimate of v, then its mean
+        m = row.mean(d1 - 1 if d1 > d0 else d1, keepdims=True)
+        full = np.expand_dims(row, d0) * np.expand_dims(col, d1) / np.expand_dims(np.where(m > 0, m, 1), d0)
+        return full.mean(axis)
+
+    if new is None:                           # unfactored before too: growth never shrinks an axis
+        return np.zeros(t_row.shape, dtype), np.zeros(t_col.shape, dtype), _pad(v, t_v.shape).astype(dtype)
+    d1, d0 = new
+    return (_pad(mean_over(d0), t_row.shape).astype(dtype), _pad(mean_over(d1), t_col.shape).astype(dtype),
+            np.zeros(t_v.shape, dtype))
+
+
+def _grow_factored(state, target, params, grown):
+    """An ``optax.FactoredState`` (Adafactor) for ``grown``: :func:`_grow_factored_leaf` per leaf."""
+    res = jax.tree.map(_grow_factored_leaf, params, grown, state.v_row, state.v_col, state.v,
+                       target.v_row, target.v_col, target.v)
+    pick = [jax.tree.map(lambda r, i=i: r[i], res, is_leaf=lambda r: type(r) is tuple) for i in range(3)]
+    return state._replace(count=np.asarray(state.count), v_row=pick[0], v_col=pick[1], v=pick[2])
 
 
 def _seed(old, new):

@@ -137,6 +137,9 @@ def test_bad_input_fails_clearly(images, g):
         growth.grow(state, VGG, VGG.at_widths({"conv0": 2, "conv1": 6, "conv2": 8}), key)
     with pytest.raises(ValueError, match="new_widths: every width must grow by an even number.*conv2"):
         growth.grow(state, VGG, {"conv2": 11}, key)
+    for bad in (12.9, "12", True):       # never truncated or cast to a width
+        with pytest.raises(ValueError, match="new_widths must be ints"):
+            growth.grow(state, VGG, {"conv2": bad}, key)
     with pytest.raises(ValueError, match="new_widths names groups \\['conv9'\\]"):
         growth.grow(state, VGG, {"conv9": 12}, key)
     with pytest.raises(TypeError, match="model_to must be a GrowableVGG"):
