@@ -117,8 +117,8 @@ class Phase:
       epochs: epochs in the phase (0: a transition only, e.g. a final prune).
       optimizer: ``steps_per_epoch -> optax.GradientTransformation``.
       transform: the model sees ``transform.apply(latent, ctx)``; ``penalty`` is added to the loss.
-      context: ``epoch_in_phase -> ctx`` (default ``Context.make()``); inside a step a
-        :class:`pae.Context`'s ``key`` is folded with the step and ``step`` set, so noise differs
+      context: ``epoch_in_phase -> ctx`` (default ``Context.make(key=seed)``, the run's seed); inside
+        a step a :class:`pae.Context`'s ``key`` is folded with the step and ``step`` set, so noise differs
         per step without host work.
       enter: ``(state, snapshots) -> state`` at the phase start (pure; see the module doc).
       keep: ``{k: name}``: keep the state after ``k`` epochs of this phase (``0``: right after
@@ -306,8 +306,10 @@ def _eval_program(model, apply, batched: bool):
     return _jit_over_runs(make_eval_step(model, reparam=apply, jit=False), (0, None, None), batched)
 
 
-def _context(phase: Phase, epoch: int):
-    return Context.make() if phase.context is None else phase.context(epoch)
+def _context(phase: Phase, epoch: int, seed: int = 0):
+    """The phase's context at ``epoch``; by default one whose key is ``PRNGKey(seed)`` (the run's
+    seed, so that noise drawn from ``ctx.key`` differs between seeds)."""
+    return Context.make(key=seed) if phase.context is None else phase.context(epoch)
 
 
 def _with_optimizer(programs: _Programs, phase: Phase, state: TrainState) -> TrainState:
@@ -642,7 +644,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
             look_ahead = ahead is not None and p + 1 < len(phases) and phases[p + 1].epochs > 0
             for e in range(start, phase.epochs):
                 began = time.perf_counter()
-                ctx = _context(phase, e)
+                ctx = _context(phase, e, seed)
                 data_epoch = done_epochs if phase.data_epochs_from is None else phase.data_epochs_from + e
                 sums = None
                 for batch in pdata.iterate_batches(
@@ -700,18 +702,18 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
 
 
 def evaluate(task: Task, state: TrainState, *, batch_size: int, phase: Phase | None = None,
-             epoch: int = 0, runs: bool = False) -> dict:
+             epoch: int = 0, seed: int = 0, runs: bool = False) -> dict:
     """``{prefix}_loss`` and ``{prefix}_acc`` (and ``_bpc`` for text) on every evaluation split of
-    ``task``, exactly as :func:`train_phases` evaluates at the end of an epoch of ``phase`` (its
-    model, eval transform and the context of ``epoch``; default: the plain model). ``runs``: the
-    state has a leading run axis (values become lists)."""
+    ``task``, exactly as :func:`train_phases` (run with ``seed``) evaluates at the end of an epoch of
+    ``phase`` (its model, eval transform and the context of ``epoch``; default: the plain model).
+    ``runs``: the state has a leading run axis (values become lists)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     phase = phase or Phase("evaluate", 0, lambda spe: optax.identity())
     task = task if task.mesh is not None else dataclasses.replace(task, mesh=distributed.data_mesh())
     distributed.check_batch_size(batch_size, task.mesh)
     eval_step = _Programs(task, 1, runs).eval_step(phase)
-    ctx = _context(phase, epoch)
+    ctx = _context(phase, epoch, seed)
     state = distributed.replicate(state, task.mesh)
     out = {}
     for prefix, source in task.evals.items():

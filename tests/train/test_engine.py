@@ -154,6 +154,13 @@ def test_latent_replacing_transition_gives_the_new_latent_a_fresh_optimizer(task
     assert not np.allclose(node.logits, 0.5)   # the mask logits trained
 
 
+def test_a_phase_without_a_context_draws_its_noise_from_the_run_seed(task):
+    phases = [Phase("p", 1, _adam, metrics=lambda st, ctx: {"key": ctx.key[1].astype(jnp.float32)})]
+    keys = [train_phases(task, phases, init_state(task.model, task.example, 0), batch_size=32,
+                         seed=seed).history[-1]["key"] for seed in (0, 3)]
+    assert keys == [float(jax.random.PRNGKey(s)[1]) for s in (0, 3)] and keys[0] != keys[1]
+
+
 def test_parallel_runs_equal_sequential_runs(task):
     lrs = np.array([1e-3, 1e-2, 3e-2], np.float32)
     opt = lambda spe: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)  # noqa
