@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pathlib
 from typing import Any, Mapping
 
@@ -87,7 +88,7 @@ class Dataset:
         return pipeline.image_transform(self.mean, self.std, augment=use_aug, pad=pad)
 
 
-def load_dataset(name: str, *, data_dir: str | None = None, val_size: int = 0, seed: int = 0,
+def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_size: int = 0, seed: int = 0,
                  seq_len: int = 128, stratify: bool = True) -> Dataset:
     """Load a named data set (see the module table) with an optional validation split.
 
@@ -100,6 +101,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, val_size: int = 0, s
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
+    pipeline.check_int("val_size", val_size)
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
     if name.startswith("text:"):
@@ -207,7 +209,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
             f"dataset {name!r} (split {split!r}) is not prepared in array-record format in {where}. "
             f"Prepare it once on a machine with network access, e.g. `pip install tensorflow && "
             f"tfds build {name} --file_format=array_record"
-            f"{' --data_dir=' + data_dir if data_dir else ''}`.{manual} Or use an embedded data set: "
+            f"{f' --data_dir={data_dir}' if data_dir else ''}`.{manual} Or use an embedded data set: "
             f"{', '.join(EMBEDDED)}.") from None   # tfds's own trace adds nothing to this
 
 

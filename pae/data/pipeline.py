@@ -54,9 +54,14 @@ def check_batch_size(batch_size: int, num_examples: int, *, argument: str = "bat
             f"use {argument} <= {num_examples}")
 
 
+def check_int(argument: str, value) -> None:
+    """TypeError naming ``argument`` unless ``value`` is an int (a NumPy integer; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{argument} must be an int, got {argument}={value!r}")
+
+
 def _check_positive_int(batch_size, argument: str = "batch_size") -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"{argument} must be an int, got {argument}={batch_size!r}")
+    check_int(argument, batch_size)
     if batch_size < 1:
         raise ValueError(f"{argument} must be >= 1, got {argument}={batch_size}")
 
@@ -106,7 +111,8 @@ def iterate_batches(
     ``batch_size`` is the *global* batch size; process ``p`` of ``P`` gets rows ``[p*B/P, (p+1)*B/P)``
     of every global batch (so ``B`` must divide by ``P``). Each batch has ``inputs``, ``targets`` and a
     float32 ``mask``. Per-example decoding and augmentation draw in turn from one generator seeded by
-    ``(seed, epoch, batch index)``, so their random choices are independent.
+    ``(seed, epoch, batch index, process index)``, so their random choices are independent, within a
+    process and across processes (one process: the stream of ``(seed, epoch, batch index)``).
 
     Arguments are checked when this is called, before any batch is built: ``batch_size`` larger
     than ``len(source)`` raises ValueError (naming ``split`` if given), unless ``clamp=True``, which
@@ -119,6 +125,10 @@ def iterate_batches(
         raise ValueError(f"source is empty{f' (split {split!r})' if split else ''}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    for argument, value in (("seed", seed), ("epoch", epoch)):
+        check_int(argument, value)
+        if value < 0:
+            raise ValueError(f"{argument} must be >= 0, got {argument}={value}")
     if clamp:
         _check_clamp(drop_remainder)
         _check_positive_int(batch_size)
@@ -144,7 +154,9 @@ def _batches(source, batch_size, seed, epoch, shuffle, drop_remainder, augment, 
         mask[:len(rows)] = 1.0
         rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
         mine = slice(process_index * local, (process_index + 1) * local)
-        rng = epoch_rng(seed, epoch, 1 + b)  # one generator: decode draws first, then augmentation
+        # one generator per (batch, process): decode draws first, then augmentation; processes get
+        # distinct streams (the same one would give row j of every process the same crop and flip)
+        rng = epoch_rng(seed, epoch, 1 + b * process_count + process_index)
         batch = source.take(rows[mine], rng)
         if augment is not None:
             batch = augment(batch, rng)
@@ -159,11 +171,13 @@ def split_indices(labels: np.ndarray | int, val_size: int, seed: int,
     With stratification, each class contributes ``round(val_size * n_c / n)`` examples (largest
     remainders fill up to exactly ``val_size``), as in the 45k/5k CIFAR protocol.
     """
-    n = labels if isinstance(labels, int) else len(labels)
+    count = np.ndim(labels) == 0   # a number of examples rather than their labels
+    n = int(labels) if count else len(labels)
+    check_int("val_size", val_size)
     if not 0 <= val_size < n:
         raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
     rng = np.random.default_rng(seed)
-    if isinstance(labels, int) or not stratify:
+    if count or not stratify:
         perm = rng.permutation(n)
         return np.sort(perm[val_size:]), np.sort(perm[:val_size])
     labels = np.asarray(labels)

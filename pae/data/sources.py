@@ -75,6 +75,8 @@ class WindowSource:
     seq_len: int
 
     def __post_init__(self):
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, (int, np.integer)):
+            raise TypeError(f"seq_len must be an int, got {self.seq_len!r}")
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if len(self.tokens) < self.seq_len + 1:

@@ -88,7 +88,15 @@ class SearchConfig:
         for name in ("rounds", "epochs", "batch_size", "ticket_epochs", "imp_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "mask_lr", "momentum", "weight_decay", "lr_decay", "beta_final", "lmbda",
+                     "prune_rate"):
+            v = getattr(self, name)
+            if not (v is None and name == "mask_lr") and (isinstance(v, bool)
+                                                         or not isinstance(v, numbers.Real)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
         if self.milestones is not None:
+            if np.ndim(self.milestones) != 1 or isinstance(self.milestones, str):
+                raise TypeError(f"milestones must be a sequence of epochs or None, got {self.milestones!r}")
             object.__setattr__(self, "milestones", tuple(self.milestones))
             if not all(isinstance(m, numbers.Integral) and 0 < m < self.epochs for m in self.milestones):
                 raise ValueError(f"milestones must be epochs in (0, epochs={self.epochs}), got "

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -95,7 +97,17 @@ def test_tiny_shakespeare_uses_its_own_splits():
 def test_missing_and_unknown_datasets_fail_clearly(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="tfds build cifar10"):
         load_dataset("cifar10", data_dir=str(tmp_path))
+    # a pathlib.Path data_dir (not only a str) gets the same message
+    with pytest.raises(DatasetNotFoundError, match="tfds build mnist.*--data_dir=" + re.escape(str(tmp_path))):
+        load_dataset("mnist", data_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown dataset 'cifar11'.*digits"):
         load_dataset("cifar11")
     with pytest.raises(ValueError, match="val_size"):
         load_dataset("digits", val_size=-1)
+
+
+def test_val_size_must_be_an_int():
+    with pytest.raises(TypeError, match="val_size"):
+        load_dataset("digits", val_size=100.0)
+    with pytest.raises(TypeError, match="val_size"):
+        load_dataset("digits", val_size="100")

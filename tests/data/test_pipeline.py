@@ -46,6 +46,10 @@ def test_process_shards_partition_the_global_batch():
         next(iterate_batches(src, 10, process_index=0, process_count=4))
     with pytest.raises(ValueError, match="batch_size"):
         next(iterate_batches(src, 0))
+    for argument, bad, error in (("seed", -1, ValueError), ("epoch", -2, ValueError),
+                                 ("seed", 1.5, TypeError), ("epoch", None, TypeError)):
+        with pytest.raises(error, match=f"{argument} must be"):
+            iterate_batches(src, 16, **{argument: bad})   # raised at the call, before any batch
 
 
 def test_stratified_split_matches_class_proportions():
@@ -95,3 +99,33 @@ def test_window_source_shifts_targets():
     np.testing.assert_array_equal(batch["targets"][1], np.arange(1, 6))
     with pytest.raises(ValueError, match="seq_len"):
         WindowSource(tokens, seq_len=23)
+    for bad in (2.5, "4", True):
+        with pytest.raises(TypeError, match="seq_len must be an int"):
+            WindowSource(tokens, seq_len=bad)
+
+
+def test_augmentation_draws_differ_across_processes():
+    # every image identical (and every pixel distinct), so two outputs are equal iff their crop
+    # offsets and flips are: row j of each process must not share one draw
+    image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(1, 8, 8, 3)
+    src = ArraySource({"inputs": np.repeat(image, 32, 0), "targets": np.arange(32)})
+    crop = lambda batch, rng: {**batch, "inputs": random_crop_flip(batch["inputs"], rng, pad=2)}  # noqa: E731
+    parts = [next(iterate_batches(src, 32, seed=1, epoch=0, augment=crop, process_index=p,
+                                  process_count=4))["inputs"] for p in range(4)]
+    shared = [all(np.array_equal(parts[0][j], parts[p][j]) for p in range(1, 4)) for j in range(8)]
+    assert not any(shared)
+    # one process: the stream of (seed, epoch, 1 + batch index), as before
+    whole = next(iterate_batches(src, 32, seed=1, epoch=0, augment=crop))["inputs"]
+    np.testing.assert_array_equal(whole, random_crop_flip(src.arrays["inputs"][epoch_order(32, 1, 0)],
+                                                          np.random.default_rng([1, 0, 1]), pad=2))
+
+
+def test_split_indices_argument_types():
+    # a NumPy integer count works like a Python int
+    for n in (10, np.int64(10)):
+        train, val = split_indices(n, 3, seed=2)
+        assert len(val) == 3 and sorted(np.concatenate([train, val])) == list(range(10))
+    np.testing.assert_array_equal(split_indices(np.int64(10), 3, seed=2)[1], split_indices(10, 3, seed=2)[1])
+    for labels in (10, np.arange(10) % 2):
+        with pytest.raises(TypeError, match="val_size"):
+            split_indices(labels, 3.0, seed=0)

@@ -211,6 +211,18 @@ def test_bad_inputs_raise_clear_errors():
             sp.cs_search(None, sp.SearchConfig(), bad)
 
 
+def test_search_config_numbers_are_type_checked_by_name():
+    for name, bad in (("lr", None), ("lr", "0.1"), ("mask_lr", "a"), ("momentum", None),
+                      ("weight_decay", "1e-4"), ("lr_decay", None), ("beta_final", True),
+                      ("lmbda", "1e-8"), ("prune_rate", None)):
+        with pytest.raises(TypeError, match=f"{name} must be a number, got {bad!r}"):
+            sp.SearchConfig(**{name: bad})
+    with pytest.raises(TypeError, match="milestones must be a sequence of epochs or None, got 5"):
+        sp.SearchConfig(milestones=5)
+    assert sp.SearchConfig(epochs=10, milestones=np.array([3, 5]), mask_lr=None,
+                           lr=np.float32(0.05)).decay_epochs == (3, 5)
+
+
 def test_beta_and_shapes_are_checked_where_a_context_or_latent_enters():
     """beta <= 0 (which would silently invert the mask) and mask/weight shape mismatches are caught
     at every public entry, not only in Context.make; messages name the argument or leaf path."""
