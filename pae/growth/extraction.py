@@ -42,13 +42,18 @@ def channel_sets(spec: ps.GateSpec, channel_masks: Mapping[str, Any],
     """``{group: bool mask}`` from per-layer output masks, checking that every layer writing a group
     (a residual stream: stem, conv2s of active blocks, shortcut) writes the same channel set.
 
-    ``channel_masks``: ``{layer path: bool[out]}`` (layers not named keep every channel).
-    ValueError naming the group and the disagreeing layers otherwise.
+    ``channel_masks``: ``{layer path: bool[out]}`` (layers not named keep every channel; the
+    classifier may not be named). ValueError naming the group and the disagreeing layers otherwise.
     """
     layer_paths = {layer.path for layer in spec.layers}
     unknown = sorted(set(channel_masks) - layer_paths)
     if unknown:
         raise ValueError(f"channel_masks names unknown layer(s) {unknown}; layers: {sorted(layer_paths)}")
+    fixed = sorted(layer.path for layer in spec.layers
+                   if layer.out_group is None and layer.path in channel_masks)
+    if fixed:
+        raise ValueError(f"channel_masks names {fixed}, whose outputs (the classes) are never gated; "
+                         f"mask only layers writing a channel group")
     out = {}
     for group, size in spec.groups:
         sets = []

@@ -111,7 +111,8 @@ class GatedLayer(NamedTuple):
     """One conv or dense layer: its module ``path``, the channel groups of its input and output
     (None: fixed, the image or the classes) and their full sizes, the BatchNorm module that follows
     it (None: none), the block whose gate switches it off (None: outside gated blocks), ``taps``
-    (output positions x kernel taps), ``kernel_size`` (kernel taps) and whether it has a bias."""
+    (output positions x kernel taps), ``kernel_size`` (kernel taps), whether it has a bias and
+    ``kernel_shape`` (what a ``channels`` selector is shown)."""
 
     path: str
     in_group: str | None
@@ -123,6 +124,7 @@ class GatedLayer(NamedTuple):
     taps: int
     kernel_size: int
     bias: bool
+    kernel_shape: tuple[int, ...] = ()
 
 
 class BlockGate(NamedTuple):
@@ -178,7 +180,7 @@ def _layer(params, outputs, path, in_group, out_group, norm, block) -> GatedLaye
     positions = int(np.prod(outputs[path][1:-1])) if len(outputs[path]) > 2 else 1
     taps = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
     return GatedLayer(path, in_group, out_group, int(shape[-2]), int(shape[-1]), norm, block,
-                      positions * taps, taps, has_bias)
+                      positions * taps, taps, has_bias, tuple(int(d) for d in shape))
 
 
 def _resnet_blocks(model):
@@ -409,6 +411,29 @@ def _check_unit(name: str, value, low_open: bool = True) -> float:
     return v
 
 
+def gated_groups(spec: GateSpec, channels: pselect.Selector | None = None) -> set[str]:
+    """The channel groups ``channels`` gates: those with a writing layer whose kernel (its path and
+    real shape) the selector matches (default: every group)."""
+    select = pselect.everything() if channels is None else channels
+    if not isinstance(select, pselect.Selector):
+        raise TypeError(f"channels must be a pae.select selector, got {type(select).__name__}")
+    return {layer.out_group for layer in spec.layers if layer.out_group is not None and select(
+        f"{layer.path}/kernel", jax.ShapeDtypeStruct(layer.kernel_shape or (layer.in_size, layer.out_size),
+                                                     jnp.float32))}
+
+
+def check_widths(spec: GateSpec, widths: Mapping[str, Any], gated: set[str]) -> None:
+    """ValueError unless every ``widths[group]`` names a gated group of ``spec`` with an int in
+    ``[1, size]`` (a compaction can only narrow a group)."""
+    sizes = spec.group_sizes
+    for g, k in widths.items():
+        if g not in gated:
+            raise ValueError(f"widths names {g!r}, which is not a gated channel group; gated: "
+                             f"{sorted(gated)}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= sizes[g]:
+            raise ValueError(f"widths[{g!r}] must be an int in [1, {sizes[g]}], got {k!r}")
+
+
 def seed_logits(spec: GateSpec, gated: set[str], gated_blocks: bool, seed_width: float = 0.25,
                 seed_blocks: int | None = 1, s_on: float = 1.0, s_off: float = -1.0) -> dict:
     """Logits of the seed architecture: the first ``ceil(seed_width * n)`` channels of every gated
@@ -455,8 +480,9 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
       lmbda: ``lambda_base`` of the budget-aware penalty (>= 0).
       utilization: ``"flops"`` (inference FLOPs fraction, default) or ``"params"``.
       estimator: ``"straight_through"`` (default) or ``"scaled"``.
-      channels: selector over layer kernel paths (``"BasicBlock_1/Conv_0/kernel"``): a channel group
-        is gated when any layer writing it is selected (default every conv). ``blocks``: gate blocks.
+      channels: selector over layer kernels (path ``"BasicBlock_1/Conv_0/kernel"`` and shape, so
+        ``pae.select.conv_kernels((3, 3))`` works): a channel group is gated when any layer writing
+        it is selected (default every conv; :func:`gated_groups`). ``blocks``: gate blocks.
       seed_width, seed_blocks, s_on, s_off: the seed architecture (:func:`seed_logits`).
       reference: the spec whose full cost the utilization is a fraction of (default ``spec``; a
         compacted net passes the full net's, so ``u_t`` and the penalty keep their meaning).
@@ -482,10 +508,7 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
     if penalize not in PENALTIES:
         raise ValueError(f"penalize must be one of {PENALTIES}, got {penalize!r}")
     select = pselect.everything() if channels is None else channels
-    if not isinstance(select, pselect.Selector):
-        raise TypeError(f"channels must be a pae.select selector, got {type(select).__name__}")
-    gated = {layer.out_group for layer in spec.layers if layer.out_group is not None and select(
-        f"{layer.path}/kernel", jax.ShapeDtypeStruct((layer.in_size, layer.out_size), jnp.float32))}
+    gated = gated_groups(spec, select)
     if not gated and not (blocks and spec.blocks):
         raise ValueError(f"no gateable layer selected: channels={select!r} matches no conv writing a "
                          f"channel group ({[layer.path for layer in spec.layers if layer.out_group]}) "
@@ -658,6 +681,7 @@ def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselec
         enter, model = None, spec.model
         if j:
             widths = dict(compactions[j - 1][1])
+            check_widths(current, widths, gated_groups(current, channels))
             model = pextract.slim_model(current, {**current.group_sizes, **widths})
             enter = _compaction(current, widths, carry_optimizer)
             current = gate_spec(model, np.zeros(spec.example_shape, np.float32))

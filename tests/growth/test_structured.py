@@ -512,6 +512,40 @@ def test_bad_input(vgg_setup, resnet_setup):
         ps.structured_sparsification(model)
     with pytest.raises(ValueError, match="unknown layer"):
         pe.extract_masked(spec, state.params, state.batch_stats, {"Conv_9": np.ones(3, bool)})
+    with pytest.raises(ValueError, match=r"'Dense_0'.*never gated"):     # not silently ignored
+        pe.extract_masked(spec, state.params, state.batch_stats, {"Dense_0": np.array([1, 0, 1], bool)})
+
+
+def test_channel_selector_sees_the_real_kernel_shapes(vgg_setup, resnet_setup):
+    """Shape-based selectors (conv_kernels, ndim) see each layer's kernel shape, not a 2-D stand-in."""
+    model, x, spec, state = resnet_setup
+    latent = lambda t: t.init(state.params, None)  # noqa: E731
+    everyone = {g for g, _ in spec.groups}
+    assert set(latent(ps.structured_sparsification(spec, channels=select.conv_kernels())).logits[
+        "channels"]) == everyone
+    # the 1x1 shortcuts write streams 1 and 2 only
+    one_by_one = ps.structured_sparsification(spec, channels=select.conv_kernels((1, 1)), blocks=False)
+    assert set(latent(one_by_one).logits["channels"]) == {"stream1", "stream2"}
+    vspec, vstate = vgg_setup[3], vgg_setup[4]
+    t = ps.structured_sparsification(vspec, channels=select.ndim(4))
+    assert set(t.init(vstate.params, None).logits["channels"]) == {g for g, _ in vspec.groups}
+
+
+def test_structured_phases_rejects_bad_compaction_widths_when_built(resnet_setup):
+    """Bad compaction widths fail when the phases are built, not after the first segment trained."""
+    spec = resnet_setup[2]
+    cfg = ps.StructuredConfig(epochs=4)
+    for widths, match in (({"stream9": 2}, "not a gated channel group"),
+                          ({"stream0": 40}, r"int in \[1, 4\]"), ({"stream0": 2.5}, r"int in \[1, 4\]")):
+        with pytest.raises(ValueError, match=match):
+            ps.structured_phases(cfg, spec, compactions=[(2, widths)])
+    with pytest.raises(ValueError, match="not a gated channel group"):    # stream0 not selected
+        ps.structured_phases(cfg, spec, channels=select.path("BasicBlock_1/Conv_0"),
+                             compactions=[(2, {"stream0": 2})])
+    # a second compaction cannot widen the first one's net
+    with pytest.raises(ValueError, match=r"int in \[1, 3\]"):
+        ps.structured_phases(cfg, spec, compactions=[(1, {"stream0": 3}), (2, {"stream0": 4})])
+    assert len(ps.structured_phases(cfg, spec, compactions=[(1, {"stream0": 3}), (2, {"stream0": 2})])) == 3
 
 
 # ----------------------------------------------------------------------------- state surgery
