@@ -66,10 +66,18 @@ def combine(coefficients: jax.Array, bank: jax.Array) -> jax.Array:
     """``sum_j alpha_j T_j`` as a fixed-order sum of elementwise products (exact float32 on every
     backend: no matmul precision mode applies). ``coefficients [..., k]`` may carry leading axes only
     when ``bank`` does too."""
-    k = bank.shape[0]
-    w = coefficients[..., 0] * bank[0]
+    coefficients, bank = jnp.asarray(coefficients), jnp.asarray(bank)
+    lead = coefficients.ndim - 1
+    if lead < 0 or bank.ndim <= lead or bank.shape[:lead + 1] != coefficients.shape:
+        raise ValueError(f"combine: coefficients of shape {coefficients.shape} need a bank of shape "
+                         f"{coefficients.shape} + kernel shape (leading axes, then the k templates), "
+                         f"got bank of shape {bank.shape}")
+    k = coefficients.shape[-1]
+    bank = jnp.moveaxis(bank, lead, 0)                     # [k, *leading, *kernel]
+    expand = (...,) + (None,) * (bank.ndim - 1 - lead)     # leading coefficient axes over the kernel
+    w = coefficients[..., 0][expand] * bank[0]
     for j in range(1, k):
-        w = w + coefficients[..., j] * bank[j]
+        w = w + coefficients[..., j][expand] * bank[j]
     return w
 
 
@@ -289,9 +297,11 @@ def build(latent: SharedParams) -> Any:
             raise ValueError(f"layer {n.path!r} refers to bank {n.group!r}, which the latent lacks "
                              f"(banks: {sorted(banks)})")
         bank = banks[n.group]
-        if n.coefficients.shape[-1] != bank.shape[0]:
+        lead = n.coefficients.ndim - 1
+        if bank.ndim <= lead or n.coefficients.shape[-1] != bank.shape[lead]:
             raise ValueError(f"layer {n.path!r} has {n.coefficients.shape[-1]} coefficients but bank "
-                             f"{n.group!r} has {bank.shape[0]} templates")
+                             f"{n.group!r} (shape {bank.shape}) has "
+                             f"{bank.shape[lead] if bank.ndim > lead else 0} templates")
         return combine(n.coefficients.astype(bank.dtype), bank)
 
     return map_nodes(weight, latent.params, SharedKernel)

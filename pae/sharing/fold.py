@@ -24,6 +24,7 @@ change after folding must be measured, not assumed.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 from typing import Any
 
@@ -49,6 +50,17 @@ class Folded:
     variables: dict
     runs: tuple
     distances: dict
+
+
+def _check_tol(tol) -> None:
+    if isinstance(tol, (bool, str, bytes)) or np.ndim(tol) != 0 or not np.isrealobj(tol):
+        raise TypeError(f"tol must be a real number >= 0, got {type(tol).__name__} {tol!r}")
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise TypeError(f"tol must be a real number >= 0, got {type(tol).__name__} {tol!r}") from None
+    if not np.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be finite and >= 0, got {tol!r}")
 
 
 def _rel(x, ref):
@@ -82,8 +94,7 @@ def fold(cfg: SWRN, latent: SharedParams, batch_stats: Any, *, tol: float = 1e-3
                         f"{type(cfg).__name__}")
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    if not np.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be finite and >= 0, got {tol!r}")
+    _check_tol(tol)
     n = cfg.blocks
     params = build(latent)
     mats = coefficient_matrices(latent)
@@ -160,8 +171,12 @@ def with_repeats(folded: Folded, loops) -> Folded:
     ``folded.model.loops``), e.g. more iterations at test time. A longer loop reuses its last
     repeat's BatchNorm parameters and statistics for the extra repeats; a shorter one keeps the
     first ones."""
-    loops = tuple(tuple(int(r) for r in stage) for stage in loops)
     old = folded.model.stage_loops()
+    try:
+        loops = tuple(tuple(operator.index(r) for r in stage) for stage in loops)
+    except TypeError:
+        raise TypeError(f"loops must be per stage a tuple of int repeat counts, as "
+                        f"folded.model.loops {old}; got {loops!r}") from None
     if len(loops) != 3 or any(len(a) != len(b) for a, b in zip(loops, old)):
         raise ValueError(f"loops must have the folded net's structure {old} (one count per loop), "
                          f"got {loops}")
@@ -209,8 +224,7 @@ def fold_unrolled(model, latent: SharedParams, *, tol: float = 1e-2, merge: str 
         raise TypeError(f"model must be a pae.models.looped.UnrolledNet, got {type(model).__name__}")
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    if not np.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be finite and >= 0, got {tol!r}")
+    _check_tol(tol)
     latent_root = latent
     if not isinstance(latent_root, SharedParams):
         raise TypeError(f"latent must be a sharing latent (pae.sharing.SharedParams), got "

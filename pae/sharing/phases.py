@@ -49,17 +49,25 @@ class SharingConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (0 if name == "seed" else 1):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'seed' else 1}, got {v!r}")
-        for name in ("lr", "momentum", "weight_decay", "lr_decay"):
+        for name in ("lr", "momentum", "weight_decay", "lr_decay", "coefficient_lr"):
             v = getattr(self, name)
+            if v is None and name == "coefficient_lr":
+                continue
+            if v is None or isinstance(v, (bool, str, bytes)) or np.ndim(v) != 0 or not np.isrealobj(v):
+                raise TypeError(f"{name} must be a real number >= 0"
+                                f"{' or None' if name == 'coefficient_lr' else ''}, got {v!r}")
             if not np.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
-        c_lr = self.coefficient_lr
-        if c_lr is not None and (not np.isfinite(c_lr) or c_lr < 0):
-            raise ValueError(f"coefficient_lr must be finite and >= 0 or None, got {self.coefficient_lr!r}")
         if self.milestones is not None:
+            if isinstance(self.milestones, (str, bytes)) or not np.iterable(self.milestones):
+                raise TypeError(f"milestones must be a tuple of epochs or None, got {self.milestones!r}")
             object.__setattr__(self, "milestones", tuple(self.milestones))
-            if not all(isinstance(m, numbers.Integral) and 0 < m < self.epochs for m in self.milestones):
+            if not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and 0 < m < self.epochs
+                       for m in self.milestones):
                 raise ValueError(f"milestones must be epochs in (0, epochs={self.epochs}), got "
+                                 f"{self.milestones}")
+            if len(set(self.milestones)) != len(self.milestones):
+                raise ValueError(f"milestones must be distinct epochs (each decays the lr once), got "
                                  f"{self.milestones}")
 
     @property

@@ -239,3 +239,23 @@ def test_bad_input_names_the_group_or_leaf():
         sh.templates(GROUPS, 2, pull=-1.0)
     with pytest.raises(TypeError, match="expected a sharing latent"):
         sh.build(params)
+
+
+@pytest.mark.parametrize("runs, k", [(2, 3), (3, 3)])
+def test_combine_and_build_with_a_leading_run_axis_match_each_run(runs, k):
+    """A parallel run's latent (leading run axis on coefficients and banks): each run's weight is
+    that run's own ``sum_j alpha_j T_j`` (the template axis is after the run axis, not axis 0)."""
+    rng = np.random.default_rng(7)
+    c = rng.normal(size=(runs, k)).astype(np.float32)
+    bank = rng.normal(size=(runs, k, 4, 3)).astype(np.float32)
+    want = np.einsum("rk,rkij->rij", c.astype(np.float64), bank.astype(np.float64))
+    np.testing.assert_allclose(sh.combine(jnp.asarray(c), jnp.asarray(bank)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="combine: coefficients of shape"):
+        sh.combine(jnp.asarray(c), jnp.asarray(bank[:, :1]))
+    t = sh.templates(GROUPS, k)
+    one = t.init(_tree(rng), jax.random.PRNGKey(0))
+    stacked = jax.tree.map(lambda x: jnp.stack([x] + [2 * x + 1] * (runs - 1)), one)
+    out = sh.build(stacked)
+    for r in range(runs):
+        ref = sh.build(jax.tree.map(lambda x: x[r], stacked))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b, rtol=1e-5, atol=1e-5), out, ref)

@@ -146,3 +146,16 @@ def test_runs_tolerance_and_mean_merge_on_a_deeper_net():
         sh.fold("SWRN-28-1-3", latent, stats)
     with pytest.raises(ValueError, match="one count per loop"):
         sh.with_repeats(folded, ((2,), (2,), (2,)))
+
+
+def test_bad_tol_and_loops_raise_errors_naming_the_argument():
+    cfg, latent, stats = _soft()
+    latent = _set_rows(latent, _tie)
+    for bad in (None, "0.1", [0.1], True):
+        with pytest.raises(TypeError, match="tol must be a real number >= 0"):
+            sh.fold(cfg, latent, stats, tol=bad)
+    folded = sh.fold(cfg, latent, stats, tol=jnp.float32(0.0), merge="first")
+    for bad in (None, 3, (("a",), (1,), (1,)), ((2.5,), (2,), (2,))):
+        with pytest.raises(TypeError, match="loops must be per stage a tuple of int repeat counts"):
+            sh.with_repeats(folded, bad)
+    assert sh.with_repeats(folded, [[np.int64(3)], [2], [2]]).model.stage_loops() == ((3,), (2,), (2,))

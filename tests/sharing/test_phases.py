@@ -67,3 +67,15 @@ def test_a_short_swrn_run_on_the_engine_trains_templates_and_coefficients(tmp_pa
     assert len(again.history) == 2
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again.state.params),
                  jax.tree.map(np.asarray, new))
+
+
+def test_bad_config_values_raise_errors_naming_the_field():
+    for kw, err, msg in ((dict(lr=None), TypeError, "lr must be a real number"),
+                         (dict(coefficient_lr="0.1"), TypeError, "coefficient_lr must be a real number"),
+                         (dict(momentum=True), TypeError, "momentum must be a real number"),
+                         (dict(milestones=5), TypeError, "milestones must be a tuple of epochs"),
+                         (dict(milestones=(60, 60)), ValueError, "milestones must be distinct")):
+        with pytest.raises(err, match=msg):
+            sh.SharingConfig(**kw)
+    ok = sh.SharingConfig(lr=np.float32(0.05), coefficient_lr=jnp.float32(0.01), milestones=[3, 5])
+    assert ok.milestones == (3, 5) and ok.decay_epochs == (3, 5)
