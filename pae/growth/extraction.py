@@ -316,12 +316,7 @@ def _scatter_gated(spec: ps.GateSpec, full: ps.Gated, small: ps.Gated, ids) -> p
 def _top_channels(spec: ps.GateSpec, latent: ps.Gated, widths: Mapping[str, int]) -> dict:
     sizes = spec.group_sizes
     logits = {g: np.asarray(v) for g, v in latent.logits["channels"].items()}
-    for g, k in widths.items():
-        if g not in logits:
-            raise ValueError(f"widths names {g!r}, which is not a gated channel group; gated: "
-                             f"{sorted(logits)}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= sizes[g]:
-            raise ValueError(f"widths[{g!r}] must be an int in [1, {sizes[g]}], got {k!r}")
+    ps.check_widths(spec, widths, set(logits))
     return {g: (np.sort(np.argsort(-logits[g], kind="stable")[:widths[g]]) if g in widths
                 else np.arange(sizes[g])) for g in sizes}
 
