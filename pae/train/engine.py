@@ -485,6 +485,11 @@ def _check_extends(saved: list, phases: Sequence[Phase], where: str, extend_last
             f"saved one (or, when asked, lengthen its last phase); use another checkpoint directory.")
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 def _run_count(runs) -> int:
     """N of ``runs``: every leaf an array with the same leading axis of N >= 1."""
     shapes = [np.shape(x) for x in jax.tree.leaves(runs)]
@@ -567,13 +572,10 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
         raise TypeError(f"state must be a pae.train.TrainState (see pae.train.init_state), got "
                         f"{type(state).__name__}")
     eval_batch_size = eval_batch_size or batch_size
-    for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    for name, v, low in (("seed", seed, 0), ("checkpoint_every", checkpoint_every, 0),
+    for name, v, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                         ("seed", seed, 0), ("checkpoint_every", checkpoint_every, 0),
                          ("keep_checkpoints", keep_checkpoints, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        _check_int(name, v, low)
     if not isinstance(precompile, bool):
         raise TypeError(f"precompile must be a bool, got {type(precompile).__name__}")
     if on_damaged_checkpoint not in ON_DAMAGED:
@@ -707,8 +709,7 @@ def evaluate(task: Task, state: TrainState, *, batch_size: int, phase: Phase | N
     ``task``, exactly as :func:`train_phases` (run with ``seed``) evaluates at the end of an epoch of
     ``phase`` (its model, eval transform and the context of ``epoch``; default: the plain model).
     ``runs``: the state has a leading run axis (values become lists)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check_int("batch_size", batch_size, 1)
     phase = phase or Phase("evaluate", 0, lambda spe: optax.identity())
     task = task if task.mesh is not None else dataclasses.replace(task, mesh=distributed.data_mesh())
     distributed.check_batch_size(batch_size, task.mesh)
