@@ -6,7 +6,10 @@ checksum of every array and of the history, computed from the values being saved
 verifies them: bytes damaged on disk raise :class:`DamagedCheckpointError` naming the step and the
 item, instead of loading.
 orbax writes a step into a temporary directory and renames it when complete, so an interrupted save
-leaves no step behind that looks finished. Restoring first checks ``meta`` against the run asking for
+leaves no step behind that looks finished. Every write is read back and checked against those
+checksums before older steps are deleted: a step written wrong (a failing disk, a full quota that
+truncates silently) is moved aside and written again, and if it still does not read back whole
+:class:`DamagedCheckpointError` stops the run with the last good steps kept. Restoring first checks ``meta`` against the run asking for
 it, so a checkpoint of a different model is refused with a message naming the difference, and a
 damaged checkpoint raises :class:`CheckpointError` instead of loading.
 """
@@ -78,25 +81,43 @@ def _describe_mismatch(saved: dict, wanted: dict) -> str:
     return "; ".join(parts)
 
 
+def _abstract(tree: Any) -> Any:
+    """Shape, dtype and sharding of every leaf (arrays or ``jax.ShapeDtypeStruct``; host arrays and
+    leaves without a sharding: this process's first device)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def spec(x):
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=getattr(x, "sharding", None) or device)
+
+    return jax.tree.map(spec, tree)
+
+
 class Checkpointer:
     """Saves and restores :class:`TrainState` under ``directory`` with orbax, keeping the last N.
 
     ``identity`` (e.g. ``{"model": "resnet20", "dataset": "cifar10"}``) is stored with every step and
-    must match on restore.
+    must match on restore. ``verify``: read every write back and check it before deleting older steps
+    (one extra read of each checkpoint; ``False`` trusts the file system).
     """
 
-    def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], max_to_keep: int = 3):
-        if max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], max_to_keep: int = 3,
+                 verify: bool = True):
+        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be an int >= 1, got {max_to_keep!r}")
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.identity = dict(identity)
         self.max_to_keep = max_to_keep
+        self.verify = verify
         self._manager = self._make_manager()
 
     def _make_manager(self):
+        # Old steps are deleted by ``_prune`` once a new one is verified, not by orbax on save.
         return ocp.CheckpointManager(
             self.directory, item_names=("state", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                                  enable_async_checkpointing=False))
 
     def all_steps(self) -> list[int]:
@@ -114,9 +135,28 @@ class Checkpointer:
                 **extra}
         meta = json.loads(json.dumps(meta, default=str))   # as it reads back (lists, str keys)
         meta["meta_checksum"] = meta_checksum(meta)
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
+        for attempt in range(2):
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.wait_until_finished()
+            if not self.verify:
+                break
+            try:
+                self.restore(step, state)
+                break
+            except DamagedCheckpointError as err:
+                moved = self.quarantine(step)
+                if attempt:
+                    raise DamagedCheckpointError(
+                        f"checkpoint step {step} did not read back whole after writing it twice "
+                        f"(kept as {moved}): {_first_line(err, 300)}. The earlier steps in "
+                        f"{self.directory} are intact; check the disk before resuming.") from None
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete all but the newest ``max_to_keep`` steps."""
+        for old in sorted(self.all_steps())[:-self.max_to_keep]:
+            self._manager.delete(old)
 
     def read_meta(self, step: int) -> dict:
         """The JSON metadata of checkpoint ``step`` (identity, signature, history, extras)."""
@@ -136,7 +176,7 @@ class Checkpointer:
 
     def restore(self, step: int, target: Any) -> tuple[Any, list[dict]]:
         """Restore checkpoint ``step`` into the structure, shapes and shardings of ``target`` (arrays
-        or ``jax.ShapeDtypeStruct`` with shardings).
+        or ``jax.ShapeDtypeStruct``; host arrays restore onto this process's first device).
 
         Returns ``(state, history)``. Raises :class:`CheckpointError` when the checkpoint belongs to a
         different run (identity or array signature differ) or cannot be read whole.
@@ -150,8 +190,7 @@ class Checkpointer:
         mismatch = _describe_mismatch(meta.get("signature", {}), tree_signature(target))
         if mismatch:
             raise CheckpointError(f"checkpoint {where} does not fit this model/state: {mismatch}")
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        abstract = _abstract(target)
         others = [s for s in self.all_steps() if s < step]
         advice = (f"Delete {where} to resume from the previous checkpoint (step {max(others)}), or resume "
                   f"with on_damaged_checkpoint='previous' (--resume-intact), which does that and says "

@@ -186,3 +186,58 @@ def test_writing_records_leaves_the_matplotlib_backend_alone(tmp_path):
         assert (tmp_path / "curves.png").stat().st_size > 5_000
     finally:
         matplotlib.use(before)
+
+
+def _corrupting_writes(monkeypatch, times: int):
+    """Make the next ``times`` checkpoint writes land on disk with flipped bytes."""
+    import orbax.checkpoint as ocp
+    real_save, left = ocp.CheckpointManager.save, [times]
+
+    def save(self, step, *args, **kwargs):
+        out = real_save(self, step, *args, **kwargs)
+        self.wait_until_finished()
+        if left[0] > 0:
+            left[0] -= 1
+            _flip_bytes(os.path.join(os.fspath(self.directory), str(step)))
+        return out
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+
+def test_a_write_that_does_not_read_back_is_written_again_and_old_steps_are_kept_until_then(
+        tmp_path, monkeypatch):
+    from pae.train import Checkpointer
+    state = {"w": np.arange(4096, dtype=np.float32), "b": np.ones(3, np.float32)}
+    ckpt = Checkpointer(tmp_path, {"run": 1}, max_to_keep=1)
+    ckpt.save(1, state)
+    _corrupting_writes(monkeypatch, 1)
+    ckpt.save(2, jax.tree.map(lambda x: x + 1, state))   # first write damaged, second intact
+    assert ckpt.all_steps() == [2] and (tmp_path / "2.damaged").is_dir()
+    restored, _ = ckpt.restore(2, state)
+    _equal(restored, jax.tree.map(lambda x: x + 1, state))
+
+
+def test_a_write_damaged_twice_raises_and_keeps_the_last_good_step(tmp_path, monkeypatch):
+    from pae.train import Checkpointer
+    state = {"w": np.arange(4096, dtype=np.float32)}
+    ckpt = Checkpointer(tmp_path, {"run": 1}, max_to_keep=1)
+    ckpt.save(1, state)
+    _corrupting_writes(monkeypatch, 2)
+    with pytest.raises(DamagedCheckpointError, match=r"step 2 did not read back whole after writing it "
+                                                     r"twice.*earlier steps .* are intact"):
+        ckpt.save(2, jax.tree.map(lambda x: x + 1, state))
+    assert ckpt.all_steps() == [1]   # with keep 1, the good step was not deleted for a bad one
+    _equal(ckpt.restore(1, state)[0], state)
+    unverified = Checkpointer(tmp_path / "trusting", {"run": 1}, max_to_keep=1, verify=False)
+    _corrupting_writes(monkeypatch, 1)
+    unverified.save(1, state)   # verify=False: the damage is found only when read
+    with pytest.raises(DamagedCheckpointError, match="do not match the checksums"):
+        unverified.restore(1, state)
+
+
+def test_checkpointer_arguments_are_checked():
+    from pae.train import Checkpointer
+    with pytest.raises(ValueError, match="max_to_keep must be an int >= 1, got 0"):
+        Checkpointer("/tmp/unused", {}, max_to_keep=0)
+    with pytest.raises(TypeError, match="verify must be a bool"):
+        Checkpointer("/tmp/unused", {}, verify="yes")
