@@ -89,7 +89,7 @@ from pae.core import select as S
 from pae.data import load_dataset
 from pae.data.sources import ArraySource
 from pae.models import get_model, model_kind
-from pae.train import Phase, evaluate, init_state, make_task, train_phases
+from pae.train import Distill, Phase, evaluate, init_state, make_task, train_phases
 from pae.train.cli import fill_unset, run_seeds
 from pae.train.metrics import atomic_write
 
@@ -107,7 +107,7 @@ DEFAULTS = dict(model="lenet5", dataset="mnist_subset", val_size=0, seq_len=128,
                 budgets=[2.0, 3.0], ptq_bits=[8, 4, 3, 2], qat_bits=[8, 4, 3, 2],
                 qwix_rules=list(QWIX_RULES), methods=list(DEFAULT_METHODS), select="kernels", k_tile=512,
                 n_tile=128, width=None, depth=None, heads=None, act_budget=3.5, train_size=None,
-                test_size=None)
+                test_size=None, distill=0.0, distill_temperature=1.0)
 
 #: per-model changes to DEFAULTS. The Transformer: every kernel (Dense, the attention's
 #: DenseGeneral, layouts read by ``pae.quant.kernel_layouts``) and both lookup tables (token and
@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits-lr", type=float,
                    help="Adam learning rate of the learned widths (default 0.05: SMOL's 1e-3 moves a "
                         "width by well under a bit in a short run)")
+    p.add_argument("--distill", type=float,
+                   help="with --pretrain-epochs: the trained quantized methods (qat, learned, qwix) "
+                        "distill from the FP snapshot they start from, this weight on the distillation "
+                        "term (pae.train.Distill; default 0: off)")
+    p.add_argument("--distill-temperature", type=float, help="softmax temperature of --distill (default 1)")
     p.add_argument("--b-init", type=float, help="initial learned width (default 6)")
     p.add_argument("--budgets", type=float, nargs="*", help="target average weight bits of the learned method")
     p.add_argument("--act-budget", type=float,
@@ -240,6 +245,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if out.pretrain_epochs and "fp" not in out.methods:
         raise ValueError("--pretrain-epochs: the methods start from the fp model's snapshot; add fp "
                          "to --methods")
+    if not 0.0 <= out.distill <= 1.0:
+        raise ValueError(f"--distill must lie in [0, 1], got {out.distill}")
+    if not (np.isfinite(out.distill_temperature) and out.distill_temperature > 0):
+        raise ValueError(f"--distill-temperature must be a positive number, got {out.distill_temperature}")
+    if out.distill and not out.pretrain_epochs:
+        raise ValueError("--distill: the teacher is the FP snapshot after --pretrain-epochs; set it")
     if {"learned", "learned_w"} & set(out.methods) and not out.budgets:
         raise ValueError("--methods learned/learned_w need at least one --budgets value")
     if not 1.0 < out.act_budget < 8.0:
@@ -257,8 +268,9 @@ RESULTS_VERSION = 1
 
 
 def _config(args) -> dict:
-    return {"version": RESULTS_VERSION,
-            **{k: v for k, v in vars(args).items() if k not in ("seeds", "out_dir", "name", "reuse")}}
+    skip = {"seeds", "out_dir", "name", "reuse"} | ({"distill", "distill_temperature"} if not args.distill
+                                                    else set())   # (seeds saved before --distill match)
+    return {"version": RESULTS_VERSION, **{k: v for k, v in vars(args).items() if k not in skip}}
 
 
 def qwix_available() -> bool:
@@ -454,11 +466,16 @@ def initial_state(setup: Setup, seed: int, pretrained=None, init_latent=None, mo
     return state.replace(params=params, batch_stats=jax.tree.map(jnp.asarray, pretrained.batch_stats))
 
 
-def continuing(phases, setup: Setup):
-    """``phases`` with their data order continuing after the pretraining epochs (the FP run's)."""
-    out, start = [], setup.args.pretrain_epochs
+def continuing(phases, setup: Setup, pretrained=None):
+    """``phases`` with their data order continuing after the pretraining epochs (the FP run's), and
+    with ``--distill`` learning from the ``pretrained`` FP snapshot (the float model)."""
+    a = setup.args
+    distill = Distill(pretrained, weight=a.distill, temperature=a.distill_temperature,
+                      model=setup.model) if a.distill and pretrained is not None else None
+    out, start = [], a.pretrain_epochs
     for ph in phases:
-        out.append(dataclasses.replace(ph, data_epochs_from=start) if start else ph)
+        out.append(dataclasses.replace(ph, data_epochs_from=start if start else ph.data_epochs_from,
+                                       distill=distill))
         start += ph.epochs
     return out
 
@@ -516,7 +533,8 @@ def run_qat(setup: Setup, seed: int, bits: int, pretrained=None) -> dict:
                           lambda params, key: uniform_latent(setup, params, bits, a.learned_range))
     phase = Phase("qat", setup.epochs, lambda spe: q.quant_optimizer(cfg, "finetune"),
                   q.palette_quantizer(), metrics=_weights_metric)
-    res = train_phases(setup.task, continuing([phase], setup), state, batch_size=a.batch_size, seed=seed)
+    res = train_phases(setup.task, continuing([phase], setup, pretrained), state, batch_size=a.batch_size,
+                       seed=seed)
     last = res.history[-1]
     row = {"method": "qat", "setting": str(bits), "label": f"uniform QAT {bits}-bit",
            "weight_bits": float(last["weight_bits"]), "act_bits": FLOAT_BITS, **_score(last, setup.text)}
@@ -533,8 +551,8 @@ def run_learned(setup: Setup, seed: int, budget: float, activations: bool = True
         if activations else {}
     cfg = _quant_cfg(setup, seed, target_bits=float(budget), **acts)
     state = initial_state(setup, seed, pretrained, q.noise_transform(cfg, setup.select).init)
-    res = train_phases(setup.task, continuing(q.quant_phases(cfg, setup.select, model=setup.model), setup),
-                       state, batch_size=a.batch_size, seed=seed)
+    res = train_phases(setup.task, continuing(q.quant_phases(cfg, setup.select, model=setup.model), setup,
+                                              pretrained), state, batch_size=a.batch_size, seed=seed)
     last = res.history[-1]
     noise_last = res.last("noise") if a.noise_epochs else None
     method = "learned" if activations else "learned_w"
@@ -613,7 +631,8 @@ def run_qwix(setup: Setup, seed: int, name: str, order: list[str], pretrained=No
     task = dataclasses.replace(setup.task, model=qmodel)
     state = initial_state(setup, seed, pretrained, model=qmodel)
     phase = Phase("qwix", setup.epochs, lambda spe: optax.adam(a.lr))
-    res = train_phases(task, continuing([phase], setup), state, batch_size=a.batch_size, seed=seed)
+    res = train_phases(task, continuing([phase], setup, pretrained), state, batch_size=a.batch_size,
+                       seed=seed)
     acct = qwix_accounting(rules, res.state.params, res.state.batch_stats, order)
     fp32 = _fp32_bytes(res.state.params, res.state.batch_stats)
     labels = {"w8a8": "qwix W8A8", "first_last_8_rest_4": "qwix first/last 8, rest 4"}

@@ -210,7 +210,7 @@ def assign(cfg: QuantConfig):
 
 
 def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model=None,
-                 base=None, inner=None) -> list:
+                 base=None, inner=None, distill=None) -> list:
     """``[noise, finetune]`` (module doc). Keeps the snapshot ``"noise"`` (the end of phase 1).
 
     Rows carry ``weight_bits``: the average learned width (phase 1) or palette width (phase 2),
@@ -229,7 +229,11 @@ def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model
     ``sum_j alpha_ij T_j``. Start from ``pae.chain(noise_transform(cfg, select), inner).init(params,
     key)`` (the quantization's ``init`` sees the plain kernels and records their shapes; the
     sharing's then replaces each selected kernel inside its node); :func:`pae.quant.export` combines
-    the banks and packs the combined kernels."""
+    the banks and packs the combined kernels.
+
+    ``distill``: a :class:`pae.train.Distill` both phases train with, e.g. ``Distill(pretrained)``
+    to let the float model a quantization-aware fine-tuning starts from guide it (its teacher runs
+    the task's float model, not the activation-quantized one)."""
     from pae.train.engine import Phase   # imported here: the quantizer pieces need no engine
     if cfg.activations and model is None:
         raise ValueError("quant_phases: cfg.activations=True needs model= (the task's Flax model; the "
@@ -248,9 +252,9 @@ def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model
 
     noise = Phase("noise", cfg.noise_epochs, lambda spe: quant_optimizer(cfg, "noise"), t, context,
                   add_act_stats if cfg.activations else None, keep={cfg.noise_epochs: "noise"},
-                  metrics=_bits_metric, model=model)
+                  metrics=_bits_metric, model=model, distill=distill)
     finetune = Phase("finetune", cfg.finetune_epochs, lambda spe: quant_optimizer(cfg, "finetune"),
-                     fine, context, assign(cfg), metrics=_bits_metric, model=model)
+                     fine, context, assign(cfg), metrics=_bits_metric, model=model, distill=distill)
     return [noise, finetune]
 
 

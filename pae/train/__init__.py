@@ -8,10 +8,10 @@ from pae.train.engine import (ON_DAMAGED, OPTIMIZER_STATES, Phase, PhasesResult,
 from pae.train.loop import ConfigChangedError, RunResult, TrainConfig, count_params, run
 from pae.train.optimizers import SCHEDULES, make_optimizer, make_schedule
 from pae.train.state import TrainState, create_train_state, init_variables
-from pae.train.step import make_eval_step, make_train_step, masked_cross_entropy
+from pae.train.step import Distill, distillation_loss, make_eval_step, make_train_step, masked_cross_entropy
 
 __all__ = [
-    "DamagedCheckpointError", "ON_DAMAGED", "OPTIMIZER_STATES", "Phase", "PhasesResult", "Task",
+    "DamagedCheckpointError", "Distill", "distillation_loss", "ON_DAMAGED", "OPTIMIZER_STATES", "Phase", "PhasesResult", "Task",
     "TrainingDiverged", "evaluate", "host", "init_state", "make_task", "train_phases",
     "CheckpointError", "ConfigChangedError", "SCHEDULES", "Checkpointer", "RunResult", "TrainConfig", "TrainState", "count_params",
     "create_train_state", "data_mesh", "init_variables", "make_eval_step",

@@ -50,7 +50,7 @@ from pae.train import distributed, metrics as pmetrics
 from pae.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError
 from pae.train.compilation import AHEAD_THREAD
 from pae.train.state import TrainState, init_variables
-from pae.train.step import make_eval_step, make_train_step
+from pae.train.step import Distill, make_eval_step, make_train_step
 
 OPTIMIZER_STATES = ("fresh", "keep")
 ON_DAMAGED = ("raise", "previous")
@@ -132,6 +132,8 @@ class Phase:
       eval_apply: ``(latent, ctx) -> params`` for evaluation (default ``transform.apply``).
       model: the model of this phase (default the task's): a phase whose ``enter`` changes shapes
         (growth) names the model of the new shapes.
+      distill: a :class:`pae.train.Distill`: the loss mixes the cross-entropy with distillation
+        towards a frozen teacher (a kept snapshot or given arrays; its model defaults to the task's).
     """
 
     name: str
@@ -147,6 +149,7 @@ class Phase:
     metrics: Callable[[TrainState, Any], Mapping[str, jax.Array]] | None = None
     eval_apply: Callable[[Any, Any], Any] | None = None
     model: Any = None
+    distill: Distill | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -169,6 +172,9 @@ class Phase:
                 or self.data_epochs_from < 0):
             raise ValueError(f"Phase {self.name!r}: data_epochs_from must be None or an int >= 0, got "
                              f"{self.data_epochs_from!r}")
+        if self.distill is not None and not isinstance(self.distill, Distill):
+            raise TypeError(f"Phase {self.name!r}: distill must be a pae.train.Distill or None, got "
+                            f"{type(self.distill).__name__}")
         for field in ("context", "enter", "metrics", "eval_apply"):
             v = getattr(self, field)
             if v is not None and not callable(v):
@@ -265,15 +271,23 @@ class _Programs:
         return _jit_over_runs(fn, in_axes, self.batched, donate)
 
     def train_step(self, phase: Phase):
-        model = phase.model or self.task.model
+        """``step(state, batch, ctx, *teacher)``: ``teacher`` (the variables of ``phase.distill``'s
+        teacher, :func:`_teacher`) only with distillation."""
+        model, d = phase.model or self.task.model, phase.distill
+        if d is not None:   # the program depends on these, not on the teacher's arrays
+            d = dataclasses.replace(d, model=d.model or self.task.model)
+            distill_key = (d.weight, d.temperature, d.model, isinstance(d.teacher, str))
 
         def build():
             t = phase.transform
             takes_mask = "mask" in inspect.signature(type(model).__call__).parameters
             step = make_train_step(model, self.tx(phase), reparam=t.apply, penalty=t.penalty,
-                                   donate=False, pass_mask=takes_mask, jit=False)
-            return self._vmap(step, (0, None, None), donate=True)
-        return self._get(("train", model, phase.transform, phase.optimizer), build)
+                                   donate=False, pass_mask=takes_mask, jit=False, distill=d)
+            # a kept snapshot holds one teacher per run; given arrays are every run's teacher
+            axes = (0, None, None) if d is None else (0, None, None, 0 if isinstance(d.teacher, str) else None)
+            return self._vmap(step, axes, donate=True)
+        return self._get(("train", model, phase.transform, phase.optimizer,
+                          None if d is None else distill_key), build)
 
     def eval_step(self, phase: Phase):
         return _eval_program(phase.model or self.task.model, phase.eval_apply or phase.transform.apply,
@@ -310,6 +324,17 @@ def _context(phase: Phase, epoch: int, seed: int = 0):
     """The phase's context at ``epoch``; by default one whose key is ``PRNGKey(seed)`` (the run's
     seed, so that noise drawn from ``ctx.key`` differs between seeds)."""
     return Context.make(key=seed) if phase.context is None else phase.context(epoch)
+
+
+def _teacher(phase: Phase, snapshots, mesh, abstract: bool = False) -> tuple:
+    """``()``, or ``(variables,)`` of the phase's distillation teacher placed as the state is
+    (``abstract``: their shapes, for compiling ahead)."""
+    if phase.distill is None:
+        return ()
+    variables = phase.distill.variables(snapshots)
+    if abstract:
+        return (_replicated_abstract(_abstract(variables), mesh),)
+    return (distributed.replicate(variables, mesh),)
 
 
 def _with_optimizer(programs: _Programs, phase: Phase, state: TrainState) -> TrainState:
@@ -383,7 +408,9 @@ def _compile_ahead(programs: _Programs, phase: Phase, state, snapshots, batch, e
         if phase.optimizer_state == "fresh":   # the transition initializes it from host arrays
             programs.opt_init(phase).lower(_abstract(entered.params)).compile()
         ctx = _context(phase, 0)
-        programs.train_step(phase).lower(entered, batch, ctx).compile()
+        kept = {**snapshots, phase.keep[0]: entered} if 0 in phase.keep else snapshots
+        teacher = _teacher(phase, kept, mesh, abstract=True)
+        programs.train_step(phase).lower(entered, batch, ctx, *teacher).compile()
         for eval_batch in eval_batches:
             programs.eval_step(phase).lower(entered, eval_batch, ctx).compile()
         if phase.metrics is not None:
@@ -485,6 +512,19 @@ def _check_extends(saved: list, phases: Sequence[Phase], where: str, extend_last
             f"saved one (or, when asked, lengthen its last phase); use another checkpoint directory.")
 
 
+def _check_teachers(phases: Sequence[Phase]) -> None:
+    """A teacher named by ``Distill`` must be a snapshot kept before its phase trains."""
+    kept = set()
+    for phase in phases:
+        d = phase.distill
+        here = kept | ({phase.keep[0]} if 0 in phase.keep else set())
+        if d is not None and isinstance(d.teacher, str) and d.teacher not in here:
+            raise ValueError(f"phase {phase.name!r}: Distill teacher {d.teacher!r} is not a snapshot "
+                             f"kept before it (kept: {sorted(here)}); keep it in an earlier phase "
+                             f"(keep={{epoch: {d.teacher!r}}}) or pass the teacher's state")
+        kept |= set(phase.keep.values())
+
+
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -568,6 +608,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
     for i, p in enumerate(phases):
         if not isinstance(p, Phase):
             raise TypeError(f"phases[{i}] must be a pae.train.Phase, got {type(p).__name__}")
+    _check_teachers(phases)
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a pae.train.TrainState (see pae.train.init_state), got "
                         f"{type(state).__name__}")
@@ -643,6 +684,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
             elif start == phase.epochs:
                 continue
             train_step, eval_step = programs.train_step(phase), programs.eval_step(phase)
+            teacher = _teacher(phase, snapshots, mesh)
             look_ahead = ahead is not None and p + 1 < len(phases) and phases[p + 1].epochs > 0
             for e in range(start, phase.epochs):
                 began = time.perf_counter()
@@ -654,7 +696,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                         drop_remainder=drop_remainder, augment=task.train_transform,
                         process_index=jax.process_index(), process_count=jax.process_count()):
                     batch = distributed.shard_batch(batch, mesh)
-                    state, m = train_step(state, batch, ctx)
+                    state, m = train_step(state, batch, ctx, *teacher)
                     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
                     bar.update(1)
                     if look_ahead:   # this phase's step is compiled now; start on the next phase's

@@ -238,3 +238,46 @@ def test_pretrained_start_forks_every_method_from_the_fp_snapshot(ex):
     assert [p.data_epochs_from for p in phases] == [1, 2]
     with pytest.raises(ValueError, match="add fp"):
         ex.resolve(ex.build_parser().parse_args(["--pretrain-epochs", "2", "--methods", "learned"]))
+
+
+def test_distill_teaches_every_trained_method_from_the_fp_snapshot(ex, monkeypatch):
+    """--distill W: the phases of the trained quantized methods carry a Distill whose teacher is the
+    FP snapshot they start from, running the float model; it changes what QAT learns."""
+    from pae.train import Distill
+
+    argv = ["--train-size", "300", "--test-size", "100", "--pretrain-epochs", "1", "--noise-epochs", "1",
+            "--finetune-epochs", "1", "--methods", "fp", "qat", "--qat-bits", "4"]
+    plain_args = ex.resolve(ex.build_parser().parse_args(argv))
+    args = ex.resolve(ex.build_parser().parse_args(argv + ["--distill", "0.5", "--distill-temperature", "2"]))
+    assert "distill" not in ex._config(plain_args) and ex._config(args)["distill"] == 0.5
+    setup = ex.build(args)
+    _, _, pre = ex.run_fp(setup, 0)
+    phases = ex.continuing([ex.Phase("qat", 2, lambda spe: None)], setup, pre)
+    d = phases[0].distill
+    assert isinstance(d, Distill) and d.teacher is pre and d.model is setup.model
+    assert (d.weight, d.temperature, phases[0].data_epochs_from) == (0.5, 2.0, 1)
+    assert ex.continuing(phases, ex.build(plain_args), pre)[0].distill is None
+    runs, real = [], ex.train_phases
+
+    def recording(task, phases, *a, **k):
+        runs.append((phases, real(task, phases, *a, **k)))
+        return runs[-1][1]
+
+    monkeypatch.setattr(ex, "train_phases", recording)
+    ex.run_qat(setup, 0, 4, pre)
+    ex.run_qat(ex.build(plain_args), 0, 4, pre)
+    (taught_phases, taught), (plain_phases, plain) = runs
+    assert taught_phases[0].distill.teacher is pre and plain_phases[0].distill is None
+    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(taught.state.params), jax.tree.leaves(plain.state.params))]
+    assert max(moved) > 1e-4     # the teacher changed what QAT learned
+
+
+def test_distill_flags_are_checked(ex):
+    parse = lambda *argv: ex.resolve(ex.build_parser().parse_args(list(argv)))  # noqa: E731
+    with pytest.raises(ValueError, match=r"--distill must lie in \[0, 1\]"):
+        parse("--pretrain-epochs", "1", "--distill", "2")
+    with pytest.raises(ValueError, match="--distill-temperature must be a positive number"):
+        parse("--pretrain-epochs", "1", "--distill", "1", "--distill-temperature", "0")
+    with pytest.raises(ValueError, match="--distill: the teacher is the FP snapshot after --pretrain-epochs"):
+        parse("--distill", "1")
