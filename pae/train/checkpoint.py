@@ -9,9 +9,10 @@ orbax writes a step into a temporary directory and renames it when complete, so 
 leaves no step behind that looks finished. Every write is read back and checked against those
 checksums before older steps are deleted: a step written wrong (a failing disk, a full quota that
 truncates silently) is moved aside and written again, and if it still does not read back whole
-:class:`DamagedCheckpointError` stops the run with the last good steps kept. Restoring first checks ``meta`` against the run asking for
-it, so a checkpoint of a different model is refused with a message naming the difference, and a
-damaged checkpoint raises :class:`CheckpointError` instead of loading.
+:class:`DamagedCheckpointError` stops the run with the last good steps kept. Restoring first
+checks ``meta`` against the run asking for it, so a checkpoint of a different model is refused with
+a message naming the difference, and a damaged checkpoint raises :class:`CheckpointError` instead of
+loading.
 """
 from __future__ import annotations
 
