@@ -28,6 +28,11 @@ Reparam = Callable[[Any, Any], Any]
 Penalty = Callable[[Any, Any], jax.Array]
 
 
+def _example_weights(mask: jax.Array, shape: tuple) -> jax.Array:
+    """``mask [B]`` broadcast over the per-token axes of a loss of ``shape [B, ...]``."""
+    return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(shape) - 1)), shape)
+
+
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array
                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean softmax cross-entropy over real examples (and every token of a sequence) + metric sums.
@@ -35,7 +40,7 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array
     ``logits [B, ..., C]``, ``targets [B, ...]`` int, ``mask [B]`` (1 real, 0 padding).
     """
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (losses.ndim - 1)), losses.shape)
+    weights = _example_weights(mask, losses.shape)
     count = weights.sum()
     loss_sum = (losses * weights).sum()
     correct = ((logits.argmax(-1) == targets) * weights).sum()
@@ -93,8 +98,7 @@ def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, targets: jax
     student = jax.nn.log_softmax(logits.astype(jnp.float32) / t)
     teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / t)
     kl = (jnp.exp(teacher) * (teacher - student)).sum(-1)
-    weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (kl.ndim - 1)), kl.shape)
-    kl = (kl * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    kl = (kl * _example_weights(mask, kl.shape)).sum() / jnp.maximum(sums["count"], 1.0)
     return (1 - weight) * ce + weight * t * t * kl, sums
 
 
@@ -129,8 +133,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
             ctx = ctx.replace(key=jax.random.fold_in(ctx.key, state.step), step=state.step)
         extra = {"mask": batch["mask"]} if pass_mask else {}
         if distill is not None:
-            teacher_logits = jax.lax.stop_gradient(teacher_model.apply(
-                _variables(teacher["params"], teacher["batch_stats"]), batch["inputs"], train=False))
+            teacher_logits = teacher_model.apply(   # (no gradient: distillation_loss stops it)
+                _variables(teacher["params"], teacher["batch_stats"]), batch["inputs"], train=False)
 
         def loss_fn(latent):
             params = latent if reparam is None else reparam(latent, ctx)
