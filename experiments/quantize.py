@@ -107,7 +107,7 @@ DEFAULTS = dict(model="lenet5", dataset="mnist_subset", val_size=0, seq_len=128,
                 budgets=[2.0, 3.0], ptq_bits=[8, 4, 3, 2], qat_bits=[8, 4, 3, 2],
                 qwix_rules=list(QWIX_RULES), methods=list(DEFAULT_METHODS), select="kernels", k_tile=512,
                 n_tile=128, width=None, depth=None, heads=None, act_budget=3.5, train_size=None,
-                test_size=None, distill=0.0, distill_temperature=1.0)
+                test_size=None, distill=0.0, distill_temperature=1.0, granularity="input")
 
 #: per-model changes to DEFAULTS. The Transformer: every kernel (Dense, the attention's
 #: DenseGeneral, layouts read by ``pae.quant.kernel_layouts``) and both lookup tables (token and
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which kernels pae quantizes: kernels (every Dense/DenseGeneral/Conv kernel), "
                         "dense2d (2-D kernels only), kernels_tables (kernels and the embedding "
                         "tables; the Transformer's preset)")
+    p.add_argument("--granularity", choices=q.GRANULARITIES,
+                   help="the learned weight widths per input channel (default, the GEMM's K axis) or per "
+                        "output channel (ranges are per output channel either way)")
     p.add_argument("--k-tile", type=int, help="pallas_kernels packing tile along K (512, 1024, 2048)")
     p.add_argument("--n-tile", type=int, help="pallas_kernels packing tile along N (128, 256, 512)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -268,8 +271,9 @@ RESULTS_VERSION = 1
 
 
 def _config(args) -> dict:
-    skip = {"seeds", "out_dir", "name", "reuse"} | ({"distill", "distill_temperature"} if not args.distill
-                                                    else set())   # (seeds saved before --distill match)
+    skip = {"seeds", "out_dir", "name", "reuse"}      # (seeds saved before --distill/--granularity match)
+    skip |= {"distill", "distill_temperature"} if not args.distill else set()
+    skip |= {"granularity"} if args.granularity == "input" else set()
     return {"version": RESULTS_VERSION, **{k: v for k, v in vars(args).items() if k not in skip}}
 
 
@@ -436,7 +440,8 @@ def _learned_bits(latent) -> dict:
 def uniform_latent(setup: Setup, params, bits: int, learned_range: bool = False):
     """``params`` with every selected kernel a one-level :class:`~pae.quant.QuantWeight` at ``bits``
     (``learned_range``: with a trainable clip range, initialized at the max-abs)."""
-    cfg = q.QuantConfig(b_init=4.5, layouts=setup.layouts, learned_range=learned_range)
+    cfg = q.QuantConfig(b_init=4.5, layouts=setup.layouts, learned_range=learned_range,
+                        granularity=setup.args.granularity)
     lat = q.noise_transform(cfg, setup.select).init(params, jax.random.PRNGKey(0))
     return q.assign_palette(lat, levels=1, fixed=(int(bits),))
 
@@ -446,7 +451,7 @@ def _quant_cfg(setup: Setup, seed: int, **kw) -> q.QuantConfig:
     return q.QuantConfig(noise_epochs=a.noise_epochs, finetune_epochs=a.finetune_epochs, lr=a.lr,
                          finetune_lr=a.finetune_lr, bits_lr=a.bits_lr, b_init=a.b_init,
                          learned_range=a.learned_range, range_lr=a.range_lr, seed=seed,
-                         layouts=setup.layouts, **kw)
+                         granularity=a.granularity, layouts=setup.layouts, **kw)
 
 
 def initial_state(setup: Setup, seed: int, pretrained=None, init_latent=None, model=None):
@@ -503,7 +508,7 @@ def run_fp(setup: Setup, seed: int):
 
 
 def run_ptq(setup: Setup, fp_state, bits: int) -> dict:
-    """Round-to-nearest of the trained float model at ``bits`` (per output channel), no training."""
+    """Round-to-nearest of the trained float model at ``bits`` (range per output channel), no training."""
     a = setup.args
     latent = uniform_latent(setup, fp_state.params, bits)
     state = fp_state.replace(params=latent)

@@ -281,3 +281,47 @@ def test_distill_flags_are_checked(ex):
         parse("--pretrain-epochs", "1", "--distill", "1", "--distill-temperature", "0")
     with pytest.raises(ValueError, match="--distill: the teacher is the FP snapshot after --pretrain-epochs"):
         parse("--distill", "1")
+
+
+def _quantize_columns(w, bits):
+    """NumPy reference: symmetric mid-rise quantizer, range the max-abs per output channel (over every
+    axis but the last, whatever the widths' granularity)."""
+    w = np.asarray(w, np.float64)
+    r = np.abs(w).max(axis=tuple(range(w.ndim - 1)), keepdims=True)
+    o = (2 ** bits - 1) / 2
+    delta = r / o
+    return (np.clip(np.round(w / delta + o), 0, 2 ** bits - 1) - o) * delta
+
+
+@pytest.mark.parametrize("granularity", ["input", "output"])
+def test_granularity_sets_where_every_method_keeps_its_widths_and_scales(ex, granularity):
+    """--granularity: the uniform methods' kernels (PTQ, QAT) and the learned method's widths are per
+    input channel (one per K row, the default) or per output channel; the range stays per output
+    channel, so a one-level kernel quantizes the same either way (NumPy reference). The default
+    leaves the saved config unchanged."""
+    from flax import traverse_util
+
+    from pae import quant as q
+
+    argv = ["--train-size", "64", "--test-size", "32", "--methods", "fp", "learned_w", "--budgets", "3"]
+    args = ex.resolve(ex.build_parser().parse_args(argv + ["--granularity", granularity]))
+    assert ("granularity" in ex._config(args)) == (granularity == "output")
+    setup = ex.build(args)
+    params = ex.init_state(setup.model, setup.task.example, 0).params
+    flat = traverse_util.flatten_dict(params, sep="/")
+    latent = ex.uniform_latent(setup, params, 3)
+    quantized = traverse_util.flatten_dict(q.palette_quantizer().apply(latent, None), sep="/")
+    nodes = traverse_util.flatten_dict(latent, sep="/", is_leaf=lambda k, v: isinstance(v, q.QuantWeight))
+    kernels = [k for k, v in nodes.items() if isinstance(v, q.QuantWeight)]
+    assert kernels
+    for k in kernels:
+        w = flat[k]
+        channels = w.shape[-1] if granularity == "output" else w.shape[-2]
+        assert np.shape(nodes[k].bits) == (channels,), k
+        np.testing.assert_allclose(quantized[k], _quantize_columns(w, 3), rtol=1e-5, atol=1e-7)
+    learned = q.noise_transform(ex._quant_cfg(setup, 0, target_bits=3.0), setup.select).init(
+        params, jax.random.PRNGKey(0))
+    noisy = traverse_util.flatten_dict(learned, sep="/", is_leaf=lambda k, v: isinstance(v, q.NoisyWeight))
+    for k in kernels:
+        want = flat[k].shape[-1] if granularity == "output" else flat[k].shape[-2]
+        assert np.shape(q.learned_bits(noisy[k])) == (want,), k
