@@ -47,6 +47,11 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     return out
 
 
+def tree_checksum(tree: Any) -> str:
+    """One checksum of every array leaf of ``tree`` (see :func:`tree_checksums`)."""
+    return _digest(json.dumps(tree_checksums(tree), sort_keys=True).encode())
+
+
 def history_checksum(history: list) -> str:
     return _digest(json.dumps(history, sort_keys=True, default=str).encode())
 

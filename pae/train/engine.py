@@ -47,7 +47,7 @@ from tqdm import tqdm
 from pae import data as pdata
 from pae.core import Context, Transform, identity
 from pae.train import distributed, metrics as pmetrics
-from pae.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError
+from pae.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError, tree_checksum
 from pae.train.compilation import AHEAD_THREAD
 from pae.train.state import TrainState, init_variables
 from pae.train.step import Distill, make_eval_step, make_train_step
@@ -134,6 +134,7 @@ class Phase:
         (growth) names the model of the new shapes.
       distill: a :class:`pae.train.Distill`: the loss mixes the cross-entropy with distillation
         towards a frozen teacher (a kept snapshot or given arrays; its model defaults to the task's).
+        A checkpoint records it (given arrays by checksum); a resume that changes it is refused.
     """
 
     name: str
@@ -545,7 +546,39 @@ def _data_order(seed, batch_size, drop_remainder) -> dict:
     return {"seed": int(seed), "batch_size": int(batch_size), "drop_remainder": bool(drop_remainder)}
 
 
-def _resume(ckpt, step, programs, phases, state, mesh, extend_last, data_order):
+def _distillation(phases: Sequence[Phase]) -> dict:
+    """``{phase: {teacher, weight, temperature}}`` of every distilling phase; ``teacher`` is the
+    snapshot's name or a checksum of the given teacher's arrays. A resumed phase must match it."""
+    out = {}
+    for p in phases:
+        d = p.distill
+        if d is not None:
+            teacher = d.teacher if isinstance(d.teacher, str) else "arrays " + tree_checksum(d.variables())
+            out[p.name] = {"teacher": teacher, "weight": float(d.weight),
+                           "temperature": float(d.temperature)}
+    return out
+
+
+def _check_distillation(saved: dict | None, now: dict, saved_phases: list, where: str) -> None:
+    """The saved phases distill as they did (phases appended since are free)."""
+    if saved is None:            # (checkpoints written before it was saved)
+        return
+    for name, _ in saved_phases:
+        if saved.get(name) != now.get(name):
+            was, is_ = (_describe_distill(x.get(name)) for x in (saved, now))
+            raise CheckpointError(f"checkpoint {where}: phase {name!r} distilled {was}, this run "
+                                  f"distills {is_}. Resume with the same Distill or use another directory.")
+
+
+def _describe_distill(entry: dict | None) -> str:
+    if entry is None:
+        return "from no teacher"
+    teacher = entry["teacher"]
+    what = "another teacher's arrays" if teacher.startswith("arrays ") else f"snapshot {teacher!r}"
+    return f"from {what} (weight {entry['weight']:g}, temperature {entry['temperature']:g})"
+
+
+def _resume(ckpt, step, programs, phases, state, mesh, extend_last, data_order, distillation):
     """``(position, state, snapshots, history)`` of checkpoint ``step`` of this run."""
     meta = ckpt.read_meta(step)
     where = f"{ckpt.directory}/{step}"
@@ -560,6 +593,7 @@ def _resume(ckpt, step, programs, phases, state, mesh, extend_last, data_order):
                               f"{', '.join(changed)}. Resume with the saved values or use another "
                               f"directory.")
     _check_extends(meta.get("phases", []), phases, where, extend_last)
+    _check_distillation(meta.get("distill"), distillation, meta.get("phases", []), where)
     position = tuple(meta["position"])
     target = _replicated_abstract(_structure_at(programs, phases, state, position), mesh)
     saved, history = ckpt.restore(step, target)
@@ -641,14 +675,16 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
             state = jax.jit(jax.vmap(setup))(state, runs)
     programs = _Programs(task, spe, batched)
 
-    ckpt, data_order = None, _data_order(seed, batch_size, drop_remainder)
+    ckpt, data_order, distillation = None, _data_order(seed, batch_size, drop_remainder), {}
     position, snapshots, history = (0, -1), {}, []   # -1: the first phase not entered yet
     if checkpoint_dir is not None:
         ckpt = Checkpointer(checkpoint_dir, _identity_of(task, runs, identity), keep_checkpoints)
+        distillation = _distillation(phases)     # (the given teachers' checksums: only to checkpoint)
         while (latest := ckpt.latest_step()) is not None:
             try:
                 position, state_, snapshots, history = _resume(ckpt, latest, programs, phases, state,
-                                                               mesh, extend_last_phase, data_order)
+                                                               mesh, extend_last_phase, data_order,
+                                                               distillation)
             except DamagedCheckpointError as err:
                 if on_damaged_checkpoint == "raise":
                     raise
@@ -731,7 +767,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                 if ckpt and (last or (checkpoint_every and done_epochs % checkpoint_every == 0)):
                     ckpt.save(done_epochs, {"state": state, "snapshots": snapshots}, history,
                               position=[p, e + 1], phases=_phase_list(phases[:p + 1]),
-                              data_order=data_order)
+                              data_order=data_order, distill=distillation)
                 for callback in callbacks:
                     callback(row, state)
     finally:

@@ -113,6 +113,37 @@ def test_a_kept_snapshot_and_given_arrays_teach_the_same_student_and_resume_exac
                  jax.device_get(whole.state.params))
 
 
+def test_a_resume_must_distill_as_the_saved_phases_did(tmp_path):
+    """The checkpoint records each phase's teacher (snapshot name, or a checksum of given arrays),
+    weight and temperature: a resume with another teacher or weight is refused, with the same one it
+    continues exactly; a phase appended after the saved ones may distill freely."""
+    from pae.train import CheckpointError
+
+    task = make_task(MLP(), _data())
+    state = init_state(MLP(), np.zeros((1, 5), np.float32), 0)
+    teacher = train_phases(task, [Phase("t", 2, _adam)], state, batch_size=32).state
+    other = teacher.replace(params=jax.tree.map(lambda x: x + 1e-3, teacher.params))
+    whole = train_phases(task, _phases(teacher), state, batch_size=32)
+    cut = [Phase("student", 1, _adam, distill=Distill(teacher, weight=0.7, temperature=2.0))]
+    train_phases(task, cut, state, batch_size=32, checkpoint_dir=tmp_path / "a", keep_checkpoints=1)
+    for changed, says in ((_phases(other), "another teacher's arrays"),
+                          ([Phase("student", 3, _adam, distill=Distill(teacher, weight=0.5, temperature=2.0))],
+                           "weight 0.5"),
+                          ([Phase("student", 3, _adam)], "distills from no teacher")):
+        with pytest.raises(CheckpointError, match=f"phase 'student' distilled .*{says}"):
+            train_phases(task, changed, state, batch_size=32, checkpoint_dir=tmp_path / "a",
+                         extend_last_phase=True)
+    resumed = train_phases(task, _phases(teacher), state, batch_size=32, checkpoint_dir=tmp_path / "a",
+                           extend_last_phase=True)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+                 jax.device_get(whole.state.params))
+    plain = [Phase("fp", 1, _adam)]
+    train_phases(task, plain, state, batch_size=32, checkpoint_dir=tmp_path / "b")
+    more = train_phases(task, plain + [Phase("kd", 1, _adam, distill=Distill(teacher))], state,
+                        batch_size=32, checkpoint_dir=tmp_path / "b")
+    assert [r["phase"] for r in more.history] == ["fp", "kd"]
+
+
 def test_parallel_runs_each_learn_from_their_own_snapshot():
     task = make_task(MLP(), _data())
     state = init_state(MLP(), np.zeros((1, 5), np.float32), 0)
