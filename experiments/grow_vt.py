@@ -129,7 +129,7 @@ MODELS = {
 NOT_GROWABLE = {"resnet50": "ResNet-50", "resnet18": "ResNet-18"}
 
 DEFAULTS = dict(model="resnet8", dataset="digits", epochs=22, first_epochs=2, epoch_schedule="fixed",
-                growth_steps=8, width_growth=0.2, start_fraction=0.25, batch_size=128, lr=0.1,
+                growth_steps=8, width_growth=0.2, width_multiple=2, start_fraction=0.25, batch_size=128, lr=0.1,
                 weight_decay=5e-4, val_size=0, lra_norms="layer", lra_recompute="growth",
                 lra_leaves="kernels")
 #: paper settings (sharing_and_growth.md 2.1, 2.4): SGD 0.1 cosine, wd 5e-4, T_0 = 8 (CIFAR-10) /
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--growth-steps", type=int, help="growth steps (width stages - 1), paper 8")
     p.add_argument("--width-growth", type=float, help="width increment per step, paper 0.2")
     p.add_argument("--start-fraction", type=float, help="start width / final width, paper 0.25")
+    p.add_argument("--width-multiple", type=int,
+                   help="round the stages' widths to multiples of it (even; paper 2: rounded to even)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
@@ -203,7 +205,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def vt_config(args, method: str, seed: int) -> growth.VTConfig:
     return growth.VTConfig(start_fraction=args.start_fraction, width_growth=args.width_growth,
-                           growth_steps=args.growth_steps, first_epochs=args.first_epochs,
+                           growth_steps=args.growth_steps, width_multiple=args.width_multiple,
+                           first_epochs=args.first_epochs,
                            epoch_growth=args.width_growth, epoch_schedule=args.epoch_schedule,
                            total_epochs=args.epochs, lra_norms=args.lra_norms,
                            lra_recompute=args.lra_recompute, lra_leaves=args.lra_leaves, seed=seed,

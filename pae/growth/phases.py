@@ -46,7 +46,8 @@ class VTConfig:
 
     ``total_epochs``: the last (full-width) stage gets what the earlier stages leave (None: it lasts
     as the schedule says). ``vt``/``new_init``/``new_moments``: see :func:`pae.growth.grow`;
-    ``lra_*``: see :mod:`pae.growth.lra`. ``method``: how new units are made: ``"pairs"`` (the
+    ``lra_*``: see :mod:`pae.growth.lra`. ``width_multiple``: stage widths rounded to multiples of
+    it (:func:`pae.growth.width_schedule`; 2, the paper's schedule). ``method``: how new units are made: ``"pairs"`` (the
     paper's function-preserving pairs, :func:`pae.growth.grow`, default), or the ablation's peers
     ``"net2net"`` (:func:`~pae.growth.vt.grow_net2net`, noise ``net2net_noise``; ``vt`` and
     ``new_init`` unused) and ``"gradmax"`` (:func:`~pae.growth.vt.grow_gradmax` with
@@ -58,6 +59,7 @@ class VTConfig:
     start_fraction: float = 0.25
     width_growth: float = 0.2
     growth_steps: int = 8
+    width_multiple: int = 2
     first_epochs: int = 8
     epoch_growth: float = 0.2
     epoch_schedule: str = "exponential"
@@ -84,6 +86,10 @@ class VTConfig:
                               ("gradmax_depthwise", pvt.GRADMAX_DEPTHWISE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"VTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        m = self.width_multiple
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 2 or m % 2:
+            raise ValueError(f"VTConfig.width_multiple must be an even int >= 2 (new units come in "
+                             f"pairs), got {m!r}")
         if self.growth_steps + 1 > 16:
             raise ValueError(f"VTConfig.growth_steps must be <= 15 (the LR adaptation tracks 16 "
                              f"stages), got {self.growth_steps}")
@@ -91,7 +97,8 @@ class VTConfig:
     def widths(self, final: dict) -> list[dict]:
         """The widths of every stage."""
         return psched.width_schedule(final, start_fraction=self.start_fraction,
-                                     growth=self.width_growth, steps=self.growth_steps)
+                                     growth=self.width_growth, steps=self.growth_steps,
+                                     multiple=self.width_multiple)
 
     def epochs(self) -> list[int]:
         """The epochs of every stage."""

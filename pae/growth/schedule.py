@@ -9,6 +9,11 @@ last stage always trains the full network), and the start width keeps the final 
 (the nearest such integer to ``start_fraction * C_final``). Example, a 64-channel stage:
 16, 20, 24, 28, 34, 40, 48, 58, 64.
 
+``multiple`` (pae's option, not the paper's; default 2, the paper's schedule): every width before
+the last is the paper's, rounded to the nearest multiple of ``multiple`` (halves up), within
+``[multiple, C_final]`` and never below the stage before: sizes the backends run fast (XLA's CPU
+convolutions, tensor cores). With 8 the 64-channel stage reads 16, 24, 24, 32, 32, 40, 48, 56, 64.
+
 Stage durations: ``"exponential"``: ``T_t = T_{t-1} + round(p_T * T_{t-1})`` from ``T_0`` (the
 "stage durations" reading of the paper's schedule, sharing_and_growth.md section 2.1);
 ``"fixed"``: every stage ``T_0``. With ``total`` the last stage gets what is left.
@@ -28,12 +33,14 @@ def round_even(x: float) -> int:
 
 
 def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, growth: float = 0.2,
-                   steps: int = 8) -> list[dict[str, int]]:
+                   steps: int = 8, multiple: int = 2) -> list[dict[str, int]]:
     """The widths of each of the ``steps + 1`` stages, per group (see the module doc).
 
     The start width is the integer nearest ``start_fraction * C_final`` with the parity of
     ``C_final`` (every increment is even; at least 1): 64 -> 16, 12 -> 4, 20 -> 4. The last stage
-    is the final width, so ``steps=0`` is one stage at the final width (no growth).
+    is the final width, so ``steps=0`` is one stage at the final width (no growth). ``multiple``
+    (even): round the earlier stages to multiples of it (a group no wider than it starts full);
+    above 2 every final width must be even, so that each increment is whole pairs.
     """
     if not 0 < start_fraction <= 1:
         raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction!r}")
@@ -41,10 +48,16 @@ def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, gr
         raise ValueError(f"growth must be > 0, got {growth!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 2 \
+            or multiple % 2:
+        raise ValueError(f"multiple must be an even int >= 2 (new units come in pairs), got {multiple!r}")
     per_group = {}
     for g, c_final in final.items():
         if isinstance(c_final, bool) or not isinstance(c_final, (int, np.integer)) or c_final < 1:
             raise ValueError(f"final: the width of group {g!r} must be an int >= 1, got {c_final!r}")
+        if multiple > 2 and c_final % 2:
+            raise ValueError(f"final: group {g!r} has an odd width {c_final}; multiple={multiple} "
+                             f"rounds every stage to even widths, so it would grow by an odd number")
         c = int(c_final - round_even(c_final - start_fraction * c_final))
         if c < 1:
             c = 2 - c_final % 2
@@ -52,8 +65,19 @@ def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, gr
         for t in range(1, steps + 1):
             c = c_final if t == steps else min(c_final, c + max(2, round_even(growth * c)))
             widths.append(c)
+        if multiple > 2:
+            widths = _round_to_multiple(widths, multiple)
         per_group[g] = widths
     return [{g: w[t] for g, w in per_group.items()} for t in range(steps + 1)]
+
+
+def _round_to_multiple(widths: list[int], multiple: int) -> list[int]:
+    """Every width but the last to the nearest multiple (halves up), in ``[multiple, last]``, non-decreasing."""
+    last, out = widths[-1], []
+    for c in widths[:-1]:
+        r = min(last, max(multiple, multiple * int(np.floor(c / multiple + 0.5))))
+        out.append(max(r, out[-1]) if out else r)
+    return out + [last]
 
 
 def stage_epochs(stages: int, first: int, *, growth: float = 0.2, kind: str = "exponential",

@@ -19,6 +19,32 @@ def test_width_schedule_quarter_width_plus_20_percent_rounded_to_even():
     assert growth.round_even(4.8) == 4 and growth.round_even(5.6) == 6 and growth.round_even(3.2) == 4
 
 
+def _nearest_multiple_reference(paper, m):
+    """Independent reference: each earlier width to the nearest multiple of m (halves up), clipped
+    to [m, final], then a running maximum."""
+    final, out = paper[-1], []
+    for c in paper[:-1]:
+        lo = (c // m) * m
+        r = lo + m if c - lo >= m / 2 else lo
+        out.append(max([min(final, max(m, r))] + out[-1:]))
+    return out + [final]
+
+
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_width_schedule_rounded_to_a_multiple(m):
+    final = {"a": 64, "b": 32, "c": 16, "d": 6, "e": 58}
+    paper = growth.width_schedule(final)
+    ws = growth.width_schedule(final, multiple=m)
+    assert growth.width_schedule(final, multiple=2) == paper
+    for g in final:
+        got = [w[g] for w in ws]
+        assert got == _nearest_multiple_reference([w[g] for w in paper], m), g
+        assert all(c % m == 0 or c == final[g] for c in got)
+        assert got == sorted(got) and got[-1] == final[g]
+    assert [w["a"] for w in growth.width_schedule({"a": 64}, multiple=8)] == [16, 24, 24, 32, 32, 40, 48, 56, 64]
+    assert [w["d"] for w in ws] == [6] * 9 if m >= 8 else True     # a group no wider than m starts full
+
+
 def test_stage_epochs_exponential_fixed_and_total():
     assert growth.stage_epochs(9, 10) == [10, 12, 14, 17, 20, 24, 29, 35, 42]
     assert growth.stage_epochs(9, 10, total=200) == [10, 12, 14, 17, 20, 24, 29, 35, 39]
@@ -29,6 +55,11 @@ def test_stage_epochs_exponential_fixed_and_total():
 def test_bad_schedules_fail_clearly():
     with pytest.raises(ValueError, match="width of group 'a' must be an int >= 1"):
         growth.width_schedule({"a": 0})
+    for bad in (3, 0, 2.0, True):
+        with pytest.raises(ValueError, match="multiple must be an even int >= 2"):
+            growth.width_schedule({"a": 64}, multiple=bad)
+    with pytest.raises(ValueError, match="group 'b' has an odd width 5; multiple=8"):
+        growth.width_schedule({"a": 64, "b": 5}, multiple=8)
     with pytest.raises(ValueError, match="start_fraction"):
         growth.width_schedule({"a": 64}, start_fraction=0)
     with pytest.raises(ValueError, match="total=50 epochs leave nothing"):
