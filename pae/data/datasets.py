@@ -51,6 +51,8 @@ class Dataset:
     ``kind`` is ``"image"`` (uint8 NHWC ``inputs``, int ``targets``) or ``"text"`` (int token windows).
     ``num_classes`` is the vocabulary size for text. ``augment`` says whether training batches get the
     standard crop+flip by default (CIFAR and ImageNet do; digits do not: flips change their meaning).
+    ``stats_from_train``: ``mean``/``std`` are the train split's own (the embedded sets), so they are
+    computed again when a validation split is carved out of it (no validation example shapes them).
     """
 
     name: str
@@ -61,6 +63,7 @@ class Dataset:
     std: tuple[float, ...] | None = None
     augment: bool = False
     vocab: str | None = None
+    stats_from_train: bool = False
 
     def __getitem__(self, split: str) -> Source:
         if split not in self.splits:
@@ -121,7 +124,14 @@ def _with_validation(dataset: Dataset, val_size: int, seed: int, stratify: bool)
         else len(train)
     train_idx, val_idx = pipeline.split_indices(labels, val_size, seed, stratify)
     splits = {**dataset.splits, "train": train.subset(train_idx), "validation": train.subset(val_idx)}
-    return dataclasses.replace(dataset, splits=splits)
+    stats = _channel_stats(splits["train"].arrays["inputs"]) if dataset.stats_from_train else {}
+    return dataclasses.replace(dataset, splits=splits, **stats)
+
+
+def _channel_stats(images: np.ndarray) -> dict:
+    """``{"mean", "std"}`` per channel of uint8 NHWC ``images`` scaled to [0, 1]."""
+    x = images.astype(np.float32) / 255.0
+    return {"mean": tuple(map(float, x.mean(axis=(0, 1, 2)))), "std": tuple(map(float, x.std(axis=(0, 1, 2))))}
 
 
 # ------------------------------------------------------------------------------------ embedded
@@ -133,14 +143,10 @@ def _image_arrays(images: np.ndarray, labels: np.ndarray) -> ArraySource:
 
 def _embedded_images(name: str, images: np.ndarray, labels: np.ndarray, test_size: int) -> Dataset:
     train_idx, test_idx = pipeline.split_indices(labels, test_size, _TEST_SPLIT_SEED)
-    train = images[train_idx].astype(np.float32) / 255.0
-    return Dataset(
-        name=name,
-        splits={"train": _image_arrays(images[train_idx], labels[train_idx]),
-                "test": _image_arrays(images[test_idx], labels[test_idx])},
-        num_classes=int(labels.max()) + 1, kind="image",
-        mean=tuple(map(float, train.mean(axis=(0, 1, 2)))),
-        std=tuple(map(float, train.std(axis=(0, 1, 2)))))
+    train = _image_arrays(images[train_idx], labels[train_idx])
+    return Dataset(name=name, splits={"train": train, "test": _image_arrays(images[test_idx], labels[test_idx])},
+                   num_classes=int(labels.max()) + 1, kind="image", stats_from_train=True,
+                   **_channel_stats(train.arrays["inputs"]))
 
 
 def _digits(**_) -> Dataset:

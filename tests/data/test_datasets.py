@@ -45,6 +45,18 @@ def test_mnist_subset_is_real_mnist_with_validation_split():
     assert 0.1 < data.mean[0] < 0.15  # MNIST's mean intensity is ~0.13
 
 
+@pytest.mark.parametrize("name", ["digits", "mnist_subset"])
+def test_embedded_normalization_comes_from_the_training_examples_only(name):
+    """With a validation split carved out, mean and std are those of the examples left to train on
+    (NumPy over them), not of train + validation."""
+    whole, split = load_dataset(name), load_dataset(name, val_size=200, seed=3)
+    for data in (whole, split):
+        x = data["train"].arrays["inputs"].astype(np.float64) / 255.0
+        np.testing.assert_allclose(data.mean, x.mean(axis=(0, 1, 2)), rtol=1e-5)
+        np.testing.assert_allclose(data.std, x.std(axis=(0, 1, 2)), rtol=1e-5)
+    assert split.mean != whole.mean
+
+
 def test_pydoc_topics_round_trip():
     data = load_dataset("pydoc_topics", seq_len=64)
     assert data.kind == "text" and data.num_classes == len(data.vocab)
