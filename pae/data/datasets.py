@@ -131,7 +131,8 @@ def _with_validation(dataset: Dataset, val_size: int, seed: int, stratify: bool)
 def _channel_stats(images: np.ndarray) -> dict:
     """``{"mean", "std"}`` per channel of uint8 NHWC ``images`` scaled to [0, 1]."""
     x = images.astype(np.float32) / 255.0
-    return {"mean": tuple(map(float, x.mean(axis=(0, 1, 2)))), "std": tuple(map(float, x.std(axis=(0, 1, 2))))}
+    return {"mean": tuple(map(float, x.mean(axis=(0, 1, 2)))),
+            "std": tuple(map(float, x.std(axis=(0, 1, 2))))}
 
 
 # ------------------------------------------------------------------------------------ embedded
@@ -144,7 +145,8 @@ def _image_arrays(images: np.ndarray, labels: np.ndarray) -> ArraySource:
 def _embedded_images(name: str, images: np.ndarray, labels: np.ndarray, test_size: int) -> Dataset:
     train_idx, test_idx = pipeline.split_indices(labels, test_size, _TEST_SPLIT_SEED)
     train = _image_arrays(images[train_idx], labels[train_idx])
-    return Dataset(name=name, splits={"train": train, "test": _image_arrays(images[test_idx], labels[test_idx])},
+    test = _image_arrays(images[test_idx], labels[test_idx])
+    return Dataset(name=name, splits={"train": train, "test": test},
                    num_classes=int(labels.max()) + 1, kind="image", stats_from_train=True,
                    **_channel_stats(train.arrays["inputs"]))
 

@@ -47,8 +47,9 @@ class VTConfig:
     ``total_epochs``: the last (full-width) stage gets what the earlier stages leave (None: it lasts
     as the schedule says). ``vt``/``new_init``/``new_moments``: see :func:`pae.growth.grow`;
     ``lra_*``: see :mod:`pae.growth.lra`. ``width_multiple``: stage widths rounded to multiples of
-    it (:func:`pae.growth.width_schedule`; 2, the paper's schedule). ``method``: how new units are made: ``"pairs"`` (the
-    paper's function-preserving pairs, :func:`pae.growth.grow`, default), or the ablation's peers
+    it (:func:`pae.growth.width_schedule`; 2, the paper's schedule). ``method``: how new units are
+    made: ``"pairs"`` (the paper's function-preserving pairs, :func:`pae.growth.grow`, default), or
+    the ablation's peers
     ``"net2net"`` (:func:`~pae.growth.vt.grow_net2net`, noise ``net2net_noise``; ``vt`` and
     ``new_init`` unused) and ``"gradmax"`` (:func:`~pae.growth.vt.grow_gradmax` with
     ``gradmax_scale``/``gradmax_fan_in``/``gradmax_depthwise``; needs

@@ -72,7 +72,8 @@ def width_schedule(final: Mapping[str, int], *, start_fraction: float = 0.25, gr
 
 
 def _round_to_multiple(widths: list[int], multiple: int) -> list[int]:
-    """Every width but the last to the nearest multiple (halves up), in ``[multiple, last]``, non-decreasing."""
+    """Every width but the last to the nearest multiple (halves up), within ``[multiple, last]``,
+    never below the one before."""
     last, out = widths[-1], []
     for c in widths[:-1]:
         r = min(last, max(multiple, multiple * int(np.floor(c / multiple + 0.5))))
