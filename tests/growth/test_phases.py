@@ -104,6 +104,10 @@ def test_bad_config_fails_clearly():
         growth.VTConfig(vt="cubic")
     with pytest.raises(ValueError, match="VTConfig.growth_steps must be <= 15"):
         growth.VTConfig(growth_steps=20)
+    for bad in (3, 0, 8.0):
+        with pytest.raises(ValueError, match="VTConfig.width_multiple must be an even int >= 2"):
+            growth.VTConfig(width_multiple=bad)
+    assert growth.VTConfig(width_multiple=8, growth_steps=2).widths({"a": 64}) == [{"a": 16}, {"a": 24}, {"a": 64}]
     with pytest.raises(TypeError, match="model_from must be a growable model"):
         growth.vt_phases(CFG, object(), _adam)
     with pytest.raises(TypeError, match="cfg must be a VTConfig"):
