@@ -28,13 +28,16 @@ class Context:
     def make(cls, beta: Any = 1.0, key: Any = None, train: Any = True, step: Any = 0) -> "Context":
         """A context from Python or array values; ``beta`` must be finite and > 0 (checked when concrete).
 
-        ``key`` defaults to ``PRNGKey(0)``; an int is turned into ``PRNGKey(key)``.
+        ``key`` defaults to ``PRNGKey(0)``; an int (or int array, traced too) is turned into
+        ``PRNGKey(key)``; a typed key (``jax.random.key``) is stored as its raw ``uint32`` data.
         """
         check_positive("beta", beta)
         if key is None:
             key = jax.random.PRNGKey(0)
-        elif np.ndim(key) == 0 and np.issubdtype(np.asarray(key).dtype, np.integer):
-            key = jax.random.PRNGKey(int(key))
+        elif jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        elif jnp.ndim(key) == 0 and jnp.issubdtype(jnp.result_type(key), jnp.integer):
+            key = jax.random.PRNGKey(key)
         return cls(beta=jnp.asarray(beta, jnp.float32), key=jnp.asarray(key),
                    train=jnp.asarray(train, jnp.bool_), step=jnp.asarray(step, jnp.int32))
 

@@ -67,12 +67,19 @@ def kernels() -> Selector:
     return Selector(lambda p, x: p.rsplit("/", 1)[-1] == "kernel" and _ndim(x) >= 2, "kernels()")
 
 
+_ATTENTION = re.compile(r"(^|/)[^/]*Attention[^/]*/")
+
+
 def conv_kernels(spatial: tuple[int, ...] | None = None) -> Selector:
-    """Conv kernels (``kernel`` with ``ndim >= 3``), optionally only those of spatial size ``spatial``
-    (e.g. ``(3, 3)``: the 3x3 convs of a ResNet, not its 1x1 shortcuts)."""
+    """Conv kernels, optionally only those of spatial size ``spatial`` (e.g. ``(3, 3)``: the 3x3
+    convs of a ResNet, not its 1x1 shortcuts).
+
+    Chosen by name and shape: leaves named ``kernel`` with ``ndim >= 3``, except those inside a
+    module whose name contains ``Attention`` (flax's attention projections are 3-D DenseGeneral
+    kernels). Another DenseGeneral with a 3-D kernel matches too: ``.exclude(path(...))`` it."""
 
     def pred(p, x):
-        if p.rsplit("/", 1)[-1] != "kernel" or _ndim(x) < 3:
+        if p.rsplit("/", 1)[-1] != "kernel" or _ndim(x) < 3 or _ATTENTION.search(p):
             return False
         return spatial is None or tuple(x.shape[:-2]) == tuple(spatial)
 
@@ -106,8 +113,11 @@ def ndim(*values: int, min: int | None = None, max: int | None = None) -> Select
 
 
 def any_of(*selectors: Selector) -> Selector:
+    """What any of ``selectors`` matches."""
     if not selectors:
         raise ValueError("any_of needs at least one selector, got none")
+    for i, s in enumerate(selectors):
+        _check_selector(f"selectors[{i}]", s)
     out = selectors[0]
     for s in selectors[1:]:
         out = out | s

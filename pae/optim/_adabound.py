@@ -79,26 +79,24 @@ def adabound_bounds(final_lr: Any, gamma: Any, step: Any) -> tuple[jax.Array, ja
 
 
 def _resolve_reference_lr(fn: str, learning_rate: Any, reference_lr: Any) -> Any:
-    """The learning rate the bounds are relative to (PyTorch's ``base_lr``)."""
+    """The learning rate the bounds are relative to (PyTorch's ``base_lr``): ``reference_lr``, or a
+    numeric ``learning_rate``; a schedule needs ``reference_lr`` (its value at step 0 is not the
+    nominal lr when it warms up)."""
     if reference_lr is not None:
         _checks.check_positive(fn, "reference_lr", reference_lr)
         return reference_lr
     if callable(learning_rate):
-        lr0 = _checks.concrete_float(learning_rate(0))
-        if lr0 is None or not lr0 > 0:
-            raise ValueError(
-                f"{fn}: learning_rate is a schedule whose value at step 0 is {lr0!r}; pass "
-                "reference_lr=<the nominal lr, > 0> so the bounds can follow the schedule as "
-                "final_lr * lr_t / reference_lr"
-            )
-        return lr0
+        raise ValueError(
+            f"{fn}: learning_rate is a schedule; pass reference_lr=<its nominal (peak) lr, > 0>: the "
+            "bounds follow it as final_lr * lr_t / reference_lr (PyTorch's base_lr, the lr the "
+            "optimizer was built with), which a schedule does not tell (it may warm up)")
     return learning_rate
 
 
 def _validate_adabound(
     fn: str, learning_rate: Any, final_lr: Any, b1: Any, b2: Any, gamma: Any, eps: Any
 ) -> None:
-    _checks.check_nonnegative(fn, "learning_rate", learning_rate)
+    _checks.check_nonnegative(fn, "learning_rate", learning_rate, schedule_ok=True)
     _checks.check_nonnegative(fn, "final_lr", final_lr)
     _checks.check_unit_interval(fn, "b1", b1)
     _checks.check_unit_interval(fn, "b2", b2)
@@ -149,8 +147,8 @@ def scale_by_adabound(
       it over the debiased one by default).
     * The bounds follow the learning-rate schedule relative to a reference learning rate:
       ``final_lr * lr_t / reference_lr`` (PyTorch stores ``base_lr`` at construction). By default
-      ``reference_lr`` is ``learning_rate`` when it is a number and ``learning_rate(0)`` when it
-      is a schedule (a ValueError asks for ``reference_lr`` when that is 0, e.g. with warmup).
+      ``reference_lr`` is ``learning_rate`` when it is a number; a schedule needs it given (a
+      ValueError says so: ``learning_rate(0)`` is not the nominal lr of a warmup).
       Under ``optax.inject_hyperparams`` the factory is rebuilt each step with the current lr,
       so pass ``reference_lr`` explicitly there if the bounds should follow the schedule.
       If the reference is 0 (only when the lr is the constant 0) the ratio is taken as 0 and the

@@ -239,7 +239,7 @@ def scale_by_avagrad(
 
 
 def _validate_alias(fn: str, learning_rate, b1, b2, eps, weight_decay, form) -> None:
-    _checks.check_nonnegative(fn, "learning_rate", learning_rate)
+    _checks.check_nonnegative(fn, "learning_rate", learning_rate, schedule_ok=True)
     _validate_avagrad(fn, b1, b2, eps, form)
     _checks.check_nonnegative(fn, "weight_decay", weight_decay)
 

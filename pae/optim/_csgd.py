@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from pae.optim import _checks
@@ -45,7 +46,8 @@ def csgd(
       momentum: ``mu`` in [0, 1) (the official code checks only ``>= 0``; 1 would divide by
         ``1 - 1^t = 0``).
       weight_decay: L2 coefficient ``lambda`` >= 0 (added to the gradient before the momentum).
-      accumulator_dtype: optional dtype of the momentum buffer.
+      accumulator_dtype: optional dtype of the momentum buffer (the updates keep the gradients'
+        dtype).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -63,11 +65,23 @@ def csgd(
       Savarese, arXiv 1908.04457; github.com/lolemacs/adabound-and-csgd ``csgd.py``.
     """
     fn = "csgd"
-    _checks.check_nonnegative(fn, "learning_rate", learning_rate)
+    _checks.check_nonnegative(fn, "learning_rate", learning_rate, schedule_ok=True)
     _checks.check_unit_interval(fn, "momentum", momentum)
     _checks.check_nonnegative(fn, "weight_decay", weight_decay)
     return optax.chain(
         add_decayed_weights(weight_decay, fn=fn),
-        optax.ema(momentum, debias=True, accumulator_dtype=accumulator_dtype),
+        _ema_in_grad_dtype(momentum, accumulator_dtype),
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+def _ema_in_grad_dtype(momentum: Any, accumulator_dtype: Any) -> optax.GradientTransformation:
+    """``optax.ema(momentum, debias=True)`` whose updates are cast back to each gradient's dtype
+    (optax returns them in ``accumulator_dtype``)."""
+    ema = optax.ema(momentum, debias=True, accumulator_dtype=accumulator_dtype)
+
+    def update_fn(updates, state, params=None):
+        out, state = ema.update(updates, state, params)
+        return jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates), state
+
+    return optax.GradientTransformation(ema.init, update_fn)

@@ -53,6 +53,29 @@ def test_paths_and_selectors_compose():
     assert "shortcut" in repr(S.kernels().exclude(S.path("shortcut")))
 
 
+def test_conv_kernels_leave_out_attention_projections():
+    """Attention's DenseGeneral kernels are 3-D like a 1-D conv's: conv_kernels() is not fooled."""
+    from pae.models import get_model
+
+    model = get_model("transformer_lm", 40)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    paths = S.leaf_paths(params)
+    hit = [p for p, x in zip(paths, jax.tree.leaves(params)) if S.conv_kernels()(p, x)]
+    assert hit == []
+    attention = [p for p, x in zip(paths, jax.tree.leaves(params)) if "Attention" in p and p.endswith("kernel")]
+    assert attention and all(np.ndim(x) == 3 for p, x in zip(paths, jax.tree.leaves(params)) if p in attention)
+    assert len([p for p, x in zip(paths, jax.tree.leaves(params)) if S.kernels()(p, x)]) > len(attention)
+    conv = nn.Conv(4, (3,))
+    kernel = conv.init(jax.random.PRNGKey(0), jnp.ones((1, 6, 2)))["params"]["kernel"]
+    assert S.conv_kernels()("Conv_0/kernel", kernel)          # a 1-D conv still counts
+
+
+def test_any_of_and_exclude_check_their_selectors():
+    for make in (S.any_of, S.exclude, S.kernels().exclude):
+        with pytest.raises(TypeError, match=r"selectors\[1\] must be a pae.select.Selector"):
+            make(S.kernels(), lambda p, x: True)
+
+
 def test_selector_matching_nothing_names_selector_and_paths():
     params = _linen_params()["params"]
     with pytest.raises(ValueError, match=r"select=path\('nope'\) matches no leaf.*Dense_0/kernel"):
@@ -145,6 +168,12 @@ def test_context_is_traced_data_and_validates():
     assert float(f(ctx)) == 6.0 and float(f(ctx.replace(beta=jnp.float32(4.0)))) == 8.0
     assert f._cache_size() == 1  # a new beta never recompiles
     assert not np.array_equal(ctx.fold(0).key, ctx.fold(1).key)
+    # an int, a typed key, a raw key and a traced int seed give the same raw key
+    want = np.asarray(jax.random.PRNGKey(7))
+    for key in (7, np.int64(7), jax.random.key(7), jax.random.PRNGKey(7)):
+        np.testing.assert_array_equal(Context.make(key=key).key, want)
+    np.testing.assert_array_equal(jax.jit(lambda k: Context.make(key=k).key)(7), want)
+    np.testing.assert_array_equal(jax.jit(lambda k: Context.make(key=k).key)(jax.random.key(7)), want)
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="beta must be finite and > 0"):
             Context.make(beta=bad)

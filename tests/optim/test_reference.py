@@ -432,12 +432,14 @@ def test_adabound_bounds_follow_schedule_relative_to_reference_lr():
     kw = ADABOUND_CASES["adabound-tight-l2"]
     rest = [kw[k] for k in ("final_lr", "b1", "b2", "gamma", "eps", "wd")]
     with jax.enable_x64(True):
-        traj, _ = run_jax(po.adabound(sched, *rest), np.float64)
+        traj, _ = run_jax(po.adabound(sched, *rest, reference_lr=0.02), np.float64)
         traj_ref5, _ = run_jax(po.adabound(sched, *rest, reference_lr=0.005), np.float64)
     assert max_rel_err(traj, ref_adabound(sched, *rest, base_lr=0.02)) < 1e-9
     ref5 = ref_adabound(sched, *rest, base_lr=0.005)
     assert max_rel_err(traj_ref5, ref5) < 1e-9
     assert max_rel_err(traj_ref5, traj) > 1e-3
+    with pytest.raises(ValueError, match="learning_rate is a schedule; pass reference_lr"):
+        po.adabound(sched, *rest)      # a schedule does not tell its nominal lr (it may warm up)
 
 
 def test_adabound_bounds_function():

@@ -59,8 +59,22 @@ def test_numpy_and_jax_scalars_are_validated_too(factory):
         factory(learning_rate=np.float32(-1.0))
     with pytest.raises(ValueError, match="learning_rate"):
         factory(learning_rate=jnp.asarray(-1.0))
-    with pytest.raises(ValueError, match="scalars"):
+    with pytest.raises(ValueError, match=": learning_rate must be a scalar, got an array of shape"):
         factory(learning_rate=jnp.ones(2))
+
+
+@pytest.mark.parametrize("factory,name", [(po.avagrad, "eps"), (po.avagrad, "b1"), (po.adabound, "final_lr"),
+                                          (po.adabound, "gamma"), (po.avagradw, "weight_decay"),
+                                          (po.csgd, "momentum")])
+def test_only_the_learning_rate_takes_a_schedule_and_every_value_is_a_number(factory, name):
+    """A schedule, a string or None for another hyperparameter is a TypeError naming it at
+    construction (it used to build and fail inside update with an unrelated message)."""
+    fn = factory.__name__
+    with pytest.raises(TypeError, match=f"{fn}: {name} must be a number, got a schedule"):
+        factory(**{name: optax.constant_schedule(0.1)})
+    for bad in ("0.1", None):
+        with pytest.raises(TypeError, match=f"{fn}: {name} must be a number, got {bad!r}"):
+            factory(**{name: bad})
 
 
 def test_boundary_values_are_accepted():
@@ -108,3 +122,14 @@ def test_schedules_are_not_evaluated_by_validation():
     po.avagrad(schedule)
     po.csgd(schedule)
     assert calls == []
+
+
+def test_half_precision_hyperparameters_are_numbers_and_a_rounded_b2_says_why():
+    """inject_hyperparams casts hyperparameters to the params' dtype: bf16 lr is accepted, while
+    b2 = 0.999 rounds to 1 in bf16 and the error says how to keep float32."""
+    po.avagrad(learning_rate=jnp.asarray(0.1, jnp.bfloat16))
+    tx = optax.inject_hyperparams(po.avagrad)(learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"avagrad: b2 must be in \[0, 1\).*hyperparam_dtype=jnp.float32"):
+        tx.init(jnp.zeros(3, jnp.bfloat16))
+    tx = optax.inject_hyperparams(po.avagrad, hyperparam_dtype=jnp.float32)(learning_rate=0.1)
+    tx.init(jnp.zeros(3, jnp.bfloat16))
