@@ -153,7 +153,8 @@ def train_cells(model, dataset, tx, states: list, setup: Setup, seed: int, log: 
 
     All cells share ``tx``; what differs between them (initial weights, and hyperparameters that
     live in the optimizer state via ``optax.inject_hyperparams``) is the per-run value, so the phase
-    keeps the optimizer state it is given. Returns the final (stacked) state and histories of shape
+    keeps the optimizer state it is given. A cell that diverges keeps going with NaN values
+    (``on_diverged="continue"``: some settings of a sweep are expected to). Returns the final (stacked) state and histories of shape
     ``[epochs, cells]``: ``train_loss``, ``val_acc`` (test accuracy when there is no validation
     split) and ``test_acc``.
     """
@@ -161,7 +162,7 @@ def train_cells(model, dataset, tx, states: list, setup: Setup, seed: int, log: 
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *[host(st) for st in states])
     phase = Phase("train", setup.epochs, lambda spe: tx, optimizer_state="keep")
     out = train_phases(task, [phase], states[0], batch_size=setup.batch_size, seed=seed, runs=stacked,
-                       setup=lambda state, cell: cell, title=log,
+                       setup=lambda state, cell: cell, title=log, on_diverged="continue",
                        log=(lambda line: print(f"  {log} {line}", flush=True)) if log else None)
     val = "val_acc" if "val" in task.evals else "test_acc"
     history = {"train_loss": [r["train_loss"] for r in out.history], "val_acc": [r[val] for r in out.history],

@@ -54,6 +54,7 @@ from pae.train.step import Distill, make_eval_step, make_train_step
 
 OPTIMIZER_STATES = ("fresh", "keep")
 ON_DAMAGED = ("raise", "previous")
+ON_DIVERGED = ("raise", "continue")
 
 
 class TrainingDiverged(RuntimeError):
@@ -607,7 +608,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
                  keep_checkpoints: int = 3, identity: Mapping[str, Any] | None = None,
                  extend_last_phase: bool = False, on_damaged_checkpoint: str = "raise",
-                 progress: bool = False, log: Callable[[str], None] | None = None,
+                 on_diverged: str = "raise", progress: bool = False, log: Callable[[str], None] | None = None,
                  callbacks: Sequence[Callable[[dict, TrainState], None]] = (),
                  title: str = "", precompile: bool = True) -> PhasesResult:
     """Run ``phases`` in order from ``state`` (see :func:`init_state`) on ``task``.
@@ -629,6 +630,10 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
         :class:`~pae.train.checkpoint.DamagedCheckpointError` naming the step and item, or
         ``"previous"``: move the damaged step aside (``<step>.damaged``) and resume from the newest
         intact one, saying which.
+      on_diverged: when an epoch's training loss or penalty, or the state it ends with, is not
+        finite: ``"raise"`` :class:`TrainingDiverged` before the epoch is recorded or checkpointed,
+        or ``"continue"`` (sweeps over parallel runs, where some settings are expected to diverge):
+        keep training, the diverged runs' values are NaN in their rows (``null`` in the files).
       progress: one progress bar over the run's steps, on stderr and only when it is a terminal.
       log: called with one line per epoch (and on resume). ``callbacks``: ``fn(row, state)`` after
         each epoch's checkpoint.
@@ -655,6 +660,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
         raise TypeError(f"precompile must be a bool, got {type(precompile).__name__}")
     if on_damaged_checkpoint not in ON_DAMAGED:
         raise ValueError(f"on_damaged_checkpoint must be one of {ON_DAMAGED}, got {on_damaged_checkpoint!r}")
+    if on_diverged not in ON_DIVERGED:
+        raise ValueError(f"on_diverged must be one of {ON_DIVERGED}, got {on_diverged!r}")
     mesh = task.mesh if task.mesh is not None else distributed.data_mesh()
     task = dataclasses.replace(task, mesh=mesh)
     distributed.check_batch_size(batch_size, mesh)
@@ -743,7 +750,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                         kept = {**_abstract(snapshots), **{name: current for name in phase.keep.values()}}
                         compiling = ahead.submit(_compile_ahead, programs, phases[p + 1], current, kept,
                                                  _abstract_sharded(batch), eval_shapes, mesh)
-                _check_finite(sums, state, phase, e, ckpt)
+                if on_diverged == "raise":
+                    _check_finite(sums, state, phase, e, ckpt)
                 done_epochs += 1
                 row = {"phase": phase.name, "phase_index": p, "epoch": done_epochs,
                        "phase_epoch": e + 1, **_summarize("train", sums, task.text),

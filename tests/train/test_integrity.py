@@ -122,6 +122,38 @@ def test_a_non_finite_loss_stops_the_run_without_recording_or_checkpointing_it(t
     assert saved == [r["epoch"] for r in rows]   # no checkpoint of the bad epoch
 
 
+def test_a_sweep_over_parallel_runs_continues_past_the_runs_that_diverge(tmp_path):
+    """on_diverged="continue": the run with a huge learning rate goes NaN, the others train exactly
+    as they do alone, the diverged run's values are null in the metrics files; by default the whole
+    sweep stops at the first non-finite epoch."""
+    import jax.numpy as jnp
+
+    task = _task()
+    state = create_train_state(task.model, optax.inject_hyperparams(optax.sgd)(learning_rate=0.05),
+                               task.example, 0)
+    lrs = jnp.asarray([0.05, 1e30, 0.01])
+    phases = [Phase("sweep", 3, lambda spe: optax.inject_hyperparams(optax.sgd)(learning_rate=0.05),
+                    optimizer_state="keep")]
+
+    def setup(s, lr):
+        return s.replace(opt_state=s.opt_state._replace(hyperparams={"learning_rate": lr}))
+
+    with pytest.raises(TrainingDiverged, match="not finite"):
+        train_phases(task, phases, state, batch_size=32, runs=lrs, setup=setup)
+    sweep = train_phases(task, phases, state, batch_size=32, runs=lrs, setup=setup, on_diverged="continue",
+                         workdir=tmp_path)
+    losses = np.asarray(sweep.history[-1]["train_loss"], np.float64)
+    assert not np.isfinite(losses[1]) and np.all(np.isfinite(losses[[0, 2]]))
+    for i in (0, 2):
+        alone = train_phases(task, phases, setup(state, lrs[i]), batch_size=32)
+        np.testing.assert_allclose(losses[i], alone.history[-1]["train_loss"], rtol=1e-5)
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["train_loss"][1] is None
+    with pytest.raises(ValueError, match="on_diverged must be one of"):
+        train_phases(task, phases, state, batch_size=32, on_diverged="ignore")
+
+
 def test_metrics_files_are_valid_json_and_csv_with_non_finite_values(tmp_path):
     write_history(str(tmp_path), [{"epoch": 1, "val_loss": float("nan"), "acc": [0.5, float("inf")]}])
     row = json.loads(open(tmp_path / "metrics.jsonl").read(),
