@@ -488,13 +488,22 @@ class ActQuantized:
 
         def intercept(next_fun, a, kw, context):
             mod = context.module
-            if (context.method_name != "__call__" or not isinstance(mod, GEMM_MODULES)
-                    or not a):
+            if context.method_name != "__call__" or not isinstance(mod, GEMM_MODULES):
                 return next_fun(*a, **kw)
+            a, kw = positional_inputs(a, kw)
             return next_fun(quantize_input(mod, a[0], train), *a[1:], **kw)
 
         with nn.intercept_methods(intercept):
             return self.model.apply(variables, *args, train=train, **kwargs)
+
+
+def positional_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A Dense/DenseGeneral/Conv call's ``(inputs, ...)`` with ``inputs`` first, also when the
+    caller passed it by keyword (``nn.Dense(3)(inputs=x)``)."""
+    if args or "inputs" not in kwargs:
+        return args, kwargs
+    kwargs = dict(kwargs)
+    return (kwargs.pop("inputs"),), kwargs
 
 
 def quantize_activations(model: Any) -> ActQuantized:

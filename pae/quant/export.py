@@ -478,6 +478,7 @@ def _forward(model: nn.Module, backend: str) -> Callable:
             path = scope + "/kernel"
             if path not in layers and scope not in acts:
                 return next_fun(*args, **kwargs)
+            args, kwargs = qa.positional_inputs(args, kwargs)
             x = jnp.asarray(args[0])
             if not jnp.issubdtype(x.dtype, jnp.floating):   # as flax promotes int inputs
                 x = x.astype(jnp.float32)
@@ -494,8 +495,9 @@ def _forward(model: nn.Module, backend: str) -> Callable:
                 return next_fun(x, *args[1:], **kwargs)
             used.add(path)
             layer = layers[path]
-            # as flax's promote_dtype: the module's dtype, else inputs and (float32) params promoted
-            dtype = mod.dtype or jnp.result_type(x.dtype, mod.param_dtype)
+            # as flax's promote_dtype in phase 2: the module's dtype, else the inputs promoted with
+            # the params, whose quantized kernel is at least float32 (quantized_dtype)
+            dtype = mod.dtype or jnp.result_type(x.dtype, qz.quantized_dtype(mod.param_dtype))
             x = x.astype(dtype)
             if isinstance(mod, nn.Conv) and layer.k_axes is not None:
                 raise ValueError(f"export: {path!r} is an nn.Conv, but its kernel was quantized with "

@@ -144,6 +144,33 @@ def test_running_range_and_auto_grid_in_the_wrapped_model():
     assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 1e-3
 
 
+def test_an_input_passed_by_keyword_is_quantized_too():
+    """nn.Dense(3)(inputs=x) gets the same activation noise and statistics as nn.Dense(3)(x)."""
+    class Keyword(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(3, name="d")(inputs=x)
+
+    class Positional(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(3, name="d")(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+    params = Positional().init(jax.random.PRNGKey(1), x)["params"]
+    t = q.noise_transform(q.QuantConfig(activations=True))
+    latent = t.init(params, jax.random.PRNGKey(0))
+    ctx = pae.Context.make(key=3)
+    out = []
+    for m in (Keyword(), Positional()):
+        y, upd = q.quantize_activations(m).apply(
+            {"params": t.apply(latent, ctx), "batch_stats": q.with_act_stats({}, latent)}, x, train=True,
+            mutable=["batch_stats"])
+        assert float(upd["batch_stats"]["d"]["act"]["count"]) == 1.0
+        out.append(y)
+    np.testing.assert_array_equal(out[0], out[1])
+
+
 def test_with_act_stats_keeps_existing_statistics_and_accepts_frozen_dicts():
     from flax.core import freeze
     m = MLP()

@@ -268,3 +268,32 @@ def test_bfloat16_leaves_round_trip_through_the_file(tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back.tree["params"])):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+class HalfParams(nn.Module):
+    """bf16 parameters, the input passed by keyword."""
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(5, param_dtype=jnp.bfloat16)(inputs=x)
+
+
+def test_export_computes_in_the_phase_two_dtype_and_takes_keyword_inputs():
+    """With bf16 parameters the phase-2 model's quantized kernel is float32, so flax computes in
+    float32; the export does too (it used to drop to bf16, 2e-3 off), and an input passed by keyword
+    reaches the packed GEMM. Both against a float64 NumPy reference."""
+    m = HalfParams()
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 64)).astype(jnp.bfloat16)
+    params = m.init(jax.random.PRNGKey(1), x)["params"]
+    latent = q.assign_palette(jax.device_get(q.noise_injection().init(params, None)), fixed=(2, 6))
+    phase2 = m.apply({"params": q.palette_quantizer().apply(latent, None)}, x)
+    ex = q.export(m, latent)
+    got = ex.apply(ex.tree, x)
+    node = latent["Dense_0"]["kernel"]
+    w = np.asarray(node.weight, np.float64)
+    o = (2 ** np.asarray(node.bits, np.float64)[:, None] - 1) / 2
+    d = np.abs(w).max(0) / o
+    ref = np.asarray(x, np.float64) @ ((np.clip(np.round(w / d + o), 0, 2 * o) - o) * d) \
+        + np.asarray(params["Dense_0"]["bias"], np.float64)
+    assert phase2.dtype == got.dtype == jnp.float32
+    for y in (phase2, got):
+        np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
