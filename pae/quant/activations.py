@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pae.core import Transform, latent_node, map_nodes, nodes, select as pselect
+from pae.core import WEIGHTS, Transform, is_node, latent_node, map_nodes, nodes, roles_of, select as pselect
 from pae.quant import quantizer as qz
 
 GRIDS = ("symmetric", "unsigned", "auto")
@@ -362,17 +362,20 @@ def act_noise_injection(select: pselect.Selector | None = None, *, b_min: float 
 
 def act_paths(latent: Any) -> dict:
     """``{layer scope path: channels}`` of every activation node (``"Dense_0"`` for
-    ``latent["Dense_0"]["act"]``)."""
+    ``latent["Dense_0"]["act"]``), in any mapping (FrozenDict too) and inside latent nodes by
+    :mod:`pae.core.select`'s naming rule (a sharing latent's ``params`` keep their paths)."""
     out = {}
 
     def walk(tree, prefix):
-        if isinstance(tree, dict):
+        if is_node(tree) and not isinstance(tree, (NoisyAct, QuantAct)):
+            for name, role in roles_of(tree).items():
+                walk(getattr(tree, name), prefix if role == WEIGHTS else f"{prefix}/{name}".lstrip("/"))
+        elif isinstance(tree, Mapping):
             for k, v in tree.items():
-                p = f"{prefix}/{k}" if prefix else str(k)
                 if k == ACT and isinstance(v, (NoisyAct, QuantAct)):
                     out[prefix] = int(np.size(v.logits if isinstance(v, NoisyAct) else v.bits))
                 else:
-                    walk(v, p)
+                    walk(v, f"{prefix}/{k}" if prefix else str(k))
     walk(latent, "")
     return out
 

@@ -85,3 +85,28 @@ def test_chain_after_sharing_trains_on_the_engine():
     ref = task.model.apply({"params": pae.chain(q.palette_quantizer(), sharing).apply(
         latent, pae.Context.make(key=0))}, xt)
     np.testing.assert_allclose(ex.apply(ex.tree, xt), ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_activations_after_sharing_get_running_statistics_and_train_on_the_engine():
+    """The activation nodes inside a sharing latent (or a FrozenDict) are found: each layer gets its
+    running statistics, and both phases train (the first step used to fail: no statistics)."""
+    import flax
+
+    from pae.quant import activations as qa
+    from pae.train import init_state, make_task, train_phases
+
+    rng = np.random.default_rng(0)
+    data = {"train": (rng.normal(size=(64, 5)).astype(np.float32), rng.integers(0, 3, 64).astype(np.int32)),
+            "test": (rng.normal(size=(32, 5)).astype(np.float32), rng.integers(0, 3, 32).astype(np.int32))}
+    task = make_task(MLP(), data)
+    cfg = q.QuantConfig(noise_epochs=1, finetune_epochs=1, activations=True)
+    sharing = pae.sharing.templates(GROUPS, 2)
+    plain = init_state(task.model, task.example, 0)
+    latent = pae.chain(q.noise_transform(cfg), sharing).init(jax.device_get(plain.params), jax.random.PRNGKey(0))
+    want = {"Dense_0": 5, "Dense_1": 8, "Dense_2": 8, "Dense_3": 8}
+    assert qa.act_paths(latent) == qa.act_paths(flax.core.freeze(latent.params)) == want
+    assert set(q.with_act_stats({}, latent)) == set(want)
+    result = train_phases(task, q.quant_phases(cfg, model=task.model, inner=sharing), plain.replace(params=latent),
+                          batch_size=32, precompile=False)
+    assert [r["phase"] for r in result.history] == ["noise", "finetune"]
+    assert all(np.isfinite(r["train_loss"]) and r["act_bits"] > 1 for r in result.history)
