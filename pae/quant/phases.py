@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import optax
 
-from pae.core import Context, chain, role_optimizer, select as pselect
+from pae.core import Context, chain, nodes, role_optimizer, select as pselect
 from pae.quant import activations as qa
 from pae.quant import noise as qn
 from pae.quant import palette as qp
@@ -197,6 +197,36 @@ def add_act_stats(state, snapshots=None):
     return state.replace(batch_stats=qa.with_act_stats(state.batch_stats, state.params))
 
 
+#: the widest level of a masked layer: export stores it with one more bit per weight (pae.quant.export)
+MASKED_MAX_BITS = 7
+
+
+def _masked_nodes(tree) -> list:
+    """The phase-1 nodes under a sparsity mask (``pae.chain(pae.sparsity.fixed_masks(), ...)``)."""
+    try:
+        from pae.sparsity.masks import FixedMask
+    except ImportError:     # pragma: no cover
+        return []
+    return [m for m in nodes(tree, FixedMask) if isinstance(m.weight, qn.NoisyWeight)]
+
+
+def check_masked_levels(cfg: QuantConfig):
+    """The noise phase's check at its start: a masked layer's palette levels must be <= 7 bits
+    (:data:`MASKED_MAX_BITS`), so a config allowing 8 is refused before training, not at export."""
+    widest = max((cfg.high[1],) + tuple(cfg.palette or ()))
+
+    def enter(state, snapshots=None):
+        del snapshots
+        if widest > MASKED_MAX_BITS and _masked_nodes(state.params):
+            raise ValueError(
+                f"quant_phases: the latent quantizes masked (sparse) kernels, which export stores with "
+                f"one more bit per weight, so their levels must be <= {MASKED_MAX_BITS}; this config "
+                f"allows {widest} (high={cfg.high}, palette={cfg.palette}): set QuantConfig(high=("
+                f"{cfg.high[0]}, {MASKED_MAX_BITS}))")
+        return state
+    return enter
+
+
 def assign(cfg: QuantConfig):
     """The transition into phase 2: ``state.params`` snapped to palettes (fresh optimizer follows)."""
     def enter(state, snapshots):
@@ -250,8 +280,14 @@ def quant_phases(cfg: QuantConfig, select: pselect.Selector | None = None, model
     def context(epoch):
         return Context.make(key=jax.random.PRNGKey(cfg.seed))
 
+    check = check_masked_levels(cfg)
+
+    def start(state, snapshots=None):
+        state = check(state)
+        return add_act_stats(state) if cfg.activations else state
+
     noise = Phase("noise", cfg.noise_epochs, lambda spe: quant_optimizer(cfg, "noise"), t, context,
-                  add_act_stats if cfg.activations else None, keep={cfg.noise_epochs: "noise"},
+                  start, keep={cfg.noise_epochs: "noise"},
                   metrics=_bits_metric, model=model, distill=distill)
     finetune = Phase("finetune", cfg.finetune_epochs, lambda spe: quant_optimizer(cfg, "finetune"),
                      fine, context, assign(cfg), metrics=_bits_metric, model=model, distill=distill)

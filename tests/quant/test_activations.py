@@ -405,6 +405,10 @@ def test_chain_after_sparsity_on_the_engine_learns_and_exports():
              "Dense_1/kernel": (rng.random((9, 3)) > 0.3).astype(np.float32)}
     ticket = pae.sparsity.attach_masks(jax.device_get(plain.params), masks)
     state = plain.replace(params=q.noise_transform(cfg).init(ticket, jax.random.PRNGKey(0)))
+    wide = dataclasses.replace(cfg, high=(4, 8))      # a masked layer is exported with b + 1 bits
+    with pytest.raises(ValueError, match=r"masked \(sparse\) kernels.*levels must be <= 7.*high=\(4, 7\)"):
+        train_phases(task, q.quant_phases(wide, model=task.model, base=pae.sparsity.fixed_masks()),
+                     state, batch_size=64, callbacks=[lambda row, s: pytest.fail("trained an epoch")])
     res = train_phases(task, q.quant_phases(cfg, model=task.model, base=pae.sparsity.fixed_masks()),
                        state, batch_size=64)
     noise = res.rows("noise")
