@@ -239,7 +239,10 @@ def check_width_args(prefix: str, b_min, b_max, b_init) -> float:
     qz.check_bits(f"{prefix}b_max", b_max, integer=False)
     if not b_min < b_max:
         raise ValueError(f"{prefix}b_min must be < {prefix}b_max, got b_min={b_min}, b_max={b_max}")
-    return qz.logits_for_bits(float(b_init), float(b_min), float(b_max))
+    try:
+        return qz.logits_for_bits(float(b_init), float(b_min), float(b_max))
+    except ValueError as err:
+        raise ValueError(f"{prefix}{err}") from None
 
 
 def check_penalty_args(prefix: str, b_min, b_max, lmbda, target_bits, budget_weight, budget_form,
@@ -249,7 +252,7 @@ def check_penalty_args(prefix: str, b_min, b_max, lmbda, target_bits, budget_wei
         raise ValueError(f"budget_form must be one of {BUDGET_FORMS}, got {budget_form!r}")
     if eval_mode not in EVAL_MODES:
         raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
-    _check_nonneg("lmbda", lmbda)
+    _check_nonneg(f"{prefix}lmbda", lmbda)
     _check_nonneg("budget_weight", budget_weight)
     if target_bits is not None:
         qz.check_bits(f"{prefix}target_bits", target_bits, integer=False, lo=b_min, hi=b_max)

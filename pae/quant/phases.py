@@ -125,9 +125,16 @@ class QuantConfig:
             raise ValueError("act_target_bits needs activations=True (activations are not quantized)")
         # the transforms and the palette validate the rest; fail here, at construction
         qn.noise_injection(pselect.everything(), **_weight_kwargs(self))
-        qa.act_noise_injection(pselect.everything(), **_act_kwargs(self))
-        qp.choose_palette(np.array([4.0]), 1, levels=self.levels, low=self.low, high=self.high,
-                          distortion_weight=self.distortion_weight, fixed=self.palette)
+        try:
+            qa.act_noise_injection(pselect.everything(), **_act_kwargs(self))
+        except ValueError as err:     # name the QuantConfig field (act_momentum, act_grid, ...)
+            msg = str(err)
+            raise ValueError(msg if msg.startswith("act") else f"act_{msg}") from None
+        try:
+            qp.choose_palette(np.array([4.0]), 1, levels=self.levels, low=self.low, high=self.high,
+                              distortion_weight=self.distortion_weight, fixed=self.palette)
+        except ValueError as err:
+            raise ValueError(f"palette: {err}" if self.palette is not None else str(err)) from None
         if self.act_palette is not None:
             try:
                 qp.choose_palette(np.array([4.0]), 1, levels=self.levels, low=self.low,

@@ -448,10 +448,12 @@ def test_packing_pads_k_never_truncates():
 
 def test_bad_input_is_refused_naming_the_argument():
     for kwargs, match in (({"act_target_bits": 3.0}, "activations=True"),
-                          ({"activations": True, "act_b_init": 9.0}, "b_init"),
+                          ({"activations": True, "act_b_init": 9.0}, "^act b_init must lie"),
+                          ({"activations": True, "act_lmbda": -1.0}, "^act lmbda must be >= 0"),
                           ({"activations": True, "act_target_bits": 0.5}, "act target_bits"),
-                          ({"activations": True, "act_grid": "x"}, "grid"),
-                          ({"activations": True, "act_momentum": 1.0}, "momentum"),
+                          ({"activations": True, "act_grid": "x"}, "^act_grid must be one of"),
+                          ({"activations": True, "act_momentum": 1.0}, "^act_momentum must be"),
+                          ({"palette": (3,)}, r"^palette: fixed must hold 2 level"),
                           ({"activations": True, "act_palette": (5, 6)}, "act_palette"),
                           ({"activations": True, "act_b_max": 9.0}, "act b_max")):
         with pytest.raises(ValueError, match=match):
