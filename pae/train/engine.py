@@ -303,10 +303,35 @@ class _Programs:
         return self._get(("metrics", phase.metrics), lambda: self._vmap(phase.metrics, (0, None)))
 
     def enter(self, phase: Phase):
-        """The transition, vmapped over the runs when parallel (then it must be traceable)."""
+        """The transition; over parallel runs vmapped, or, when it does not trace (host-side NumPy:
+        a palette assignment, a growth step), applied to each run and stacked again."""
         if not self.batched:
             return phase.enter
-        return self._get(("enter", phase.enter), lambda: jax.vmap(phase.enter))
+        return self._get(("enter", phase.enter), lambda: _over_runs(phase))
+
+
+_HOST_ONLY = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError)
+
+
+def _over_runs(phase: Phase):
+    """``phase.enter`` over the leading run axis of the state and the snapshots: ``jax.vmap`` when
+    it traces, else once per run on that run's slice (the runs must come out with one structure)."""
+    vmapped, host_side = jax.vmap(phase.enter), []
+
+    def enter(state, snapshots):
+        if not host_side:
+            try:
+                return vmapped(state, snapshots)
+            except _HOST_ONLY:
+                host_side.append(True)
+        n = jax.tree.leaves(state)[0].shape[0]
+        outs = [phase.enter(*jax.tree.map(lambda x: x[i], (state, snapshots))) for i in range(n)]
+        shapes = {str(jax.tree.map(np.shape, o)) for o in outs}
+        if len(shapes) != 1:
+            raise ValueError(f"phase {phase.name!r}: its enter gave the parallel runs differently shaped "
+                             f"states; runs must share one structure (run them separately)")
+        return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *outs)
+    return enter
 
 
 def _jit_over_runs(fn, in_axes, batched: bool, donate: bool = False):
@@ -619,7 +644,9 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
       seed: the data order (epoch ``e`` visits the examples in the order of ``(seed, e)``).
       runs, setup: parallel runs: ``runs`` is a pytree of arrays with a leading axis of N;
         ``setup(state, run_value)`` (vmapped) makes each run's initial state. Every phase function
-        that touches the state is then vmapped; rows hold one value per run.
+        that touches the state is then vmapped (an ``enter`` that does not trace, e.g. a NumPy
+        palette search, runs on each run's slice, and the results are stacked); rows hold one value
+        per run.
       workdir: write ``metrics.jsonl``/``.csv``, ``curves.png`` and ``summary.json`` there.
       checkpoint_dir: orbax checkpoints every ``checkpoint_every`` epochs and at every phase end
         (last ``keep_checkpoints`` kept); an existing one is resumed. ``identity``: extra values that

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pae import quant as q
+from pae.core import map_nodes
 from pae.train import init_state, make_task, train_phases
 
 
@@ -88,3 +89,28 @@ def test_resume_across_the_palette_transition_is_exact(tmp_path):
     assert [r["phase"] for r in resumed.history] == ["noise", "noise", "finetune", "finetune"]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
                  jax.device_get(full.state.params))
+
+
+def test_parallel_runs_assign_each_run_its_own_palette_as_separate_runs_do():
+    """With runs=, the host-side transition into phase 2 (NumPy palette search) is applied to each
+    run and stacked again (it cannot be vmapped): each run ends as it does alone."""
+    task = make_task(MLP(), _data())
+    cfg = q.QuantConfig(noise_epochs=2, finetune_epochs=1, lr=1e-2, bits_lr=0.1, target_bits=3.0)
+    state = init_state(task.model, task.example, 0, q.noise_transform(cfg).init)
+    shift = jnp.asarray([0.0, -4.0])     # run 1 starts with narrower widths (logits shifted)
+
+    def setup(s, v):
+        return s.replace(params=map_nodes(lambda n: n.replace(logits=n.logits + v), s.params, q.NoisyWeight))
+
+    par = train_phases(task, q.quant_phases(cfg), state, batch_size=32, runs=shift, setup=setup)
+    bits = lambda p: [np.asarray(n.bits) for n in jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, q.QuantWeight))
+                      if isinstance(n, q.QuantWeight)]   # noqa: E731
+    for i in range(2):
+        one = train_phases(task, q.quant_phases(cfg), setup(state, shift[i]), batch_size=32)
+        run_i = jax.tree.map(lambda x: np.asarray(x)[i], jax.device_get(par.state.params))
+        for a, b in zip(bits(run_i), bits(jax.device_get(one.state.params))):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(par.history[-1]["test_acc"][i], one.history[-1]["test_acc"], atol=1e-6)
+    assert not all(np.array_equal(a, b) for a, b in zip(*(bits(jax.tree.map(lambda x: np.asarray(x)[i],
+                                                                               jax.device_get(par.state.params)))
+                                                          for i in range(2))))
