@@ -421,6 +421,11 @@ def quantize_input(mod: nn.Module, x: jax.Array, train: bool) -> jax.Array:
     ``nn.DenseGeneral`` contracting ``k`` axes has its trailing ``k`` axes flattened into channels."""
     if not mod.has_variable("params", ACT):
         return x
+    if isinstance(mod, nn.Conv) and mod.feature_group_count != 1:
+        raise ValueError(f"layer {'/'.join(mod.path)!r} is a grouped conv (feature_group_count="
+                         f"{mod.feature_group_count}, e.g. depthwise): its activations cannot be "
+                         f"quantized per input channel (and export packs no grouped conv); leave it out "
+                         f"of the selection, e.g. select=pae.select.kernels().exclude(pae.select.path(...))")
     if isinstance(mod, nn.DenseGeneral):
         x = jnp.asarray(x)
         k = general_k_axes(mod, x.ndim)

@@ -469,6 +469,17 @@ def test_bad_input_is_refused_naming_the_argument():
         q.act_noise_injection(pae.select.path("bias")).init(params, None)
     with pytest.raises(TypeError, match="flax.linen Module"):
         q.quantize_activations(lambda x: x)
+
+    class Depthwise(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Conv(8, (3, 3), feature_group_count=8)(x)
+
+    dw, xi = Depthwise(), jnp.ones((1, 5, 5, 8))
+    dw_latent = q.act_noise_injection().init(dw.init(jax.random.PRNGKey(0), xi)["params"], None)
+    with pytest.raises(ValueError, match=r"'Conv_0' is a grouped conv \(feature_group_count=8"):
+        q.quantize_activations(dw).apply({"params": q.quantize_params(dw_latent),
+                                          "batch_stats": q.with_act_stats({}, dw_latent)}, xi)
     latent, stats = _phase2(m, x, seed=1)
     with pytest.raises(ValueError, match="no running statistics"):
         q.quantize_activations(m).apply({"params": q.quantize_params(latent)}, x)
