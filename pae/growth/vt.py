@@ -65,7 +65,9 @@ changes (moments, and factored statistics such as Adafactor's) keeps its old ent
 corner and gets the fresh state's values in the new ones (zeros for moments: GradMax's zero-padded
 slots; Adagrad's ``initial_accumulator_value``, not 0, which would make its first step on a new
 entry ``sign(g)`` times the learning rate); leaves whose shape does
-not change (counts, masked-out nodes, Adafactor's unfactored placeholders) are carried. Adafactor
+not change (counts, masked-out nodes, Adafactor's unfactored placeholders) are carried. A state
+with nothing parameter-shaped (plain SGD, no momentum) becomes ``tx.init`` of the grown parameters
+with its counts and schedule state carried. Adafactor
 factors the two largest axes of the grown leaf, which growth can change (in and out swap, a leaf
 becomes factored): each of its statistics is the mean over the axes it factors *now*, taken from the
 old statistic over the same axis (:func:`_grow_factored_leaf`). For states
@@ -83,6 +85,7 @@ and its scales marked stale (recomputed at the next update).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping
 
 import jax
@@ -100,10 +103,17 @@ GRADMAX_DEPTHWISE = ("identity", "fan_in")
 
 
 def vt_factor(old: int, new: int, rule: str = "sqrt") -> float:
-    """The variance-transfer factor for a fan-in growing ``old -> new`` channels:
-    ``sqrt(old / new)`` ("sqrt"), ``old / new`` ("linear") or 1 ("none")."""
+    """The variance-transfer factor for a fan-in growing ``old -> new`` channels (ints,
+    ``1 <= old <= new``): ``sqrt(old / new)`` ("sqrt"), ``old / new`` ("linear") or 1 ("none")."""
     if rule not in VT_RULES:
         raise ValueError(f"vt must be one of {VT_RULES}, got {rule!r}")
+    for name, value in (("old", old), ("new", new)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int (a channel count), got {type(value).__name__} "
+                            f"{value!r}")
+    if not 1 <= old <= new:
+        raise ValueError(f"vt_factor needs ints with 1 <= old <= new (a fan-in only grows), got "
+                         f"old={old!r}, new={new!r}")
     if rule == "none" or old == new:
         return 1.0
     return float(np.sqrt(old / new)) if rule == "sqrt" else old / new
@@ -281,11 +291,10 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
         found.append(1)
         return x
     optax.tree_map_params(tx, count, opt_state)
-    if not found:
-        raise ValueError("tx: state.opt_state holds no parameter-shaped moments to grow (e.g. plain "
-                         "SGD without momentum); grow with tx=None and opt_state=None, or use a "
-                         "fresh optimizer state (Phase(optimizer_state='fresh'))")
     target = jax.tree.map(np.asarray, tx.init(grown))   # new entries start as a fresh state's
+    if not found:      # nothing parameter-shaped (plain SGD): a fresh state, counts carried
+        return jax.tree.map(lambda x, t: np.asarray(x) if np.shape(x) == np.shape(t) else t,
+                            opt_state, target)
 
     def grow_leaf(x, t):
         if isinstance(x, optax.FactoredState):
@@ -551,6 +560,18 @@ def _delta(shape, dtype) -> np.ndarray:
     return out
 
 
+def _rank(s: np.ndarray, shape, dtype) -> int:
+    """The numerical rank from singular values ``s`` (as ``np.linalg.matrix_rank``: those above
+    ``s.max() * max(shape) * eps`` of ``dtype``; a zero matrix has rank 0)."""
+    try:
+        eps = float(jax.numpy.finfo(dtype).eps)        # bfloat16 too
+    except ValueError:
+        eps = float(np.finfo(np.float64).eps)
+    if s.size == 0:
+        return 0
+    return int(np.sum(s > s.max() * max(shape) * eps))
+
+
 def grow_gradmax(state: TrainState, model_from, model_to, key, grads, *, tx=None, scale: float = 0.5,
                  fan_in: float = 0.01, depthwise: str = "identity",
                  new_moments: str = "zeros") -> TrainState:
@@ -564,7 +585,9 @@ def grow_gradmax(state: TrainState, model_from, model_to, key, grads, *, tx=None
       new input channels read with the top-``k`` right singular vectors of that layer's kernel
       gradient ``grads`` (at ``model_from``'s widths) reshaped to ``(n_i, kh * kw * n_o)``, each
       scaled to ``scale`` times the mean fan-out norm of the old input channels (GradMax's ``scale``
-      0.5); vectors beyond the gradient's rank are zero. This is a proxy: GradMax's matrix
+      0.5); vectors beyond the gradient's numerical rank (singular values above
+      ``s_max * max(shape) * eps`` of its dtype, as ``np.linalg.matrix_rank``; a zero gradient has
+      rank 0) are zero. This is a proxy: GradMax's matrix
       correlates the next layer's output gradient with the grown layer's *input* (through an
       auxiliary direct layer), ours with the existing channels of the reader's input, which needs no
       extra layer and works for every reader of a ResNet's residual stream.
@@ -611,9 +634,9 @@ def grow_gradmax(state: TrainState, model_from, model_to, key, grads, *, tx=None
             k[..., n_o:] = (rng.standard_normal(k[..., n_o:].shape) * std).astype(w.dtype)
         if m_i > n_i:
             g = np.moveaxis(flat_g[kpath].astype(np.float64), -2, 0).reshape(n_i, -1)
-            _, _, vt = np.linalg.svd(g, full_matrices=False)
+            _, s, vt = np.linalg.svd(g, full_matrices=False)
             norms = np.sqrt((np.moveaxis(w.astype(np.float64), -2, 0).reshape(n_i, -1) ** 2).sum(1))
-            r = min(m_i - n_i, vt.shape[0])
+            r = min(m_i - n_i, _rank(s, g.shape, flat_g[kpath].dtype))
             fan_out = np.zeros((m_i - n_i, vt.shape[1]))
             fan_out[:r] = vt[:r] * scale * norms.mean()
             k[..., n_i:, :n_o] = np.moveaxis(fan_out.reshape((m_i - n_i,) + w.shape[:-2] + (n_o,)), 0, -2)

@@ -148,9 +148,6 @@ def test_bad_input_fails_clearly(images, g):
         growth.grow(state, VGG, VGG_TO, key, vt="cube")
     with pytest.raises(ValueError, match="is state from model_from"):
         growth.grow(state, VGG.at_widths(VGG_TO), VGG_TO, key)
-    sgd = optax.sgd(0.1)
-    with pytest.raises(ValueError, match="tx: state.opt_state holds no parameter-shaped moments"):
-        growth.grow(state.replace(opt_state=sgd.init(state.params)), VGG, VGG_TO, key, tx=sgd)
     adam = optax.adam(1e-3)
     with_adam = state.replace(opt_state=adam.init(state.params))
     with pytest.raises(ValueError, match="tx is required"):
@@ -177,6 +174,48 @@ def test_new_weights_are_drawn_on_the_host_without_compiling(images, g, monkeypa
     assert not np.allclose(a, b) and not np.allclose(a, c)
     with pytest.raises(TypeError, match="key must be a jax PRNG key"):
         growth.grow(state, RESNET, RESNET_TO, np.float32(1.0))
+
+
+def test_vt_factor_against_numpy_and_bad_widths():
+    for n, m in ((4, 4), (4, 6), (3, 17), (np.int64(8), 10)):
+        for rule in ("sqrt", "linear", "none"):
+            assert growth.vt_factor(n, m, rule) == pytest.approx(_np_factor(int(n), m, rule), rel=1e-12)
+    for old, new in ((0, 4), (4, 0), (-4, 8), (8, 4)):
+        with pytest.raises(ValueError, match="1 <= old <= new"):
+            growth.vt_factor(old, new)
+    for old, new, bad in ((4.5, 6, "old"), (4, 6.0, "new"), (True, 6, "old"), (4, "6", "new")):
+        with pytest.raises(TypeError, match=f"{bad} must be an int"):
+            growth.vt_factor(old, new, "linear")
+
+
+def _schedule_sgd():
+    return optax.sgd(optax.linear_schedule(0.1, 0.0, 100))
+
+
+@pytest.mark.parametrize("method", ["grow", "net2net", "gradmax"])
+@pytest.mark.parametrize("make", [lambda: optax.sgd(0.1), _schedule_sgd], ids=["sgd", "sgd_schedule"])
+def test_plain_sgd_state_grows_to_a_fresh_state_with_its_count_kept(method, make, images, g):
+    """Nothing parameter-shaped (no momentum): the grown state is tx.init(grown params) with the
+    schedule's step count carried (it was refused, which stopped vt_phases(lra=False) at stage 1)."""
+    tx = make()
+    state = g.perturbed_state(VGG, images)
+    opt = tx.init(state.params)
+    grads = jax.tree.map(np.ones_like, state.params)
+    for _ in range(3):
+        _, opt = tx.update(grads, opt, state.params)
+    state, key = state.replace(opt_state=opt), jax.random.PRNGKey(0)
+    if method == "grow":
+        grown = growth.grow(state, VGG, VGG_TO, key, tx=tx)
+    elif method == "net2net":
+        grown = growth.vt.grow_net2net(state, VGG, VGG_TO, key, tx=tx)
+    else:
+        grown = growth.vt.grow_gradmax(state, VGG, VGG_TO, key, grads, tx=tx)
+    fresh = tx.init(grown.params)
+    assert jax.tree.structure(grown.opt_state) == jax.tree.structure(fresh)
+    counts = jax.tree.leaves(grown.opt_state)
+    assert [int(c) for c in counts] == ([3] if make is _schedule_sgd else [])
+    _, after = tx.update(jax.tree.map(np.ones_like, grown.params), grown.opt_state, grown.params)
+    assert [int(c) for c in jax.tree.leaves(after)] == ([4] if make is _schedule_sgd else [])
 
 
 # ---- the ablation's peers: Net2Net-style copying and GradMax-style growth --------------------------
@@ -268,6 +307,31 @@ def test_gradmax_fan_out_is_the_gradients_top_singular_vectors(images, g):
     assert 0 < np.abs(new_in).max() < 0.1 * np.abs(p0["conv2/kernel"]).max()
 
 
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_gradmax_new_rows_beyond_the_gradients_rank_are_zero(rank, images, g):
+    """conv1 grows 6 -> 10 (4 new rows); a gradient of rank 0, 1 or 2 gives exactly that many
+    non-zero new rows (np.linalg.matrix_rank of the float32 gradient), each the right singular
+    vector of NumPy's SVD up to sign."""
+    model, widths = VGG, {"conv1": 10}
+    state = g.perturbed_state(model, images, seed=6)
+    rng = np.random.default_rng(rank)
+    grads = jax.tree.map(lambda p: rng.normal(size=np.shape(p)).astype(np.float32), state.params)
+    n_i, n_o = 6, 8                                          # conv2 reads conv1: (3, 3, 6, 8)
+    m = sum(np.outer(rng.normal(size=n_i), rng.normal(size=9 * n_o)) for _ in range(rank)) \
+        if rank else np.zeros((n_i, 9 * n_o))
+    gk = np.moveaxis(m.reshape(n_i, 3, 3, n_o), 0, -2).astype(np.float32)
+    grads["conv2"]["kernel"] = gk
+    assert np.linalg.matrix_rank(np.moveaxis(gk, -2, 0).reshape(n_i, -1)) == rank
+    grown = growth.vt.grow_gradmax(state, model, widths, jax.random.PRNGKey(0), grads, fan_in=0.0)
+    w0 = _flat(state.params)["conv2/kernel"]
+    got = np.moveaxis(_flat(grown.params)["conv2/kernel"][..., n_i:, :], -2, 0).reshape(4, -1)
+    norms = np.linalg.norm(got, axis=1)
+    assert (norms[:rank] > 0).all() and not got[rank:].any()
+    target = 0.5 * np.mean([np.linalg.norm(np.take(w0, i, axis=-2)) for i in range(n_i)])
+    vt = np.linalg.svd(np.moveaxis(gk.astype(np.float64), -2, 0).reshape(n_i, -1))[2][:rank]
+    np.testing.assert_allclose(np.abs(got[:rank]), np.abs(target * vt), rtol=1e-4, atol=1e-6)
+
+
 def _old_mask(old, new):
     m = np.zeros(np.shape(new), bool)
     m[tuple(slice(0, s) for s in np.shape(old))] = True
@@ -289,7 +353,5 @@ def test_peers_bad_input_fails_clearly(images, g):
     with pytest.raises(TypeError, match="grads must be a params-shaped tree"):
         growth.vt.grow_gradmax(state, VGG, VGG_TO, key, 3.0)
     sgd = optax.sgd(0.1)
-    with pytest.raises(ValueError, match="tx: state.opt_state holds no parameter-shaped moments"):
-        growth.vt.grow_net2net(state.replace(opt_state=sgd.init(state.params)), VGG, VGG_TO, key, tx=sgd)
     with pytest.raises(ValueError, match="tx is required"):
         growth.vt.grow_gradmax(state.replace(opt_state=sgd.init(state.params)), VGG, VGG_TO, key, grads)

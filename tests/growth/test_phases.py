@@ -56,6 +56,21 @@ def test_stages_grow_to_the_full_widths_and_learn(whole):
     assert whole.history[-1]["train_loss"] < 0.5 * whole.history[0]["train_loss"]
 
 
+def test_plain_sgd_without_lra_trains_every_stage(task):
+    """lra=False with a momentum-free optimizer: the state holds nothing parameter-shaped; each
+    growth gives tx.init of the grown params with the schedule's count going on (it failed entering
+    stage 1, after stage 0 had trained)."""
+    cfg = growth.VTConfig(growth_steps=2, first_epochs=1, epoch_schedule="fixed", total_epochs=3,
+                          lra=False)
+    phases = growth.vt_phases(cfg, MODEL, lambda spe: optax.sgd(optax.linear_schedule(0.1, 0.0, 100)))
+    res = train_phases(task, phases, init_state(phases[0].model, task.example, 0), batch_size=32)
+    assert [r["phase"] for r in res.history] == ["stage0", "stage1", "stage2"]
+    assert res.state.params["conv1"]["kernel"].shape == (3, 3, 8, 16)
+    (count,) = jax.tree.leaves(res.state.opt_state)
+    assert int(count) == int(res.state.step) > 0               # the count never restarted
+    assert all(np.isfinite(r["train_loss"]) for r in res.history)
+
+
 def test_phases_are_stages_of_the_schedule():
     phases = growth.vt_phases(CFG, MODEL, _adam)
     assert [p.model.groups() for p in phases] == [{"conv0": 2, "conv1": 4}, {"conv0": 4, "conv1": 6},
