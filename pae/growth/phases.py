@@ -23,6 +23,7 @@ Reference: Yuan, Savarese, Maire, arXiv 2306.12700 (NeurIPS 2023).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Callable
 
 import jax
@@ -91,6 +92,10 @@ class VTConfig:
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 2 or m % 2:
             raise ValueError(f"VTConfig.width_multiple must be an even int >= 2 (new units come in "
                              f"pairs), got {m!r}")
+        psched.check_growth("VTConfig.epoch_growth", self.epoch_growth)
+        t = self.total_epochs
+        if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Integral)):
+            raise TypeError(f"VTConfig.total_epochs must be an int or None, got {type(t).__name__} {t!r}")
         if self.growth_steps + 1 > 16:
             raise ValueError(f"VTConfig.growth_steps must be <= 15 (the LR adaptation tracks 16 "
                              f"stages), got {self.growth_steps}")

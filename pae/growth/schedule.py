@@ -20,6 +20,8 @@ Stage durations: ``"exponential"``: ``T_t = T_{t-1} + round(p_T * T_{t-1})`` fro
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Mapping
 
 import numpy as np
@@ -81,21 +83,33 @@ def _round_to_multiple(widths: list[int], multiple: int) -> list[int]:
     return out + [last]
 
 
+def check_growth(name: str, growth) -> None:
+    """TypeError unless ``growth`` is a real number, ValueError unless it is finite and >= 0."""
+    if isinstance(growth, bool) or not isinstance(growth, numbers.Real):
+        raise TypeError(f"{name} must be a finite number >= 0, got {type(growth).__name__} {growth!r}")
+    if not (math.isfinite(growth) and growth >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {growth!r}")
+
+
 def stage_epochs(stages: int, first: int, *, growth: float = 0.2, kind: str = "exponential",
                  total: int | None = None) -> list[int]:
-    """Epochs of each of ``stages`` stages (see the module doc); ``total``: the last stage gets the
-    rest (ValueError when the earlier stages already take ``total`` or more)."""
+    """Epochs of each of ``stages`` stages (see the module doc; ``growth`` finite and >= 0);
+    ``total`` (an int): the last stage gets the rest (ValueError when the earlier stages already
+    take ``total`` or more)."""
     if kind not in EPOCH_SCHEDULES:
         raise ValueError(f"kind must be one of {EPOCH_SCHEDULES}, got {kind!r}")
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ValueError(f"stages must be an int >= 1, got {stages!r}")
     if isinstance(first, bool) or not isinstance(first, int) or first < 0:
         raise ValueError(f"first must be an int >= 0, got {first!r}")
+    check_growth("growth", growth)
+    if total is not None and (isinstance(total, bool) or not isinstance(total, numbers.Integral)):
+        raise TypeError(f"total must be an int or None, got {type(total).__name__} {total!r}")
     epochs = [first]
     for _ in range(stages - 1):
         epochs.append(epochs[-1] if kind == "fixed" else epochs[-1] + int(np.round(growth * epochs[-1])))
     if total is not None:
-        rest = total - sum(epochs[:-1])
+        rest = int(total) - sum(epochs[:-1])
         if rest < 1:
             raise ValueError(f"total={total} epochs leave nothing for the last stage: the first "
                              f"{stages - 1} stages take {sum(epochs[:-1])} ({epochs[:-1]})")

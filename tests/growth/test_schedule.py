@@ -1,4 +1,5 @@
 """Width and stage-duration schedules against hand-computed values."""
+import numpy as np
 import pytest
 
 from pae import growth
@@ -66,3 +67,24 @@ def test_bad_schedules_fail_clearly():
         growth.stage_epochs(9, 8, total=50)
     with pytest.raises(ValueError, match="kind must be one of"):
         growth.stage_epochs(9, 8, kind="linear")
+
+
+def test_bad_epoch_growth_and_total_fail_clearly():
+    """A negative or NaN growth shrank or broke the stages silently; a float total was used as is."""
+    assert growth.stage_epochs(3, 8, growth=0.0) == [8, 8, 8]
+    assert growth.stage_epochs(3, 8, growth=np.float32(0.5), total=np.int64(40)) == [8, 12, 20]
+    for bad in (-0.5, -2.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="growth must be a finite number >= 0"):
+            growth.stage_epochs(4, 8, growth=bad)
+        with pytest.raises(ValueError, match="VTConfig.epoch_growth must be a finite number >= 0"):
+            growth.VTConfig(epoch_growth=bad)
+    for bad in ("0.2", None, True):
+        with pytest.raises(TypeError, match="growth must be a finite number >= 0"):
+            growth.stage_epochs(4, 8, growth=bad)
+        with pytest.raises(TypeError, match="VTConfig.epoch_growth must be a finite number"):
+            growth.VTConfig(epoch_growth=bad)
+    for bad in (30.7, 30.0, "30", True):
+        with pytest.raises(TypeError, match="total must be an int or None"):
+            growth.stage_epochs(3, 8, total=bad)
+        with pytest.raises(TypeError, match="VTConfig.total_epochs must be an int or None"):
+            growth.VTConfig(total_epochs=bad)
