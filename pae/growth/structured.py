@@ -411,6 +411,25 @@ def _check_unit(name: str, value, low_open: bool = True) -> float:
     return v
 
 
+def _check_penalty(budget, lmbda, utilization) -> float:
+    """The budget-aware penalty's arguments: ``budget`` in (0, 1], ``lmbda`` >= 0, ``utilization``
+    one of :data:`MEASURES`; returns ``float(budget)``."""
+    budget = _check_unit("budget", budget)
+    check_finite("lmbda", lmbda)
+    if float(lmbda) < 0:
+        raise ValueError(f"lmbda must be >= 0, got {lmbda}")
+    if utilization not in MEASURES:
+        raise ValueError(f"utilization must be one of {MEASURES}, got {utilization!r}")
+    return budget
+
+
+def _check_int(name: str, value, low: int) -> int:
+    """An integral, non-bool ``value >= low`` (never truncated), as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
 def gated_groups(spec: GateSpec, channels: pselect.Selector | None = None) -> set[str]:
     """The channel groups ``channels`` gates: those with a writing layer whose kernel (its path and
     real shape) the selector matches (default: every group)."""
@@ -434,12 +453,8 @@ def check_widths(spec: GateSpec, widths: Mapping[str, Any], gated: set[str]) -> 
             raise ValueError(f"widths[{g!r}] must be an int in [1, {sizes[g]}], got {k!r}")
 
 
-def seed_logits(spec: GateSpec, gated: set[str], gated_blocks: bool, seed_width: float = 0.25,
-                seed_blocks: int | None = 1, s_on: float = 1.0, s_off: float = -1.0) -> dict:
-    """Logits of the seed architecture: the first ``ceil(seed_width * n)`` channels of every gated
-    group at ``s_on`` (> 0), the rest at ``s_off`` (< 0); in each stage the first blocks at
-    ``s_on`` so that ``seed_blocks`` blocks are active counting the always-on downsampling block
-    (``None``: every block on), the rest at ``s_off``."""
+def _check_seed(seed_width, seed_blocks, s_on, s_off) -> float:
+    """The seed's arguments (see :func:`seed_logits`); returns ``float(seed_width)``."""
     seed_width = _check_unit("seed_width", seed_width)
     check_finite("s_on", s_on)
     check_finite("s_off", s_off)
@@ -449,6 +464,16 @@ def seed_logits(spec: GateSpec, gated: set[str], gated_blocks: bool, seed_width:
     if seed_blocks is not None and (isinstance(seed_blocks, bool) or not isinstance(
             seed_blocks, numbers.Integral) or seed_blocks < 1):
         raise ValueError(f"seed_blocks must be an int >= 1 or None, got {seed_blocks!r}")
+    return seed_width
+
+
+def seed_logits(spec: GateSpec, gated: set[str], gated_blocks: bool, seed_width: float = 0.25,
+                seed_blocks: int | None = 1, s_on: float = 1.0, s_off: float = -1.0) -> dict:
+    """Logits of the seed architecture: the first ``ceil(seed_width * n)`` channels of every gated
+    group at ``s_on`` (> 0), the rest at ``s_off`` (< 0); in each stage the first blocks at
+    ``s_on`` so that ``seed_blocks`` blocks are active counting the always-on downsampling block
+    (``None``: every block on), the rest at ``s_off``."""
+    seed_width = _check_seed(seed_width, seed_blocks, s_on, s_off)
     channels = {}
     for name, size in spec.groups:
         if name in gated:
@@ -497,12 +522,7 @@ def structured_sparsification(spec: GateSpec, *, budget: float = 0.5, lmbda: flo
     if not isinstance(spec, GateSpec):
         raise TypeError(f"spec must be a GateSpec (pae.growth.structured.gate_spec(model, example)), "
                         f"got {type(spec).__name__}")
-    budget = _check_unit("budget", budget)
-    check_finite("lmbda", lmbda)
-    if float(lmbda) < 0:
-        raise ValueError(f"lmbda must be >= 0, got {lmbda}")
-    if utilization not in MEASURES:
-        raise ValueError(f"utilization must be one of {MEASURES}, got {utilization!r}")
+    budget = _check_penalty(budget, lmbda, utilization)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if penalize not in PENALTIES:
@@ -552,7 +572,13 @@ def structured_metrics(spec: GateSpec, budget: float = 0.5, lmbda: float = 1.0,
     """``(state, ctx) -> row``: ``flops`` and ``params`` (fractions of the full net's, hard gates),
     ``train_flops`` (expected FLOPs fraction of the net sampled at ``ctx.beta``), ``channels``
     (active gated channels), ``blocks`` (active gated blocks) and ``lambda`` (``lambda_t``).
-    Fractions are of ``reference``'s full cost (default ``spec``; the full net for a compacted one)."""
+    Fractions are of ``reference``'s full cost (default ``spec``; the full net for a compacted one).
+    ``budget``, ``lmbda`` and ``utilization`` are checked as by :func:`structured_sparsification`."""
+    for name, value in (("spec", spec), ("reference", reference)):
+        if value is not None and not isinstance(value, GateSpec):
+            raise TypeError(f"{name} must be a GateSpec (pae.growth.structured.gate_spec(model, "
+                            f"example)), got {type(value).__name__}")
+    budget = _check_penalty(budget, lmbda, utilization)
     ref = spec if reference is None else reference
     full_f, full_p = pflops.full_cost(ref, "flops"), pflops.full_cost(ref, "params")
 
@@ -579,7 +605,8 @@ class StructuredConfig:
 
     Weights: coupled L2 (``weight_decay``) then Nesterov SGD; mask logits: SGD with ``mask_lr`` (no
     decay); both decay by ``lr_decay`` at 56/85 and 71/85 of the epochs (the CS protocol). beta
-    follows :func:`pae.sparsity.cs.temperature_schedule` over the ``epochs``.
+    follows :func:`pae.sparsity.cs.temperature_schedule` over the ``epochs`` (``beta_final > 0``).
+    Numeric fields must be real numbers (TypeError naming the field otherwise).
     """
 
     epochs: int = 160
@@ -603,13 +630,27 @@ class StructuredConfig:
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, numbers.Integral) or self.epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
+        for name in ("lr", "mask_lr", "momentum", "weight_decay", "lr_decay", "beta_final", "budget",
+                     "lmbda", "seed_width", "s_on", "s_off"):
+            v = getattr(self, name)
+            if not (name == "mask_lr" and v is None) and (
+                    isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise TypeError(f"StructuredConfig.{name} must be a real number"
+                                f"{' or None' if name == 'mask_lr' else ''}, got {type(v).__name__} {v!r}")
         _check_unit("budget", self.budget)
-        for name in ("lr", "momentum", "weight_decay", "lmbda", "beta_final", "lr_decay"):
+        for name in ("lr", "momentum", "weight_decay", "lmbda", "lr_decay"):
             v = getattr(self, name)
             if not np.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
         if self.mask_lr is not None and (not np.isfinite(self.mask_lr) or self.mask_lr < 0):
             raise ValueError(f"mask_lr must be finite and >= 0 or None, got {self.mask_lr}")
+        if not (np.isfinite(self.beta_final) and self.beta_final > 0):
+            raise ValueError(f"beta_final must be finite and > 0 (the temperature schedule is "
+                             f"beta_final ** (e / (E - 1))), got {self.beta_final}")
+        _check_seed(self.seed_width, self.seed_blocks, self.s_on, self.s_off)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise TypeError(f"StructuredConfig.seed must be an int, got {type(self.seed).__name__} "
+                            f"{self.seed!r}")
         if self.utilization not in MEASURES:
             raise ValueError(f"utilization must be one of {MEASURES}, got {self.utilization!r}")
         if self.estimator not in ESTIMATORS:
@@ -669,7 +710,7 @@ def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselec
     from pae.growth import extraction as pextract   # extract imports this module
 
     key = jax.random.PRNGKey(cfg.seed)
-    cuts = [int(e) for e, _ in compactions]
+    cuts = [_check_int("compactions: an epoch", e, 0) for e, _ in compactions]
     if cuts != sorted(set(cuts)) or any(not 0 < e < cfg.epochs for e in cuts):
         raise ValueError(f"compaction epochs must be increasing and in (0, epochs={cfg.epochs}), "
                          f"got {cuts}")
@@ -748,6 +789,7 @@ def margin_widths(spec: GateSpec, latent: Gated, margin: float, multiple: int = 
     """``{group: min(size, active + ceil(margin * size))}`` for every gated group of the full-net
     ``spec``, rounded up to a multiple of ``multiple`` (fewer distinct shapes, fewer compilations)."""
     _check_margin(margin)
+    multiple = _check_int("multiple", multiple, 1)
     sizes = spec.group_sizes
     out = {}
     for g, s in latent.logits["channels"].items():
@@ -863,7 +905,7 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
     from pae.growth import extraction as pextract
     from pae.train import engine
 
-    epochs = [int(e) for e in restructure_at]
+    epochs = [_check_int("restructure_at: an epoch", e, 0) for e in restructure_at]
     if any(not 0 <= e < cfg.epochs for e in epochs):
         raise ValueError(f"restructure_at epochs must be in [0, epochs={cfg.epochs}), got "
                          f"{list(restructure_at)}")
@@ -884,8 +926,7 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
         raise ValueError(f"margin: a growth margin after the settling restructuring (margin 0 at epoch "
                          f"{settled[0]}) would regrow the settled net; settle last, got "
                          f"{[(e, margins[e]) for e in cuts]} as (epoch, margin)")
-    if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
-        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    _check_int("multiple", multiple, 1)
     if not isinstance(state.params, Gated):
         raise TypeError("state.params must be the Gated latent of cfg.transform(spec).init "
                         "(pae.train.init_state(model, example, seed, cfg.transform(spec).init))")

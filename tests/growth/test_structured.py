@@ -676,3 +676,69 @@ def test_margin_widths(resnet_setup):
     assert all(v % 4 == 0 or v == dict(spec.groups)[g] for g, v in ps.margin_widths(spec, latent, 0.1, 4).items())
     with pytest.raises(ValueError, match="margin"):
         ps.margin_widths(spec, latent, 1.5)
+
+
+def test_margin_widths_multiple_must_be_an_int_at_least_one(resnet_setup):
+    """multiple=0 divided by zero, -2 gave negative widths, 2.5 fractional ones, True counted as 1."""
+    model, x, spec, state = resnet_setup
+    latent = ps.structured_sparsification(spec).init(state.params, None)
+    assert ps.margin_widths(spec, latent, 0.25, np.int64(2)) == ps.margin_widths(spec, latent, 0.25, 2)
+    for bad in (0, -2, 2.5, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="multiple must be an int >= 1"):
+            ps.margin_widths(spec, latent, 0.25, multiple=bad)
+
+
+def test_structured_metrics_checks_its_arguments_as_the_transform_does(vgg_setup):
+    """A utilization typo silently reported lambda on the parameter count; budget/lmbda unchecked."""
+    config, model, x, spec, state = vgg_setup
+    for bad in ("FLOPs", "flop", None):
+        with pytest.raises(ValueError, match="utilization must be one of"):
+            ps.structured_metrics(spec, 0.5, 1.0, bad)
+    for budget in (7.0, 0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="budget must be"):
+            ps.structured_metrics(spec, budget=budget)
+    for lmbda in (-3.0, float("inf")):
+        with pytest.raises(ValueError, match="lmbda"):
+            ps.structured_metrics(spec, lmbda=lmbda)
+    with pytest.raises(TypeError, match="spec must be a GateSpec"):
+        ps.structured_metrics(model)
+    with pytest.raises(TypeError, match="reference must be a GateSpec"):
+        ps.structured_metrics(spec, reference=model)
+    # accepted values still give lambda_t = lmbda * (u - budget) with u the params fraction
+    latent = ps.structured_sparsification(spec).init(state.params, None)
+    row = ps.structured_metrics(spec, 0.25, 2.0, "params")(state.replace(params=latent), Context.make(beta=1.0))
+    np.testing.assert_allclose(float(row["lambda"]), 2.0 * (float(row["params"]) - 0.25), rtol=1e-6)
+
+
+def test_structured_config_needs_a_positive_beta_final_and_real_numbers():
+    """beta_final=0 was accepted and failed only inside a phase's context; a str lr gave a NumPy
+    error; bad seeds were accepted until the transform was built."""
+    for beta in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="beta_final must be finite and > 0"):
+            ps.StructuredConfig(beta_final=beta)
+    for name, bad in (("lr", "0.1"), ("mask_lr", "1"), ("momentum", None), ("beta_final", True),
+                      ("budget", "0.5"), ("s_on", [1.0])):
+        with pytest.raises(TypeError, match=f"StructuredConfig.{name} must be a real number"):
+            ps.StructuredConfig(**{name: bad})
+    with pytest.raises(TypeError, match="StructuredConfig.seed must be an int"):
+        ps.StructuredConfig(seed=0.5)
+    with pytest.raises(ValueError, match="seed_width must be in"):
+        ps.StructuredConfig(seed_width=0.0)
+    with pytest.raises(ValueError, match="s_on > 0 > s_off"):
+        ps.StructuredConfig(s_on=-1.0)
+    with pytest.raises(ValueError, match="seed_blocks must be an int >= 1"):
+        ps.StructuredConfig(seed_blocks=0)
+    assert ps.StructuredConfig(beta_final=1e-3, lr=np.float32(0.1), mask_lr=None).beta_final == 1e-3
+
+
+def test_epochs_of_compactions_and_restructurings_are_never_truncated(resnet_setup):
+    """2.9 became epoch 2, "2" epoch 2 and True epoch 1; now each is refused naming the argument."""
+    model, x, spec, state = resnet_setup
+    cfg = ps.StructuredConfig(epochs=4)
+    for bad in (2.9, 2.0, "2", True):
+        with pytest.raises(ValueError, match="compactions: an epoch must be an int >= 0"):
+            ps.structured_phases(cfg, spec, compactions=[(bad, {"stream0": 3})])
+        with pytest.raises(ValueError, match="restructure_at: an epoch must be an int >= 0"):
+            ps.structured_search(None, cfg, spec, state, batch_size=4, restructure_at=[0, bad])
+    phases = ps.structured_phases(cfg, spec, compactions=[(np.int64(2), {"stream0": 3})])
+    assert [p.epochs for p in phases] == [2, 2]
