@@ -174,6 +174,20 @@ def _check_k(num_templates) -> int:
     return int(num_templates)
 
 
+def _check_named(per_group: Mapping, groups) -> None:
+    """ValueError when a ``num_templates`` mapping names a group that is not among ``groups``."""
+    unknown = sorted(set(per_group) - set(groups), key=str)
+    if unknown:
+        raise ValueError(f"num_templates names sharing groups {unknown} that match no group; "
+                         f"groups found: {sorted(groups)}")
+
+
+def _check_period(name: str, period) -> int:
+    if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {period!r}")
+    return int(period)
+
+
 COEFFICIENT_INITS = ("orthogonal", "unit_rows")
 TEMPLATE_SOURCES = ("he", "layers")
 
@@ -188,7 +202,8 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
         :func:`pae.sharing.wrn_groups`), one selector (one group named ``"shared"``), or a function
         ``(path, leaf) -> group name | None`` (e.g. :func:`group_by_shape`). Layers are ordered by
         natural path order; row ``i`` of a group's coefficient matrix is its ``i``-th layer.
-      num_templates: ``k`` >= 1 templates per bank (an int, or ``{group: k}``).
+      num_templates: ``k`` >= 1 templates per bank (an int, or ``{group: k}`` naming only groups
+        that exist).
       pull: weight of the optional recurrence regularizer :func:`pull_penalty` (0: off, the
         official code).
       pull_period: layers ``pull_period`` apart in a group are pulled together (2 for WRN groups,
@@ -221,12 +236,13 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
                 _check_k(k)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"num_templates[{name!r}]: {err}") from None
-    _as_grouper(groups)   # type errors at construction
+    _, declared = _as_grouper(groups)   # type errors at construction
+    if per_group is not None and declared:
+        _check_named(per_group, declared)
     check_finite("pull", pull)
     if float(pull) < 0:
         raise ValueError(f"pull must be >= 0, got {pull}")
-    if isinstance(pull_period, bool) or not isinstance(pull_period, numbers.Integral) or pull_period < 1:
-        raise ValueError(f"pull_period must be an int >= 1, got {pull_period!r}")
+    _check_period("pull_period", pull_period)
     if coefficient_init not in COEFFICIENT_INITS:
         raise ValueError(f"coefficient_init must be one of {COEFFICIENT_INITS}, got {coefficient_init!r}")
     if templates_from not in TEMPLATE_SOURCES:
@@ -244,6 +260,8 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
         if key is None:
             raise ValueError("templates.init needs a PRNG key (templates and coefficients are random)")
         found = find_groups(params, groups)
+        if per_group is not None:
+            _check_named(per_group, found)
         banks, slots = {}, {}
         for g, (name, members) in enumerate(sorted(found.items())):
             k = k_of(name)
@@ -332,8 +350,9 @@ def pull_penalty(latent: Any, period: int = 1) -> jax.Array:
     A choice of this library (the paper's regularizer is unverified): squared distances with
     scale, because folding needs coefficients equal including scale (a conv feeding a residual sum
     with no normalization after it is not scale-free); zero exactly when every layer equals the
-    layer ``p`` before it, i.e. when the group is a loop of period ``p``.
+    layer ``p`` before it, i.e. when the group is a loop of period ``p`` (an int >= 1).
     """
+    period = _check_period("period", period)
     total = jnp.zeros((), jnp.float32)
     for _, alpha in coefficient_matrices(latent).values():
         if alpha.shape[-2] > period:

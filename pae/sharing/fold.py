@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 import operator
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from pae.models.swrn import LoopedWideResNet
 from pae.sharing.bank import SharedParams, build, coefficient_matrices, combine
@@ -63,6 +64,27 @@ def _check_tol(tol) -> None:
         raise ValueError(f"tol must be finite and >= 0, got {tol!r}")
 
 
+def _check_batch_stats(cfg: SWRN, batch_stats) -> None:
+    """TypeError unless ``batch_stats`` is a mapping; ValueError unless its paths and shapes are
+    those of ``cfg.model``'s BatchNorm statistics (shapes from ``jax.eval_shape``: nothing runs)."""
+    if not isinstance(batch_stats, Mapping):
+        raise TypeError(f"batch_stats must be the soft net's BatchNorm statistics, a mapping "
+                        f"(variables['batch_stats'] of {cfg.name}), got {type(batch_stats).__name__}")
+    want = jax.eval_shape(lambda: cfg.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
+    flat = traverse_util.flatten_dict
+    want = {"/".join(k): tuple(v.shape) for k, v in flat(dict(want["batch_stats"])).items()}
+    got = {"/".join(map(str, k)): tuple(np.shape(v)) for k, v in flat(dict(batch_stats)).items()}
+    if got != want:
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        shapes = [f"{k}: {got[k]} (want {want[k]})" for k in sorted(set(got) & set(want))
+                  if got[k] != want[k]]
+        parts = [f"{label} {v[:4]}{' ...' if len(v) > 4 else ''}"
+                 for label, v in (("missing", missing), ("unexpected", extra), ("wrong shapes", shapes)) if v]
+        raise ValueError(f"batch_stats does not match the BatchNorm statistics of {cfg.name} "
+                         f"(one run, variables['batch_stats']): {'; '.join(parts)}")
+
+
 def _rel(x, ref):
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), np.finfo(np.float64).tiny))
 
@@ -81,7 +103,8 @@ def fold(cfg: SWRN, latent: SharedParams, batch_stats: Any, *, tol: float = 1e-3
     Args:
       cfg: the :class:`pae.sharing.SWRN` the latent belongs to.
       latent: its template-bank latent (one run: no leading run axis).
-      batch_stats: the soft net's BatchNorm statistics.
+      batch_stats: the soft net's BatchNorm statistics (``variables['batch_stats']``, one run:
+        paths and shapes those of ``cfg.model``).
       tol: relative tolerance under which two blocks' coefficients coincide (>= 0).
       merge: ``"mean"`` or ``"first"``: the coefficients of a loop's kernels.
       absorb_scale: compare conv1 by direction and move its factor into the repeat's BatchNorm.
@@ -95,6 +118,7 @@ def fold(cfg: SWRN, latent: SharedParams, batch_stats: Any, *, tol: float = 1e-3
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     _check_tol(tol)
+    _check_batch_stats(cfg, batch_stats)
     n = cfg.blocks
     params = build(latent)
     mats = coefficient_matrices(latent)

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 from pae.core import Transform, identity, role_optimizer
-from pae.sharing.bank import COEFFICIENTS
-from pae.sharing.similarity import layer_similarity
+from pae.sharing.bank import COEFFICIENTS, coefficient_matrices
+from pae.sharing.similarity import similarity_matrix
 from pae.train.engine import Phase
 
 #: the official milestones as fractions of the 200 epochs
@@ -96,7 +96,8 @@ def sharing_optimizer(cfg: SharingConfig, steps_per_epoch: int) -> optax.Gradien
 def _lsm_metrics(state, ctx) -> dict:
     """Per group, the mean off-diagonal layer similarity (1: one layer repeated; 0: orthogonal)."""
     out = {}
-    for name, s in layer_similarity(state.params).items():
+    for name, (_, alpha) in coefficient_matrices(state.params).items():   # none: no rows (not raised)
+        s = similarity_matrix(alpha)
         n = s.shape[-1]
         out[f"lsm_{name}"] = (jnp.sum(s, axis=(-2, -1)) - jnp.trace(s, axis1=-2, axis2=-1)) / (n * (n - 1))
     return out

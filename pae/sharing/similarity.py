@@ -19,6 +19,9 @@ from pae.sharing.bank import coefficient_matrices
 
 def similarity_matrix(alpha: Any) -> jnp.ndarray:
     """``|cos|`` between the rows of ``alpha [..., L, k]``: ``[..., L, L]`` (float32, zero rows give 0)."""
+    if np.ndim(alpha) < 2:
+        raise ValueError(f"alpha must be a coefficient matrix [..., L, k] (layers x templates, at "
+                         f"least 2-D), got shape {np.shape(alpha)}")
     a = jnp.asarray(alpha, jnp.float32)
     norms = jnp.linalg.norm(a, axis=-1)
     inner = jnp.abs(jnp.einsum("...ik,...jk->...ij", a, a, precision="highest"))
@@ -28,8 +31,13 @@ def similarity_matrix(alpha: Any) -> jnp.ndarray:
 
 def layer_similarity(latent: Any) -> dict[str, jnp.ndarray]:
     """``{group: S [..., L, L]}``, one LSM per sharing group, rows in the group's layer order
-    (:func:`pae.sharing.layer_paths`); a parallel run's leading axes are kept."""
-    return {name: similarity_matrix(alpha) for name, (_, alpha) in coefficient_matrices(latent).items()}
+    (:func:`pae.sharing.layer_paths`); a parallel run's leading axes are kept. ValueError when
+    ``latent`` holds no sharing layer (it is not a :func:`pae.sharing.templates` latent)."""
+    mats = coefficient_matrices(latent)
+    if not mats:
+        raise ValueError(f"latent holds no sharing layer (pae.sharing.SharedKernel node): pass the "
+                         f"latent of pae.sharing.templates(...).init, got a {type(latent).__name__}")
+    return {name: similarity_matrix(alpha) for name, (_, alpha) in mats.items()}
 
 
 def plot_similarity(lsm: dict[str, Any], path=None, *, labels: dict[str, list[str]] | None = None,

@@ -259,3 +259,32 @@ def test_combine_and_build_with_a_leading_run_axis_match_each_run(runs, k):
     for r in range(runs):
         ref = sh.build(jax.tree.map(lambda x: x[r], stacked))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b, rtol=1e-5, atol=1e-5), out, ref)
+
+
+def test_num_templates_naming_a_group_that_does_not_exist_is_refused():
+    """A typo in a {group: k} mapping was ignored silently (the group got no bank of that size)."""
+    params = _tree(np.random.default_rng(7))
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match=r"names sharing groups \['c', 'stgae1'\] that match no group; "
+                                         r"groups found: \['a', 'b'\]"):
+        sh.templates(GROUPS, {"a": 2, "b": 2, "c": 5, "stgae1": 9})
+    # a grouper function declares nothing up front: refused at init, against the groups it found
+    by_shape = sh.group_by_shape(S.kernels() & S.path("Block|head"))
+    t = sh.templates(by_shape, {"13x4": 2, "3x2x5x7": 3, "3x3x5x7": 4})
+    with pytest.raises(ValueError, match=r"\['3x3x5x7'\] that match no group; groups found: "
+                                         r"\['13x4', '3x2x5x7'\]"):
+        t.init(params, key)
+    banks = sh.templates(by_shape, {"13x4": 2, "3x2x5x7": 3}).init(params, key).banks
+    assert {g: b.shape[0] for g, b in banks.items()} == {"13x4": 2, "3x2x5x7": 3}
+
+
+def test_pull_penalty_period_must_be_an_int_at_least_one():
+    """period 0 gave alpha[0:] - alpha[:-0] (an empty difference: 0), -1 compared other rows."""
+    latent = sh.templates(GROUPS, 3).init(_tree(np.random.default_rng(8)), jax.random.PRNGKey(0))
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="period must be an int >= 1"):
+            sh.pull_penalty(latent, bad)
+    a = np.asarray(sh.coefficient_matrices(latent)["a"][1], np.float64)
+    b = np.asarray(sh.coefficient_matrices(latent)["b"][1], np.float64)
+    want = np.sum((a[1:] - a[:-1]) ** 2) + np.sum((b[1:] - b[:-1]) ** 2)
+    np.testing.assert_allclose(float(sh.pull_penalty(latent, np.int64(1))), want, rtol=1e-5)

@@ -159,3 +159,26 @@ def test_bad_tol_and_loops_raise_errors_naming_the_argument():
         with pytest.raises(TypeError, match="loops must be per stage a tuple of int repeat counts"):
             sh.with_repeats(folded, bad)
     assert sh.with_repeats(folded, [[np.int64(3)], [2], [2]]).model.stage_loops() == ((3,), (2,), (2,))
+
+
+def test_batch_stats_must_be_the_soft_nets_statistics():
+    """The whole variables dict, None or another SWRN's statistics failed deep inside (KeyError,
+    TypeError) or were accepted; each is refused naming batch_stats."""
+    cfg, latent, stats = _soft(depth=16)
+    other = sh.swrn(22, 1, 2).model.init(jax.random.PRNGKey(0), X)["batch_stats"]
+    with pytest.raises(TypeError, match="batch_stats must be the soft net's BatchNorm statistics"):
+        sh.fold(cfg, latent, None)
+    with pytest.raises(TypeError, match="batch_stats must be"):
+        sh.fold(cfg, latent, [stats])
+    with pytest.raises(ValueError, match=r"batch_stats does not match .* SWRN-16-1-2.*missing"):
+        sh.fold(cfg, latent, {"params": sh.build(latent), "batch_stats": stats})
+    with pytest.raises(ValueError, match=r"batch_stats does not match .*unexpected \['WideBlock_6/"):
+        sh.fold(cfg, latent, other)
+    two_runs = jax.tree.map(lambda s: jnp.stack([s, s]), stats)
+    with pytest.raises(ValueError, match=r"wrong shapes \['BatchNorm_0/mean: \(2, 64\) \(want \(64,\)\)"):
+        sh.fold(cfg, latent, two_runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folded = sh.fold(cfg, latent, dict(stats))
+    np.testing.assert_array_equal(folded.variables["batch_stats"]["BatchNorm_0"]["mean"],
+                                  stats["BatchNorm_0"]["mean"])

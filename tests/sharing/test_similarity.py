@@ -78,3 +78,18 @@ def test_plot_similarity_writes_one_heatmap_per_group(tmp_path):
         sh.plot_similarity({"g": np.zeros((2, 3))})
     with pytest.raises(ValueError, match="no sharing group"):
         sh.plot_similarity({})
+
+
+def test_bad_input_is_refused_instead_of_giving_nothing():
+    """Plain params (no sharing layer) gave {}; a 1-D vector a meaningless [..., L, L]."""
+    rng = np.random.default_rng(3)
+    latent = _latent(rng)
+    with pytest.raises(ValueError, match="latent holds no sharing layer"):
+        sh.layer_similarity(sh.build(latent))
+    with pytest.raises(ValueError, match="latent holds no sharing layer"):
+        sh.layer_similarity({"kernel": np.ones((2, 3))})
+    for bad in (np.ones(3), np.float32(1.0), [1.0, 2.0]):
+        with pytest.raises(ValueError, match=r"alpha must be a coefficient matrix \[\.\.\., L, k\]"):
+            sh.similarity_matrix(bad)
+    a = rng.normal(size=(4, 3))
+    np.testing.assert_allclose(sh.similarity_matrix(a), _np_lsm(a), rtol=1e-5, atol=1e-6)
