@@ -16,7 +16,10 @@ Storage: ``pallas_kernels`` stores 1, 2, 3, 4 and 8-bit codes; a 5, 6 or 7-bit l
 :func:`size_bytes` counts those 8 bits. Convolutions (``flax.linen.Conv``, zero padding, any
 strides/dilations, ``feature_group_count=1``) are lowered to patches with
 ``lax.conv_general_dilated_patches``, whose features are ordered (Cin, kh, kw), so the kernel is
-transposed to that row order and an input channel owns ``kh * kw`` consecutive rows.
+transposed to that row order and an input channel owns ``kh * kw`` consecutive rows. Where
+``packed_matmul`` would only dequantize the weight for an XLA GEMM (the CPU reference path; large M
+on a GPU), the conv instead runs XLA's convolution of the dequantized kernel
+(:func:`conv_lowering`): the same values, without the patches matrix.
 
 DenseGeneral kernels (attention's q/k/v ``(in, heads, head_dim)`` and out ``(heads, head_dim, out)``;
 their layout ``k_axes``, the number of leading contracted axes, comes from
@@ -92,6 +95,7 @@ import numpy as np
 from jax import lax
 
 import pallas_kernels as pk
+from pallas_kernels.dispatch import plan
 from pae.core import is_node
 from pae.quant import activations as qa
 from pae.quant import noise as qn
@@ -320,12 +324,29 @@ def _conv(path: str, mod: nn.Conv, x, layer: PackedLayer, backend: str):
         raise NotImplementedError(f"export: {path!r} has {nd} spatial dims; at most 3 are supported")
     dn = lax.conv_dimension_numbers(x.shape, layer.kernel_shape,
                                     (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-    patches = lax.conv_general_dilated_patches(
-        x, ks, tup(mod.strides), padding, lhs_dilation=tup(mod.input_dilation),
-        rhs_dilation=tup(mod.kernel_dilation), dimension_numbers=dn, precision=lax.Precision.HIGHEST)
-    out_sp = patches.shape[:-1]
-    y = matmul(patches.reshape(-1, patches.shape[-1]), layer, backend)
-    return y.reshape(batch + out_sp[1:] + (layer.kernel_shape[-1],))
+    geometry = dict(window_strides=tup(mod.strides), padding=padding,
+                    lhs_dilation=tup(mod.input_dilation), rhs_dilation=tup(mod.kernel_dilation),
+                    dimension_numbers=dn)
+    out = jax.eval_shape(lambda v: lax.conv_general_dilated(
+        v, jnp.zeros(layer.kernel_shape, v.dtype), **geometry), x).shape
+    if conv_lowering(backend, int(np.prod(out[:-1])), layer, x.dtype) == "dequantized":
+        y = lax.conv_general_dilated(x, dequantize_layer(layer).astype(x.dtype), **geometry,
+                                     precision=mod.precision)
+    else:
+        patches = lax.conv_general_dilated_patches(x, ks, **geometry, precision=lax.Precision.HIGHEST)
+        y = matmul(patches.reshape(-1, patches.shape[-1]), layer, backend).reshape(out)
+    return y.reshape(batch + out[1:])
+
+
+def conv_lowering(backend: str, m: int, layer: PackedLayer, x_dtype) -> str:
+    """How an exported conv with ``m`` output positions runs: ``"dequantized"`` when
+    ``packed_matmul`` would dequantize every piece of the layer for an XLA GEMM anyway (the
+    ``"reference"`` path on CPU, ``"xla_dequant"`` at large M on a GPU): then XLA's own convolution
+    of the dequantized kernel (the same values, without a patches matrix ``kh * kw`` times the
+    input, which costs more than the conv at few output channels); else ``"patches"``: the patches
+    through the packed kernel."""
+    paths = {plan(backend, m, p, x_dtype).path for p in layer.packed}
+    return "dequantized" if paths <= {"reference", "xla_dequant"} else "patches"
 
 
 @jax.jit

@@ -1,5 +1,7 @@
 """Export: packed logits == phase-2 logits (dense and conv, both segments and one-level layers, both
 granularities), the permutation and codes against NumPy, honest sizes, bad input."""
+import importlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,8 +56,21 @@ def _phase2(model, x, granularity, learned_range, seed):
     return q.assign_palette(jax.device_get(latent), count_overhead=False), stats
 
 
+@pytest.fixture(params=["dequantized", "patches"])
+def lowering(request, monkeypatch):
+    """Both conv lowerings (on CPU the default is "dequantized"); the calls that took it."""
+    qe = importlib.import_module("pae.quant.export")
+    calls = []
+
+    def forced(backend, m, layer, x_dtype):
+        calls.append(m)
+        return request.param
+    monkeypatch.setattr(qe, "conv_lowering", forced)
+    return calls
+
+
 @pytest.mark.parametrize("granularity,learned_range", [("input", False), ("output", True)])
-def test_export_logits_equal_the_phase_two_model(granularity, learned_range):
+def test_export_logits_equal_the_phase_two_model(granularity, learned_range, lowering):
     model = Net()
     x = jax.random.normal(jax.random.PRNGKey(0), (5, 9, 11, 3))
     latent, stats = _phase2(model, x, granularity, learned_range, seed=3)
@@ -64,6 +79,8 @@ def test_export_logits_equal_the_phase_two_model(granularity, learned_range):
     ex = q.export(model, latent, stats)
     got = jax.jit(ex.apply)(ex.tree, x)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    # both convs, M = batch x output positions (Conv_1: W = 6 + 2 + 1 - 2 * (3 - 1) = 5)
+    assert lowering == [5 * 9 * 6, 5 * 9 * 5]
     layers = ex.tree["layers"]
     assert set(layers) == {"Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel", "Dense_1/kernel"}
     assert len(layers["Conv_0/kernel"].bits) == 1                      # one-level layer
@@ -170,7 +187,7 @@ def test_inputs_are_promoted_as_flax_promotes_them(x_dtype, module_dtype, want_d
 
 
 @pytest.mark.parametrize("padding", ["same", "SAME_LOWER", "valid", "CIRCULAR"])
-def test_padding_strings_as_lax_reads_them(padding):
+def test_padding_strings_as_lax_reads_them(padding, lowering):
     class C(nn.Module):
         @nn.compact
         def __call__(self, x, train=False):
@@ -186,6 +203,25 @@ def test_padding_strings_as_lax_reads_them(padding):
         return
     want = C().apply({"params": q.palette_quantizer().apply(latent, None)}, x)
     np.testing.assert_allclose(ex.apply(ex.tree, x), want, rtol=1e-4, atol=1e-5)
+    assert len(lowering) == 1
+
+
+def test_conv_lowering_dequantizes_only_where_the_gemm_would(monkeypatch):
+    """CPU: the reference GEMM dequantizes, so XLA's conv of the dequantized kernel runs; a GPU runs
+    the patches through the packed kernel below LARGE_M_CROSSOVER output positions and dequantizes
+    at or above it (dispatch's "xla_dequant")."""
+    import pallas_kernels.dispatch as dispatch
+    qe = importlib.import_module("pae.quant.export")
+    x = jnp.ones((1, 6, 6, 3))
+    params = nn.Conv(4, (3, 3)).init(jax.random.PRNGKey(0), x)["params"]
+    ex = q.export(nn.Conv(4, (3, 3)), q.assign_palette(jax.device_get(
+        q.noise_injection().init({"Conv_0": params}, None))))
+    layer = ex.tree["layers"]["Conv_0/kernel"]
+    assert qe.conv_lowering("auto", 36, layer, jnp.float32) == "dequantized"
+    monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+    big = dispatch.LARGE_M_CROSSOVER
+    assert qe.conv_lowering("auto", big - 1, layer, jnp.float32) == "patches"
+    assert qe.conv_lowering("auto", big, layer, jnp.float32) == "dequantized"
 
 
 def test_a_masked_convolution_is_refused():
