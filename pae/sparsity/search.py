@@ -337,8 +337,8 @@ def cs_search(task: Task, cfg: SearchConfig, s_init: float | Sequence[float],
     ``s_init`` a float: one run. A sequence: a *parallel* search, one run per value in one compiled
     program (``jax.vmap`` over a leading run axis; same data order and initial weights as the single
     runs). ``checkpoint_dir``: the engine's checkpoints (every epoch); a second call resumes where the
-    first stopped and ends equal to an uninterrupted run. Another driver, model, config or ``s_init``
-    in that directory raises :class:`pae.train.CheckpointError`.
+    first stopped and ends equal to an uninterrupted run. Another driver, model, training set, config
+    or ``s_init`` in that directory raises :class:`pae.train.CheckpointError`.
     """
     batched = _runs_of("s_init", s_init)
     task = _as_task(task)

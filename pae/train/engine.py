@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -513,10 +515,37 @@ def _summarize(prefix: str, sums, text: bool) -> dict:
     return {k: _to_row_value(v) for k, v in out.items()}
 
 
+_FINGERPRINT_ROWS = 8
+
+
+def data_fingerprint(source) -> dict:
+    """``{"examples": n, "rows": checksum}`` of a training source: its size and a checksum of up to
+    8 evenly spaced raw examples (before augmentation), so a checkpoint of other data is refused."""
+    n = len(source)
+    if n == 0:
+        return {"examples": 0, "rows": None}
+    rows = np.unique(np.linspace(0, n - 1, min(n, _FINGERPRINT_ROWS)).astype(np.int64))
+    return {"examples": int(n), "rows": tree_checksum(source.take(rows, None))}
+
+
+def _model_repr(model) -> str:
+    """The model's repr on one line without memory addresses (a digest of it when long)."""
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(repr(model).split()))
+    return text if len(text) <= 300 else "digest " + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def _identity_of(task: Task, runs, extra) -> dict:
-    ident = {"model": type(task.model).__name__,
+    """What a checkpoint must match to be resumed: model (class and fields), training data, runs."""
+    ident = {"model": type(task.model).__name__, "model_repr": _model_repr(task.model),
+             "data": data_fingerprint(task.train),
              "runs": None if runs is None else int(jax.tree.leaves(runs)[0].shape[0])}
     return json.loads(json.dumps({**ident, **(extra or {})}, default=str))
+
+
+def _identity_differences(saved, now: dict) -> str:
+    """The keys in which two identities differ, e.g. ``"data, model_repr"``."""
+    saved = saved if isinstance(saved, dict) else {}
+    return ", ".join(sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)))
 
 
 def _phase_list(phases: Sequence[Phase]) -> list:
@@ -609,7 +638,8 @@ def _resume(ckpt, step, programs, phases, state, mesh, extend_last, data_order, 
     meta = ckpt.read_meta(step)
     where = f"{ckpt.directory}/{step}"
     if meta.get("identity") != ckpt.identity:
-        raise CheckpointError(f"checkpoint {where} belongs to a different run: saved "
+        raise CheckpointError(f"checkpoint {where} belongs to a different run (they differ in "
+                              f"{_identity_differences(meta.get('identity'), ckpt.identity)}): saved "
                               f"{meta.get('identity')}, this run is {ckpt.identity}. Use another directory.")
     saved_order = meta.get("data_order", data_order)   # (checkpoints written before it was saved)
     changed = [f"{k}: {saved_order.get(k)!r} -> {v!r}" for k, v in data_order.items()
@@ -651,7 +681,8 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
       checkpoint_dir: orbax checkpoints every ``checkpoint_every`` epochs and at every phase end
         (last ``keep_checkpoints`` kept); an existing one is resumed. ``identity``: extra values that
         must match for a checkpoint to be resumed (e.g. the method's config), beside ``seed``,
-        ``batch_size`` and ``drop_remainder``. A saved run resumes
+        ``batch_size``, ``drop_remainder``, the model's fields and the training set's fingerprint
+        (:func:`data_fingerprint`). A saved run resumes
         when ``phases`` starts with its phase list (appended phases are safe); ``extend_last_phase``
         also lets its last phase have more epochs now. ``on_damaged_checkpoint``: ``"raise"`` a
         :class:`~pae.train.checkpoint.DamagedCheckpointError` naming the step and item, or

@@ -1,4 +1,6 @@
 """Ticket searches resume from their orbax checkpoints exactly where an interruption stopped them."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -70,3 +72,15 @@ def test_interrupted_imp_resumes_and_extends(task, tmp_path):
     assert sp.imp_search(task, cfg, levels=3, checkpoint_dir=tmp_path) == full  # one more level
     with pytest.raises(CheckpointError, match="another phase list"):  # fewer levels: not this run
         sp.imp_search(task, cfg, levels=1, checkpoint_dir=tmp_path)
+
+
+def test_a_cs_checkpoint_of_other_training_data_is_refused(task, tmp_path):
+    """Same model, config and shapes, other training examples: the resume is refused, not mixed."""
+    cfg = sp.SearchConfig(**{**vars(CFG), "rounds": 1})
+    with pytest.raises(Interrupted):
+        sp.cs_search(task, cfg, -0.02, ticket=False, checkpoint_dir=tmp_path, callbacks=_interrupt_after(1))
+    other = dataclasses.replace(task, train=task.train.subset(np.roll(np.arange(len(task.train)), 1)))
+    with pytest.raises(CheckpointError, match="different run \\(they differ in data\\)"):
+        sp.cs_search(other, cfg, -0.02, ticket=False, checkpoint_dir=tmp_path)
+    resumed = sp.cs_search(task, cfg, -0.02, ticket=False, checkpoint_dir=tmp_path)
+    _assert_trees_equal(resumed.searched, sp.cs_search(task, cfg, -0.02, ticket=False).searched)

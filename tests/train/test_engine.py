@@ -366,3 +366,22 @@ def test_a_checkpoint_is_not_resumed_with_other_batches(task, tmp_path, kwargs, 
     with pytest.raises(CheckpointError, match=f"other batches: {says}"):
         run(**kwargs)
     assert [r["epoch"] for r in run().history] == [1, 2]
+
+
+@pytest.mark.parametrize("other, differs", [
+    (lambda: make_task(MLP(), _data(seed=1)), "data"),                         # same shapes, other rows
+    (lambda: make_task(MLP(), {k: (x[:90], y[:90]) for k, (x, y) in _data().items()}), "data"),
+    (lambda: make_task(MLP(width=7), _data()), "model_repr")])                 # same class, other fields
+def test_a_checkpoint_of_another_task_is_refused_and_the_same_task_resumes(task, tmp_path, other, differs):
+    """The identity holds a fingerprint of the training set and the model's fields: resuming a
+    checkpoint written on other data (same shapes) would silently mix two training sets."""
+    def stop(row, state):
+        raise _Stop
+    run = lambda t, **kw: train_phases(t, [Phase("a", 2, _adam)], init_state(t.model, t.example, 0),  # noqa
+                                       batch_size=32, checkpoint_dir=tmp_path, **kw)
+    with pytest.raises(_Stop):
+        run(task, callbacks=[stop])
+    with pytest.raises(CheckpointError, match=f"different run \\(they differ in {differs}\\)"):
+        run(other())
+    again = make_task(MLP(), _data())                      # the same task built again resumes
+    assert [r["epoch"] for r in run(again).history] == [1, 2]
