@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -67,9 +67,42 @@ def _first_line(err: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+_LEAF_TYPES = (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def _leaf_dtype(path, leaf) -> np.dtype:
+    """The dtype ``leaf`` is checkpointed with: JAX's canonical one (float64 -> float32, int64 ->
+    int32 without x64), as the run would hold it. TypeError naming a leaf that is not a number."""
+    if not isinstance(leaf, _LEAF_TYPES):
+        raise TypeError(f"checkpoint leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}; "
+                        f"a checkpoint holds arrays and numbers only")
+    return np.dtype(jax.dtypes.canonicalize_dtype(leaf.dtype if hasattr(leaf, "dtype")
+                                                  else np.asarray(leaf).dtype))
+
+
+def _canonical_leaf(path, leaf):
+    """A host leaf (NumPy array or scalar, Python number) cast to its canonical dtype; device arrays
+    unchanged. ValueError when an integer does not fit it (it would wrap)."""
+    dtype = _leaf_dtype(path, leaf)
+    if isinstance(leaf, jax.Array):
+        return leaf
+    host = np.asarray(leaf)
+    cast = host.astype(dtype)
+    if host.dtype.kind in "iu" and not np.array_equal(cast, host):
+        raise ValueError(f"checkpoint leaf {jax.tree_util.keystr(path)} holds integers beyond {dtype} "
+                         f"(enable jax_enable_x64 to keep {host.dtype})")
+    return cast
+
+
+def _canonical_tree(tree: Any) -> Any:
+    """``tree`` with every host leaf in the dtype JAX gives it (see :func:`_canonical_leaf`)."""
+    return jax.tree_util.tree_map_with_path(_canonical_leaf, tree)
+
+
 def tree_signature(tree: Any) -> dict[str, str]:
-    """``{path: "dtype[shape]"}`` for every array leaf: what a compatible checkpoint must match."""
-    return {jax.tree_util.keystr(path): f"{leaf.dtype}{list(leaf.shape)}"
+    """``{path: "dtype[shape]"}`` for every array leaf (canonical dtypes): what a compatible
+    checkpoint must match."""
+    return {jax.tree_util.keystr(path): f"{_leaf_dtype(path, leaf)}{list(np.shape(leaf))}"
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -92,19 +125,34 @@ def _abstract(tree: Any) -> Any:
     leaves without a sharding: this process's first device)."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def spec(x):
-        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=getattr(x, "sharding", None) or device)
+    def spec(path, x):
+        return jax.ShapeDtypeStruct(np.shape(x), _leaf_dtype(path, x),
+                                    sharding=getattr(x, "sharding", None) or device)
 
-    return jax.tree.map(spec, tree)
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def _plain_identity(identity: Any) -> dict:
+    """``identity`` as it reads back from JSON (tuples -> lists, keys -> str, NumPy scalars -> str),
+    so that a checkpoint's saved identity equals its writer's."""
+    if not isinstance(identity, Mapping):
+        raise TypeError(f"identity must be a mapping of JSON-like values, got {type(identity).__name__}")
+    try:
+        return json.loads(json.dumps(dict(identity), default=str, allow_nan=False))
+    except TypeError as err:
+        raise TypeError(f"identity must be a mapping of JSON-like values: {err}") from None
+    except ValueError:
+        raise ValueError(f"identity must hold finite numbers (NaN never equals itself), got "
+                         f"{identity!r}") from None
 
 
 class Checkpointer:
     """Saves and restores :class:`TrainState` under ``directory`` with orbax, keeping the last N.
 
     ``identity`` (e.g. ``{"model": "resnet20", "dataset": "cifar10"}``) is stored with every step and
-    must match on restore. ``verify``: read every write back and check it before deleting older steps
-    (one extra read of each checkpoint; ``False`` trusts the file system).
+    must match on restore; it is kept as it reads back from JSON (tuples as lists, keys as strings).
+    ``verify``: read every write back and check it before deleting older steps (one extra read of
+    each checkpoint; ``False`` trusts the file system).
     """
 
     def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], max_to_keep: int = 3,
@@ -114,7 +162,7 @@ class Checkpointer:
         if not isinstance(verify, bool):
             raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
         self.directory = os.path.abspath(os.fspath(directory))
-        self.identity = dict(identity)
+        self.identity = _plain_identity(identity)
         self.max_to_keep = max_to_keep
         self.verify = verify
         self._manager = self._make_manager()
@@ -134,7 +182,9 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, history: list[dict] | None = None, **extra: Any) -> None:
         """Write ``state`` (and the metric ``history``, and JSON ``extra`` values such as the
-        engine's position) as checkpoint ``step``; blocks until on disk."""
+        engine's position) as checkpoint ``step``; blocks until on disk. Host leaves (NumPy arrays,
+        Python numbers) are saved in JAX's dtypes (float32, int32 without x64), as restored."""
+        state = _canonical_tree(state)
         history = history or []
         meta = {"identity": self.identity, "signature": tree_signature(state), "history": history,
                 "checksums": tree_checksums(state), "history_checksum": history_checksum(history),

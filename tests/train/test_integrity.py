@@ -273,3 +273,47 @@ def test_checkpointer_arguments_are_checked():
         Checkpointer("/tmp/unused", {}, max_to_keep=0)
     with pytest.raises(TypeError, match="verify must be a bool"):
         Checkpointer("/tmp/unused", {}, verify="yes")
+    with pytest.raises(TypeError, match="identity must be a mapping"):
+        Checkpointer("/tmp/unused", [("run", 1)])
+    with pytest.raises(ValueError, match="identity must hold finite numbers"):
+        Checkpointer("/tmp/unused", {"lr": float("nan")})
+
+
+@pytest.mark.parametrize("identity", [{"widths": (300, 100)}, {"lr": np.float32(0.1)}, {1: "a"}],
+                         ids=["tuple", "numpy scalar", "int key"])
+def test_an_identity_that_json_changes_is_saved_and_resumed(tmp_path, identity):
+    """The identity is compared as it reads back from JSON: tuples, NumPy scalars and int keys
+    failed the checkpointer's own read-back of every save."""
+    from pae.train import CheckpointError, Checkpointer
+    state = {"w": jnp.arange(4.0)}
+    Checkpointer(tmp_path, identity).save(1, state)
+    assert not glob.glob(str(tmp_path / "*.damaged*"))
+    _equal(Checkpointer(tmp_path, dict(identity)).restore(1, state)[0], state)   # a later run resumes
+    with pytest.raises(CheckpointError, match="different run"):
+        Checkpointer(tmp_path, {"widths": (300, 200)}).restore(1, state)
+
+
+def test_host_leaves_are_saved_in_jax_dtypes_and_restored(tmp_path):
+    """float64/int64 NumPy arrays and Python numbers (x64 off) are saved as float32/int32, the dtypes
+    a restore gives them; they were reported as damaged (and moved aside), a Python int failed."""
+    from pae.train import Checkpointer
+    state = {"w": np.linspace(0, 1, 5), "n": np.arange(3), "step": 3, "lr": 0.5, "flag": np.bool_(True)}
+    ckpt = Checkpointer(tmp_path, {"run": 1})
+    ckpt.save(1, state)
+    assert ckpt.all_steps() == [1] and not glob.glob(str(tmp_path / "*.damaged*"))
+    restored, _ = ckpt.restore(1, state)
+    assert {k: str(v.dtype) for k, v in restored.items()} == {
+        "w": "float32", "n": "int32", "step": "int32", "lr": "float32", "flag": "bool"}
+    for k, v in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(v, restored[k].dtype))
+    _equal(ckpt.restore(1, jax.tree.map(jnp.asarray, state))[0], restored)   # device targets too
+
+
+def test_leaves_a_checkpoint_cannot_hold_are_refused_naming_them(tmp_path):
+    from pae.train import Checkpointer
+    ckpt = Checkpointer(tmp_path, {"run": 1})
+    with pytest.raises(TypeError, match=r"leaf \['opt'\]\['name'\] is a str"):
+        ckpt.save(1, {"w": np.zeros(2, np.float32), "opt": {"name": "sgd"}})
+    with pytest.raises(ValueError, match=r"leaf \['n'\] holds integers beyond int32"):
+        ckpt.save(1, {"n": np.array([2 ** 40])})
+    assert ckpt.all_steps() == []
