@@ -37,6 +37,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from concurrent import futures
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -84,18 +85,37 @@ class Task:
 _EVAL_SPLITS = (("validation", "val"), ("test", "test"))
 
 
+def _eval_split_names(eval_splits, available, default: Sequence[str]) -> list:
+    """The splits to evaluate: ``eval_splits`` (each must exist), or ``default`` (those that exist)
+    when it is None. TypeError for a bare string or non-string names."""
+    if eval_splits is None:
+        return [s for s in default if s in available]
+    if isinstance(eval_splits, (str, bytes)) or not isinstance(eval_splits, Iterable) or not all(
+            isinstance(s, str) for s in eval_splits):
+        raise TypeError(f"eval_splits must be a sequence of split names such as ('test',), got "
+                        f"{eval_splits!r}")
+    unknown = [s for s in eval_splits if s not in available]
+    if unknown:
+        raise ValueError(f"eval_splits names splits the data does not have: {unknown}; available: "
+                         f"{sorted(available)}")
+    return list(eval_splits)
+
+
 def make_task(model, data, *, mesh=None, augment: bool | None = None,
-              eval_splits: Sequence[str] = ("validation", "test")) -> Task:
+              eval_splits: Sequence[str] | None = None) -> Task:
     """A :class:`Task` from a model and a :class:`pae.data.Dataset` or arrays.
 
     ``data``: a ``Dataset`` (its transforms, ``augment`` as in ``Dataset.transform``), or a mapping
     ``{"train": (inputs, targets), "test": (inputs, targets), ...}`` of in-memory arrays (inputs fed
-    to the model as they are). ``mesh`` defaults to all devices.
+    to the model as they are). ``eval_splits``: the splits to evaluate, each of which must exist;
+    None: a Dataset's ``"validation"`` (if it has one) and ``"test"``, a mapping's every split but
+    ``"train"``. ``mesh`` defaults to all devices.
     """
     mesh = distributed.data_mesh() if mesh is None else mesh
     prefixes = dict(_EVAL_SPLITS)
     if isinstance(data, pdata.Dataset):
-        evals = {prefixes.get(s, s): data[s] for s in eval_splits if s in data.splits}
+        names = _eval_split_names(eval_splits, data.splits, ("validation", "test"))
+        evals = {prefixes.get(s, s): data[s] for s in names}
         return Task(model, data["train"], evals, data.transform(True, augment), data.transform(False),
                     np.asarray(data.example_inputs()), mesh, data.kind == "text")
     if not isinstance(data, Mapping) or "train" not in data:
@@ -107,7 +127,8 @@ def make_task(model, data, *, mesh=None, augment: bool | None = None,
             raise TypeError(f"data[{split!r}] must be a pair (inputs, targets)")
         sources[split] = pdata.ArraySource({"inputs": np.asarray(arrays[0]),
                                             "targets": np.asarray(arrays[1])})
-    evals = {prefixes.get(s, s): src for s, src in sources.items() if s != "train"}
+    names = _eval_split_names(eval_splits, sources, [s for s in sources if s != "train"])
+    evals = {prefixes.get(s, s): sources[s] for s in names}
     return Task(model, sources["train"], evals, None, None, sources["train"].arrays["inputs"][:1], mesh)
 
 

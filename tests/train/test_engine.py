@@ -385,3 +385,23 @@ def test_a_checkpoint_of_another_task_is_refused_and_the_same_task_resumes(task,
         run(other())
     again = make_task(MLP(), _data())                      # the same task built again resumes
     assert [r["epoch"] for r in run(again).history] == [1, 2]
+
+
+def test_make_task_evaluates_exactly_the_named_splits_and_refuses_unknown_ones():
+    """A typo or a bare string gave a task with no evaluation at all (drivers failed later)."""
+    from pae.data import load_dataset
+    ds = load_dataset("digits")                                  # train and test, no validation
+    assert list(make_task(MLP(), ds).evals) == ["test"]          # the default's validation may be missing
+    assert list(make_task(MLP(), load_dataset("digits", val_size=50)).evals) == ["val", "test"]
+    assert list(make_task(MLP(), ds, eval_splits=["test"]).evals) == ["test"]
+    with pytest.raises(TypeError, match="eval_splits must be a sequence of split names .*got 'test'"):
+        make_task(MLP(), ds, eval_splits="test")
+    with pytest.raises(ValueError, match=r"does not have: \['tset'\]; available: \['test', 'train'\]"):
+        make_task(MLP(), ds, eval_splits=("tset",))
+    with pytest.raises(ValueError, match=r"does not have: \['validation'\]"):
+        make_task(MLP(), ds, eval_splits=("validation", "test"))
+    arrays = {**_data(), "ood": _data(seed=3)["test"]}
+    assert list(make_task(MLP(), arrays).evals) == ["test", "ood"]   # a mapping: every split but train
+    assert list(make_task(MLP(), arrays, eval_splits=("ood",)).evals) == ["ood"]
+    with pytest.raises(ValueError, match=r"does not have: \['val'\]"):
+        make_task(MLP(), arrays, eval_splits=("val",))
