@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -60,6 +61,23 @@ SAFE_CHANGES = ("data_dir", "checkpoint_every", "keep_checkpoints", "name")
 
 class ConfigChangedError(CheckpointError):
     """A run directory holds a run of another config: resuming it with this one is refused."""
+
+
+def _check_int(field: str, value, low: int) -> None:
+    """TypeError unless ``value`` is an int (not a bool); ValueError below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{field} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{field} must be >= {low}, got {value}")
+
+
+def _check_real(field: str, value, low: float, high: float) -> None:
+    """A real number in ``[low, high)`` (finite); names ``field`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{field} must be a number, got {value!r}")
+    if not (np.isfinite(value) and low <= value < high):
+        allowed = f">= {low:g} and finite" if high == np.inf else f"in [{low:g}, {high:g})"
+        raise ValueError(f"{field} must be {allowed}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +120,19 @@ class TrainConfig:
     keep_checkpoints: int = _field(3, "checkpoints kept (the newest)")
 
     def __post_init__(self):
-        positive = ("epochs", "batch_size", "keep_checkpoints")
-        for field in positive:
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
-        for field in ("eval_batch_size", "checkpoint_every", "val_size", "warmup_epochs"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        for field, low in (("epochs", 1), ("batch_size", 1), ("keep_checkpoints", 1), ("seq_len", 1),
+                           ("eval_batch_size", 0), ("checkpoint_every", 0), ("val_size", 0),
+                           ("warmup_epochs", 0), ("seed", 0)):
+            _check_int(field, getattr(self, field), low)
+        for field, low, high in (("momentum", 0.0, 1.0), ("weight_decay", 0.0, np.inf),
+                                 ("lr_decay", 0.0, np.inf)):
+            _check_real(field, getattr(self, field), low, high)
+        if self.lr_decay == 0:
+            raise ValueError(f"lr_decay must be > 0, got {self.lr_decay}")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs must be below epochs={self.epochs} (the lr would never "
+                             f"reach learning_rate), got {self.warmup_epochs}")
+        self._check_milestones()
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -116,6 +140,20 @@ class TrainConfig:
         if not np.isfinite(self.learning_rate) or self.learning_rate < 0:
             raise ValueError(f"learning_rate must be finite and >= 0, got {self.learning_rate}")
         pmodels.model_kind(self.model)  # unknown model -> ValueError naming the known ones
+
+    def _check_milestones(self) -> None:
+        """Milestones are increasing epochs in (0, epochs), used only by the step schedule."""
+        if isinstance(self.milestones, (str, bytes)) or np.ndim(self.milestones) != 1:
+            raise TypeError(f"milestones must be a sequence of epochs, got {self.milestones!r}")
+        if len(self.milestones) and self.schedule != "step":
+            raise ValueError(f"milestones {tuple(self.milestones)} have no effect with schedule="
+                             f"{self.schedule!r}; use schedule='step' or no milestones")
+        for m in self.milestones:
+            _check_int("milestones", m, 1)
+        if not all(0 < m < self.epochs for m in self.milestones) or \
+                list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"milestones must be increasing epochs in (0, epochs={self.epochs}), got "
+                             f"{tuple(self.milestones)}")
 
     @property
     def run_name(self) -> str:

@@ -109,8 +109,8 @@ def test_a_changed_config_is_refused_naming_old_and_new_and_changes_nothing(tmp_
     with pytest.raises(ConfigChangedError, match="epochs: 2 -> 4.*extend=True"):   # not without extend
         run(_config(epochs=4), workdir=str(tmp_path), progress=False)
     with pytest.raises(ConfigChangedError, match="optimizer: 'nesterov' -> 'adam'.*milestones: \\[\\] -> \\[1\\]"):
-        run(_config(epochs=4, optimizer="adam", milestones=(1,)), workdir=str(tmp_path), progress=False,
-            extend=True)   # extend allows more epochs, nothing else
+        run(_config(epochs=4, optimizer="adam", schedule="step", milestones=(1,)), workdir=str(tmp_path),
+            progress=False, extend=True)   # extend allows more epochs, nothing else
     assert directory_bytes(tmp_path) == before
 
     # extend: the saved run trains on from its saved epoch (its rows and state are kept)
@@ -157,6 +157,40 @@ def test_schedules_per_epoch():
         make_schedule("linear", 0.1, 10, 4)
     with pytest.raises(ValueError, match="milestones"):
         make_schedule("step", 0.1, 10, 4, milestones=(3, 2))
+
+
+@pytest.mark.parametrize("kwargs, error, says", [
+    ({"momentum": float("nan")}, ValueError, r"momentum must be in \[0, 1\), got nan"),
+    ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\), got 1.5"),
+    ({"momentum": -0.9}, ValueError, "momentum must be in"),
+    ({"momentum": "0.9"}, TypeError, "momentum must be a number"),
+    ({"weight_decay": float("inf")}, ValueError, "weight_decay must be >= 0 and finite, got inf"),
+    ({"lr_decay": float("nan")}, ValueError, "lr_decay must be"),
+    ({"lr_decay": 0.0}, ValueError, "lr_decay must be > 0"),
+    ({"schedule": "step", "milestones": (50,), "epochs": 5}, ValueError,
+     r"milestones must be increasing epochs in \(0, epochs=5\), got \(50,\)"),
+    ({"schedule": "step", "milestones": (3, 2), "epochs": 5}, ValueError, "milestones must be increasing"),
+    ({"schedule": "step", "milestones": (2.5,), "epochs": 5}, TypeError, "milestones must be an int"),
+    ({"schedule": "cosine", "milestones": (2, 3), "epochs": 5}, ValueError,
+     "milestones \(2, 3\) have no effect with schedule='cosine'"),
+    ({"warmup_epochs": 5, "epochs": 5, "schedule": "constant"}, ValueError,
+     "warmup_epochs must be below epochs=5"),
+    ({"epochs": 2.5}, TypeError, "epochs must be an int, got 2.5"),
+    ({"epochs": "5"}, TypeError, "epochs must be an int, got '5'"),
+    ({"seed": -1}, ValueError, "seed must be >= 0, got -1"),
+    ({"seed": None}, TypeError, "seed must be an int, got None"),
+    ({"batch_size": True}, TypeError, "batch_size must be an int, got True")])
+def test_config_fields_out_of_range_are_refused_naming_them(kwargs, error, says):
+    """These were accepted silently: SGD diverging, a decay after the run, a warm-up never ending."""
+    with pytest.raises(error, match=says):
+        TrainConfig(**kwargs)
+
+
+def test_config_defaults_and_valid_edges_are_accepted():
+    assert TrainConfig().schedule == "cosine" and TrainConfig().milestones == ()   # default: no milestones
+    assert TrainConfig(schedule="step", milestones=[2, 4], epochs=5, momentum=0.0,
+                       weight_decay=0.0).milestones == [2, 4]
+    assert TrainConfig(warmup_epochs=4, epochs=5, seed=np.int64(3)).seed == 3
 
 
 def test_bad_configs_fail_clearly(tmp_path):
