@@ -22,14 +22,39 @@ def maybe_initialize_distributed() -> bool:
     if jax.process_count() > 1 or getattr(jax.distributed, "is_initialized", lambda: False)():
         return False
     if address := os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]),
-                                   int(os.environ["JAX_PROCESS_ID"]))
+        count, index = _launch_processes(os.environ)
+        jax.distributed.initialize(address, count, index)
         return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or \
-            int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    if _env_int(os.environ, "SLURM_NTASKS", "1") > 1 or \
+            _env_int(os.environ, "OMPI_COMM_WORLD_SIZE", "1") > 1:
         jax.distributed.initialize()
         return True
     return False
+
+
+def _env_int(env, name: str, default: str | None = None) -> int:
+    """The integer environment variable ``name`` (``default`` when unset); ValueError naming it."""
+    text = env.get(name, default)
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"the environment variable {name} must be an integer, got {text!r}") from None
+
+
+def _launch_processes(env) -> tuple[int, int]:
+    """``(JAX_NUM_PROCESSES, JAX_PROCESS_ID)`` of a launch that sets ``JAX_COORDINATOR_ADDRESS``;
+    ValueError naming a variable that is missing, not an integer or out of range."""
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+    if missing:
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not: a multi-process launch sets "
+                         f"JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or none of them)")
+    count, index = _env_int(env, "JAX_NUM_PROCESSES"), _env_int(env, "JAX_PROCESS_ID")
+    if count < 1:
+        raise ValueError(f"JAX_NUM_PROCESSES must be >= 1, got {count}")
+    if not 0 <= index < count:
+        raise ValueError(f"JAX_PROCESS_ID must be in [0, JAX_NUM_PROCESSES={count}), got {index}")
+    return count, index
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -23,6 +23,33 @@ def test_multi_host_launch_is_detected_from_environment(monkeypatch):
     assert distributed.maybe_initialize_distributed() is True and calls[-1] == ((), {})
 
 
+@pytest.mark.parametrize("env, says", [
+    ({"JAX_PROCESS_ID": "0"}, "JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES is not"),
+    ({}, "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not"),
+    ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES must be an integer, got 'two'"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"JAX_PROCESS_ID must be in \[0, JAX_NUM_PROCESSES=2\)"),
+    ({"JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES must be >= 1")])
+def test_a_half_set_launch_environment_is_refused_naming_the_variables(monkeypatch, env, says):
+    """It gave a KeyError (a traceback from every script) or initialized with a bad process id."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12345")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=says):
+        distributed.maybe_initialize_distributed()
+    assert calls == []
+
+
+def test_a_non_integer_task_count_is_refused_naming_it(monkeypatch):
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4(x2)")
+    with pytest.raises(ValueError, match="SLURM_NTASKS must be an integer, got '4\\(x2\\)'"):
+        distributed.maybe_initialize_distributed()
+
+
 def test_shard_batch_splits_rows_across_devices():
     mesh = data_mesh()
     batch = {"inputs": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
