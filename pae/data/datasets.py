@@ -179,7 +179,10 @@ def _read_text_file(path: str) -> str:
     file = pathlib.Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"text file {str(file)!r} does not exist (dataset 'text:{path}')")
-    return file.read_text(encoding="utf-8")
+    text = file.read_text(encoding="utf-8")
+    if not text:
+        raise ValueError(f"text file {str(file)!r} is empty (dataset 'text:{path}')")
+    return text
 
 
 def _encode(texts: Mapping[str, str]) -> tuple[str, dict[str, np.ndarray]]:
@@ -193,12 +196,26 @@ def _encode(texts: Mapping[str, str]) -> tuple[str, dict[str, np.ndarray]]:
 def _text_dataset(name: str, text: str, seq_len: int, splits: Mapping[str, str] | None = None
                   ) -> Dataset:
     """Character-level data set; without explicit splits the text is cut 90/5/5 (contiguous)."""
-    if splits is None:
+    cut = splits is None
+    if cut:
         a, b = int(0.9 * len(text)), int(0.95 * len(text))
         splits = {"train": text[:a], "validation": text[a:b], "test": text[b:]}
+    _check_split_lengths(name, splits, seq_len, f" of the {len(text)} cut 90/5/5" if cut else "")
     vocab, tokens = _encode(splits)
     return Dataset(name=name, splits={k: WindowSource(v, seq_len) for k, v in tokens.items()},
                    num_classes=len(vocab), kind="text", vocab=vocab)
+
+
+def _check_split_lengths(name: str, splits: Mapping[str, str], seq_len: int, note: str = "") -> None:
+    """Every split holds at least one window of ``seq_len + 1`` characters; ValueError naming it."""
+    pipeline.check_int("seq_len", seq_len)
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got seq_len={seq_len}")
+    for split, text in splits.items():
+        if len(text) < seq_len + 1:
+            raise ValueError(f"dataset {name!r}: split {split!r} has {len(text)} characters{note}, "
+                             f"fewer than one window of seq_len + 1 = {seq_len + 1}; use a smaller "
+                             f"seq_len or a longer text")
 
 
 # ---------------------------------------------------------------------------------------- tfds

@@ -79,6 +79,22 @@ def test_local_text_file(tmp_path):
         load_dataset(f"text:{tmp_path / 'missing.txt'}")
 
 
+def test_an_empty_or_too_short_text_file_is_refused_saying_why(tmp_path):
+    """An empty file failed in max(); a split shorter than one window named no split."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=f"text file '{re.escape(str(empty))}' is empty"):
+        load_dataset(f"text:{empty}")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello world, this is a tiny text file for testing.\n")     # 51 characters
+    with pytest.raises(ValueError, match=r"split 'validation' has 3 characters of the 51 cut 90/5/5, "
+                                         r"fewer than one window of seq_len \+ 1 = 17"):
+        load_dataset(f"text:{tiny}", seq_len=16)
+    assert len(load_dataset(f"text:{tiny}", seq_len=2)["validation"]) == 1   # 3 characters: one window
+    with pytest.raises(TypeError, match="seq_len must be an int"):
+        load_dataset(f"text:{tiny}", seq_len=2.0)
+
+
 @pytest.mark.parametrize("name,shape,classes", [("mnist", (28, 28, 1), 10),
                                                 ("cifar10", (32, 32, 3), 10),
                                                 ("cifar100", (32, 32, 3), 100)])
