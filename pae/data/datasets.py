@@ -107,6 +107,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, val_si
     pipeline.check_int("val_size", val_size)
     if val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
+    pipeline.check_seed(seed)
     if name.startswith("text:"):
         dataset = _text_dataset(name, _read_text_file(name[5:]), seq_len)
     elif name in _LOADERS:

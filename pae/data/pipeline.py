@@ -60,6 +60,14 @@ def check_int(argument: str, value) -> None:
         raise TypeError(f"{argument} must be an int, got {argument}={value!r}")
 
 
+def check_seed(seed, argument: str = "seed") -> None:
+    """TypeError unless ``seed`` is an int (None would draw from OS entropy: a different split on
+    every call); ValueError when negative."""
+    check_int(argument, seed)
+    if seed < 0:
+        raise ValueError(f"{argument} must be >= 0, got {argument}={seed}")
+
+
 def _check_positive_int(batch_size, argument: str = "batch_size") -> None:
     check_int(argument, batch_size)
     if batch_size < 1:
@@ -174,6 +182,7 @@ def split_indices(labels: np.ndarray | int, val_size: int, seed: int,
     count = np.ndim(labels) == 0   # a number of examples rather than their labels
     n = int(labels) if count else len(labels)
     check_int("val_size", val_size)
+    check_seed(seed)
     if not 0 <= val_size < n:
         raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
     rng = np.random.default_rng(seed)

@@ -95,6 +95,20 @@ def test_an_empty_or_too_short_text_file_is_refused_saying_why(tmp_path):
         load_dataset(f"text:{tiny}", seq_len=2.0)
 
 
+@pytest.mark.parametrize("seed, error", [(None, TypeError), (1.5, TypeError), ("0", TypeError),
+                                         (-1, ValueError)])
+def test_load_dataset_refuses_a_seed_that_is_not_an_int_ge_0(seed, error):
+    """seed=None drew the validation split from OS entropy: another split on every load."""
+    with pytest.raises(error, match="seed must be"):
+        load_dataset("digits", val_size=100, seed=seed)
+
+
+def test_the_validation_split_is_a_function_of_the_seed():
+    a, b = (load_dataset("digits", val_size=100, seed=np.int64(3))["validation"].arrays["targets"]
+            for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("name,shape,classes", [("mnist", (28, 28, 1), 10),
                                                 ("cifar10", (32, 32, 3), 10),
                                                 ("cifar100", (32, 32, 3), 100)])

@@ -129,3 +129,13 @@ def test_split_indices_argument_types():
     for labels in (10, np.arange(10) % 2):
         with pytest.raises(TypeError, match="val_size"):
             split_indices(labels, 3.0, seed=0)
+
+
+@pytest.mark.parametrize("seed, error, says", [(None, TypeError, "seed must be an int, got seed=None"),
+                                               (1.5, TypeError, "seed must be an int, got seed=1.5"),
+                                               (-1, ValueError, "seed must be >= 0, got seed=-1")])
+def test_split_indices_refuses_a_seed_that_is_not_an_int_ge_0(seed, error, says):
+    """None gave another validation split on every call; 1.5 and -1 failed inside NumPy."""
+    for labels in (100, np.arange(100) % 10):
+        with pytest.raises(error, match=says):
+            split_indices(labels, 10, seed)
