@@ -113,6 +113,10 @@ class SearchConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
         if self.beta_final <= 0:
             raise ValueError(f"beta_final must be > 0, got {self.beta_final}")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be in [0, 1) (SGD diverges otherwise), got {self.momentum}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.mask_lr is not None and (not np.isfinite(self.mask_lr) or self.mask_lr < 0):
             raise ValueError(f"mask_lr must be finite and >= 0 or None, got {self.mask_lr}")
         if self.reset not in pcs.RESET_RULES:

@@ -223,6 +223,16 @@ def test_search_config_numbers_are_type_checked_by_name():
                            lr=np.float32(0.05)).decay_epochs == (3, 5)
 
 
+@pytest.mark.parametrize("kwargs, says", [({"momentum": 5.0}, r"momentum must be in \[0, 1\).*got 5.0"),
+                                          ({"momentum": 1.0}, r"momentum must be in \[0, 1\).*got 1.0"),
+                                          ({"seed": -1}, "seed must be >= 0, got -1")])
+def test_search_config_refuses_diverging_momentum_and_negative_seeds(kwargs, says):
+    """momentum >= 1 made SGD diverge; a negative seed failed later inside the engine."""
+    with pytest.raises(ValueError, match=says):
+        sp.SearchConfig(**kwargs)
+    assert sp.SearchConfig(momentum=0.0, seed=0).momentum == 0.0   # the edges still allowed
+
+
 def test_beta_and_shapes_are_checked_where_a_context_or_latent_enters():
     """beta <= 0 (which would silently invert the mask) and mask/weight shape mismatches are caught
     at every public entry, not only in Context.make; messages name the argument or leaf path."""
