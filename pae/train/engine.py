@@ -563,6 +563,26 @@ def _identity_of(task: Task, runs, extra) -> dict:
     return json.loads(json.dumps({**ident, **(extra or {})}, default=str))
 
 
+_FINGERPRINT_KEYS = ("model_repr", "data")
+
+
+def _accept_unfingerprinted(ckpt: Checkpointer, log) -> None:
+    """A directory whose newest checkpoint was written before identities held the model's fields
+    and the data's fingerprint resumes without them (saying so): they cannot be checked there."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return
+    try:
+        saved = ckpt.read_meta(latest).get("identity")
+    except DamagedCheckpointError:   # the resume reports (or skips) it
+        return
+    if isinstance(saved, dict) and not any(k in saved for k in _FINGERPRINT_KEYS):
+        ckpt.identity = {k: v for k, v in ckpt.identity.items() if k not in _FINGERPRINT_KEYS}
+        if log:
+            log(f"checkpoint {ckpt.directory} step {latest} predates training-data fingerprints: "
+                f"resuming without checking the model's fields and the training set")
+
+
 def _identity_differences(saved, now: dict) -> str:
     """The keys in which two identities differ, e.g. ``"data, model_repr"``."""
     saved = saved if isinstance(saved, dict) else {}
@@ -765,6 +785,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
     position, snapshots, history = (0, -1), {}, []   # -1: the first phase not entered yet
     if checkpoint_dir is not None:
         ckpt = Checkpointer(checkpoint_dir, _identity_of(task, runs, identity), keep_checkpoints)
+        _accept_unfingerprinted(ckpt, log)
         distillation = _distillation(phases)     # (the given teachers' checksums: only to checkpoint)
         while (latest := ckpt.latest_step()) is not None:
             try:

@@ -405,3 +405,26 @@ def test_make_task_evaluates_exactly_the_named_splits_and_refuses_unknown_ones()
     assert list(make_task(MLP(), arrays, eval_splits=("ood",)).evals) == ["ood"]
     with pytest.raises(ValueError, match=r"does not have: \['val'\]"):
         make_task(MLP(), arrays, eval_splits=("val",))
+
+
+def test_a_checkpoint_written_before_fingerprints_still_resumes_saying_so(task, tmp_path, monkeypatch):
+    """Checkpoints whose identity lacks the model's fields and the data fingerprint (written before
+    they were added) resume as before; the log says the training set was not checked."""
+    import importlib
+    engine = importlib.import_module("pae.train.engine")
+    with_fingerprints = engine._identity_of
+    monkeypatch.setattr(engine, "_identity_of", lambda *a: {
+        k: v for k, v in with_fingerprints(*a).items() if k not in ("data", "model_repr")})
+
+    def stop(row, state):
+        raise _Stop
+    run = lambda **kw: train_phases(task, [Phase("a", 2, _adam)], init_state(task.model, task.example, 0),  # noqa
+                                    batch_size=32, **kw)
+    with pytest.raises(_Stop):
+        run(checkpoint_dir=tmp_path, callbacks=[stop])
+    monkeypatch.setattr(engine, "_identity_of", with_fingerprints)
+    lines = []
+    resumed = run(checkpoint_dir=tmp_path, log=lines.append)
+    assert "predates training-data fingerprints" in lines[0] and "resumed from" in lines[1]
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    _equal(resumed.state, run().state)
