@@ -73,11 +73,16 @@ _LEAF_TYPES = (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic, bool, in
 def _leaf_dtype(path, leaf) -> np.dtype:
     """The dtype ``leaf`` is checkpointed with: JAX's canonical one (float64 -> float32, int64 ->
     int32 without x64), as the run would hold it. TypeError naming a leaf that is not a number."""
-    if not isinstance(leaf, _LEAF_TYPES):
-        raise TypeError(f"checkpoint leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}; "
-                        f"a checkpoint holds arrays and numbers only")
-    return np.dtype(jax.dtypes.canonicalize_dtype(leaf.dtype if hasattr(leaf, "dtype")
-                                                  else np.asarray(leaf).dtype))
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+        return leaf.dtype   # already JAX's (and may be an extended dtype: typed PRNG keys)
+    dtype = None
+    if isinstance(leaf, _LEAF_TYPES):
+        dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)
+    if dtype is None or dtype.kind in "OSU":
+        what = type(leaf).__name__ if dtype is None else f"{type(leaf).__name__} of dtype {dtype}"
+        raise TypeError(f"checkpoint leaf {jax.tree_util.keystr(path)} is a {what}; a checkpoint "
+                        f"holds arrays and numbers only")
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
 def _canonical_leaf(path, leaf):

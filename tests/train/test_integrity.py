@@ -314,6 +314,8 @@ def test_leaves_a_checkpoint_cannot_hold_are_refused_naming_them(tmp_path):
     ckpt = Checkpointer(tmp_path, {"run": 1})
     with pytest.raises(TypeError, match=r"leaf \['opt'\]\['name'\] is a str"):
         ckpt.save(1, {"w": np.zeros(2, np.float32), "opt": {"name": "sgd"}})
+    with pytest.raises(TypeError, match=r"leaf \['tags'\] is a ndarray of dtype <U1"):
+        ckpt.save(1, {"tags": np.array(["a", "b"])})
     with pytest.raises(ValueError, match=r"leaf \['n'\] holds integers beyond int32"):
         ckpt.save(1, {"n": np.array([2 ** 40])})
     assert ckpt.all_steps() == []
