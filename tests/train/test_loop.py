@@ -172,7 +172,7 @@ def test_schedules_per_epoch():
     ({"schedule": "step", "milestones": (3, 2), "epochs": 5}, ValueError, "milestones must be increasing"),
     ({"schedule": "step", "milestones": (2.5,), "epochs": 5}, TypeError, "milestones must be an int"),
     ({"schedule": "cosine", "milestones": (2, 3), "epochs": 5}, ValueError,
-     "milestones \(2, 3\) have no effect with schedule='cosine'"),
+     r"milestones \(2, 3\) have no effect with schedule='cosine'"),
     ({"warmup_epochs": 5, "epochs": 5, "schedule": "constant"}, ValueError,
      "warmup_epochs must be below epochs=5"),
     ({"epochs": 2.5}, TypeError, "epochs must be an int, got 2.5"),
