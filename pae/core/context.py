@@ -6,6 +6,7 @@ data, so a jitted step never closes over it and a new value never recompiles.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import flax
@@ -63,6 +64,14 @@ def check_finite(name: str, value: Any) -> None:
     values = _concrete_values(value)
     if values is not None and not all(math.isfinite(v) for v in np.ravel(values)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_min_int(name: str, value: Any, low: int) -> int:
+    """``int(value)``; ValueError naming ``name`` unless ``value`` is an integral, non-bool number
+    ``>= low`` (a float is refused, never truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def check_positive(name: str, value: Any) -> None:

@@ -89,7 +89,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from pae.core import Context, Transform, check_finite, latent_node, role_optimizer, select as pselect
+from pae.core import Context, Transform, check_finite, check_min_int, latent_node, role_optimizer, select as pselect
 from pae.growth import flops as pflops
 from pae.models.resnet_cifar import CifarResNet
 from pae.models.resnet_imagenet import ResNet as ImageNetResNet
@@ -423,13 +423,6 @@ def _check_penalty(budget, lmbda, utilization) -> float:
     return budget
 
 
-def _check_int(name: str, value, low: int) -> int:
-    """An integral, non-bool ``value >= low`` (never truncated), as an int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def gated_groups(spec: GateSpec, channels: pselect.Selector | None = None) -> set[str]:
     """The channel groups ``channels`` gates: those with a writing layer whose kernel (its path and
     real shape) the selector matches (default: every group)."""
@@ -628,8 +621,7 @@ class StructuredConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, numbers.Integral) or self.epochs < 1:
-            raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
+        check_min_int("epochs", self.epochs, 1)
         for name in ("lr", "mask_lr", "momentum", "weight_decay", "lr_decay", "beta_final", "budget",
                      "lmbda", "seed_width", "s_on", "s_off"):
             v = getattr(self, name)
@@ -710,7 +702,7 @@ def structured_phases(cfg: StructuredConfig, spec: GateSpec, *, channels: pselec
     from pae.growth import extraction as pextract   # extract imports this module
 
     key = jax.random.PRNGKey(cfg.seed)
-    cuts = [_check_int("compactions: an epoch", e, 0) for e, _ in compactions]
+    cuts = [check_min_int("compactions: an epoch", e, 0) for e, _ in compactions]
     if cuts != sorted(set(cuts)) or any(not 0 < e < cfg.epochs for e in cuts):
         raise ValueError(f"compaction epochs must be increasing and in (0, epochs={cfg.epochs}), "
                          f"got {cuts}")
@@ -789,7 +781,7 @@ def margin_widths(spec: GateSpec, latent: Gated, margin: float, multiple: int = 
     """``{group: min(size, active + ceil(margin * size))}`` for every gated group of the full-net
     ``spec``, rounded up to a multiple of ``multiple`` (fewer distinct shapes, fewer compilations)."""
     _check_margin(margin)
-    multiple = _check_int("multiple", multiple, 1)
+    multiple = check_min_int("multiple", multiple, 1)
     sizes = spec.group_sizes
     out = {}
     for g, s in latent.logits["channels"].items():
@@ -905,7 +897,7 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
     from pae.growth import extraction as pextract
     from pae.train import engine
 
-    epochs = [_check_int("restructure_at: an epoch", e, 0) for e in restructure_at]
+    epochs = [check_min_int("restructure_at: an epoch", e, 0) for e in restructure_at]
     if any(not 0 <= e < cfg.epochs for e in epochs):
         raise ValueError(f"restructure_at epochs must be in [0, epochs={cfg.epochs}), got "
                          f"{list(restructure_at)}")
@@ -926,7 +918,7 @@ def structured_search(task, cfg: StructuredConfig, spec: GateSpec, state, *, bat
         raise ValueError(f"margin: a growth margin after the settling restructuring (margin 0 at epoch "
                          f"{settled[0]}) would regrow the settled net; settle last, got "
                          f"{[(e, margins[e]) for e in cuts]} as (epoch, margin)")
-    _check_int("multiple", multiple, 1)
+    check_min_int("multiple", multiple, 1)
     if not isinstance(state.params, Gated):
         raise TypeError("state.params must be the Gated latent of cfg.transform(spec).init "
                         "(pae.train.init_state(model, example, seed, cfg.transform(spec).init))")

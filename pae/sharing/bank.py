@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pae.core import Transform, check_finite, latent_node, map_nodes, nodes, select as pselect
+from pae.core import Transform, check_finite, check_min_int, latent_node, map_nodes, nodes, select as pselect
 
 COEFFICIENTS = "coefficients"
 
@@ -182,12 +182,6 @@ def _check_named(per_group: Mapping, groups) -> None:
                          f"groups found: {sorted(groups)}")
 
 
-def _check_period(name: str, period) -> int:
-    if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {period!r}")
-    return int(period)
-
-
 COEFFICIENT_INITS = ("orthogonal", "unit_rows")
 TEMPLATE_SOURCES = ("he", "layers")
 
@@ -242,7 +236,7 @@ def templates(groups, num_templates: int | Mapping[str, int], *, pull: float = 0
     check_finite("pull", pull)
     if float(pull) < 0:
         raise ValueError(f"pull must be >= 0, got {pull}")
-    _check_period("pull_period", pull_period)
+    check_min_int("pull_period", pull_period, 1)
     if coefficient_init not in COEFFICIENT_INITS:
         raise ValueError(f"coefficient_init must be one of {COEFFICIENT_INITS}, got {coefficient_init!r}")
     if templates_from not in TEMPLATE_SOURCES:
@@ -352,7 +346,7 @@ def pull_penalty(latent: Any, period: int = 1) -> jax.Array:
     with no normalization after it is not scale-free); zero exactly when every layer equals the
     layer ``p`` before it, i.e. when the group is a loop of period ``p`` (an int >= 1).
     """
-    period = _check_period("period", period)
+    period = check_min_int("period", period, 1)
     total = jnp.zeros((), jnp.float32)
     for _, alpha in coefficient_matrices(latent).values():
         if alpha.shape[-2] > period:

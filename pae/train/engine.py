@@ -48,7 +48,7 @@ import optax
 from tqdm import tqdm
 
 from pae import data as pdata
-from pae.core import Context, Transform, identity
+from pae.core import Context, Transform, check_min_int, identity
 from pae.train import distributed, metrics as pmetrics
 from pae.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError, tree_checksum
 from pae.train.compilation import AHEAD_THREAD
@@ -622,11 +622,6 @@ def _check_teachers(phases: Sequence[Phase]) -> None:
         kept |= set(phase.keep.values())
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 def _run_count(runs) -> int:
     """N of ``runs``: every leaf an array with the same leading axis of N >= 1."""
     shapes = [np.shape(x) for x in jax.tree.leaves(runs)]
@@ -754,7 +749,7 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
     for name, v, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                          ("seed", seed, 0), ("checkpoint_every", checkpoint_every, 0),
                          ("keep_checkpoints", keep_checkpoints, 1)):
-        _check_int(name, v, low)
+        check_min_int(name, v, low)
     if not isinstance(precompile, bool):
         raise TypeError(f"precompile must be a bool, got {type(precompile).__name__}")
     if on_damaged_checkpoint not in ON_DAMAGED:
@@ -895,7 +890,7 @@ def evaluate(task: Task, state: TrainState, *, batch_size: int, phase: Phase | N
     ``task``, exactly as :func:`train_phases` (run with ``seed``) evaluates at the end of an epoch of
     ``phase`` (its model, eval transform and the context of ``epoch``; default: the plain model).
     ``runs``: the state has a leading run axis (values become lists)."""
-    _check_int("batch_size", batch_size, 1)
+    check_min_int("batch_size", batch_size, 1)
     phase = phase or Phase("evaluate", 0, lambda spe: optax.identity())
     task = task if task.mesh is not None else dataclasses.replace(task, mesh=distributed.data_mesh())
     distributed.check_batch_size(batch_size, task.mesh)

@@ -217,3 +217,13 @@ def test_linen_and_nnx_give_the_same_masked_model():
     out = cs.apply(cs.init(lp, None), ctx)
     np.testing.assert_allclose(out["kernel"], lp["kernel"] * scale, rtol=1e-6)
     np.testing.assert_array_equal(out["bias"], lp["bias"])
+
+
+def test_check_min_int_takes_integral_numbers_at_or_above_the_bound():
+    import numpy as np
+    import pytest
+    from pae.core import check_min_int
+    assert check_min_int("n", np.int64(3), 3) == 3 and type(check_min_int("n", np.int8(4), 0)) is int
+    for bad in (2, 2.9, 3.0, "3", True, None):
+        with pytest.raises(ValueError, match=f"n must be an int >= 3, got {bad!r}"):
+            check_min_int("n", bad, 3)
