@@ -556,11 +556,12 @@ def _model_repr(model) -> str:
 
 
 def _identity_of(task: Task, runs, extra) -> dict:
-    """What a checkpoint must match to be resumed: model (class and fields), training data, runs."""
+    """What a checkpoint must match to be resumed: model (class and fields), training data, runs
+    (the :class:`Checkpointer` keeps it as it reads back from JSON)."""
     ident = {"model": type(task.model).__name__, "model_repr": _model_repr(task.model),
              "data": data_fingerprint(task.train),
              "runs": None if runs is None else int(jax.tree.leaves(runs)[0].shape[0])}
-    return json.loads(json.dumps({**ident, **(extra or {})}, default=str))
+    return {**ident, **(extra or {})}
 
 
 _FINGERPRINT_KEYS = ("model_repr", "data")
