@@ -146,3 +146,26 @@ def test_a_bad_flag_is_one_line_on_the_command_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --model resnet50: ResNet-50 is not growable")
+
+
+def test_mnist_cpu_preset_widths_and_flops():
+    """--preset mnist_cpu: ResNet-8 at (32, 64, 128) on mnist_subset, batch 64, stage widths rounded
+    to multiples of 8 (each stage's widths a multiple of 8, growing, ending at the full widths); its
+    training FLOPs, counted from the stages' shapes with the schedule's epochs, stay under the 60 %
+    target; a flag given on the command line wins over the preset."""
+    script = _script()
+    args = script.resolve(script.build_parser().parse_args(["--preset", "mnist_cpu"]))
+    assert (args.model, args.dataset, args.width_multiple, args.batch_size) == ("resnet8w", "mnist_subset", 8, 64)
+    model = script.MODELS[args.model](10)
+    cfg = script.vt_config(args, "full", 0)
+    stages = [model.at_widths(w) for w in cfg.widths(model.groups())]
+    widths = [tuple(m.widths) for m in stages]
+    assert widths[-1] == (32, 64, 128) and len(widths) == args.growth_steps + 1
+    assert all(w % 8 == 0 for ws in widths for w in ws)
+    assert all(a <= b for prev, cur in zip(widths, widths[1:]) for a, b in zip(prev, cur))
+    example = np.zeros((1, 28, 28, 1), np.float32)
+    macs = [script.forward_macs(m, example) for m in stages]
+    fraction = sum(e * m for e, m in zip(cfg.epochs(), macs)) / (args.epochs * macs[-1])
+    assert 0.4 < fraction < 0.6
+    override = script.resolve(script.build_parser().parse_args(["--preset", "mnist_cpu", "--batch-size", "128"]))
+    assert override.batch_size == 128 and override.model == "resnet8w"
