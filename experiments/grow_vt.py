@@ -64,13 +64,14 @@ Columns (one process, methods interleaved per seed so load drifts hit all of the
 
 Targets (issue 15): ``full`` within 0.5 points of ``fixed_full``, at <= 60% of its training FLOPs and
 <= 70% of its wall-clock; the ablation ordering net2net <= random_pairs <= vt, lra <= full. The json
-says which hold (mean over seeds; with n=3 a difference below ~2 sd is noise). On 2 CPU cores all three are met
-with ``--preset mnist_cpu`` (README, growth); on the default digits wall-clock is not (compilation
-of 9 width stages outweighs a 5 s run).
+says which hold (mean over seeds; with n=3 a difference below ~2 sd is noise). On 2 CPU cores all
+three are met with ``--preset mnist_cpu`` (README, growth); on the default digits wall-clock is not
+(compiling 9 width stages outweighs a 5 s run).
 
 Writes ``runs/grow_vt/grow_vt_<name>.{json,png}`` (``--out-dir`` elsewhere) and prints the table.
-Models: ``resnet8``/``resnet20`` (``GrowableResNet``; ``resnet8w``: ResNet-8 at twice the widths, 32/64/128), ``vgg11``/``vgg_small``/``vgg_tiny``
-(``GrowableVGG``), ``mobilenet_v1`` (``GrowableMobileNetV1``, ImageNet layout: a stride-2 stem),
+Models: ``resnet8``/``resnet20`` (``GrowableResNet``; ``resnet8w``: ResNet-8 at twice the widths,
+32/64/128), ``vgg11``/``vgg_small``/``vgg_tiny`` (``GrowableVGG``), ``mobilenet_v1``
+(``GrowableMobileNetV1``, ImageNet layout: a stride-2 stem),
 ``mobilenet_v1_cifar`` (the same with a stride-1 stem, for 32x32 images), ``mobilenet_v1_025``
 (width multiplier 0.25: 8..256 channels, ImageNet layout; on digits at lr 0.1 its 1/4-width start
 net, a 2-channel stem, diverged to NaN in the first epoch, so prefer ``mobilenet_v1`` there) and
@@ -148,7 +149,7 @@ PRESETS = {
                      weight_decay=1e-4),
     # the embedded 28x28 digits at a size where XLA:CPU step time follows FLOPs (README, growth):
     # ResNet-8 at twice the CIFAR widths, stage widths rounded to multiples of 8, batch 64 (at batch
-    # 128 a 28x28 stage of 24+ channels outgrows the cache and steps as slowly as the full net)
+    # 128 a net whose 28x28 stage has 24+ channels steps about as slowly as the full net)
     "mnist_cpu": dict(model="resnet8w", dataset="mnist_subset", width_multiple=8, batch_size=64, lr=0.05),
 }
 
