@@ -158,7 +158,7 @@ def test_mnist_cpu_preset_widths_and_flops():
     assert (args.model, args.dataset, args.width_multiple, args.batch_size) == ("resnet8w", "mnist_subset", 8, 64)
     model = script.MODELS[args.model](10)
     cfg = script.vt_config(args, "full", 0)
-    stages = [model.at_widths(w) for w in cfg.widths(model.groups())]
+    stages = growth.stage_models(cfg, model)
     widths = [tuple(m.widths) for m in stages]
     assert widths[-1] == (32, 64, 128) and len(widths) == args.growth_steps + 1
     assert all(w % 8 == 0 for ws in widths for w in ws)
