@@ -7,10 +7,18 @@ the ideal weight-only ratio (bf16 bytes / packed bytes, ~16/bits).  On CPU there
 time: it prints the memory-footprint ratios and reference-path timings and says so.
 
 What is timed (``--timer``):
-  loop   (default) n calls of the jitted function in one executable (``fori_loop``), chained only
-         through ``lax.optimization_barrier``: no elementwise pass or reduction is added to a call;
-         the harness's own per-iteration cost is measured and reported as ``loop_overhead_s``.
+  rotate (default on a GPU/TPU) one executable of n independent calls, each on its own copy of the
+         weight (copies worth 512 MiB, ~8x the L2 of an H100/H200), every output returned: each
+         call reads its weight from device memory as a model's layer would, and no call can be
+         merged, hoisted or removed; the executable is dispatched back to back (asynchronously).
+  loop   (default on CPU) n calls of the jitted function in one executable (``fori_loop``), chained
+         only through ``lax.optimization_barrier``: no elementwise pass or reduction is added to a
+         call, but the same weight is read every time (from the L2 cache when it fits).
   calls  n separate dispatches of the jitted function, blocking on the last.
+The harness's own per-call cost is measured (``loop_overhead_s``) and reported, never subtracted.
+At M >= ``LARGE_M_CROSSOVER`` the dispatch hands ``backend="triton"`` to dequantize + XLA GEMM; the
+kernel itself is then also timed as ``triton[kernel]`` (its ``choose_blocks``), so the rows show
+the crossover.  ``--backend reference`` times dequantize + XLA GEMM at every M.
 The copy bandwidth is a real copy, y = x + 1 returned in full (1 GiB read + 1 GiB written).
 
 Results go to runs/bench_kernels/kernels_<platform>_<device>_<time>.json (untracked);
@@ -63,12 +71,17 @@ def parse_args(argv=None):
     ap.add_argument("--triton-jnp-dequant", action="store_true",
                     help="also time the Triton kernel with the jnp magic-number dequantization "
                          "instead of the inline PTX (A/B of the bit tricks)")
-    ap.add_argument("--timer", choices=sorted(TIMERS), default="loop",
-                    help="loop: n chained calls in one executable; calls: n host dispatches")
+    ap.add_argument("--timer", choices=sorted(TIMERS), default=None,
+                    help="rotate (accelerator default): n calls over n weight copies in one executable; "
+                         "loop (CPU default): n chained calls of one weight in a fori_loop; "
+                         "calls: n host dispatches")
     ap.add_argument("--out", default=None,
                     help="a .json file, or a directory for kernels_<platform>_<device>.json "
                          "(default: runs/bench_kernels/, untracked)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.timer is None:
+        args.timer = "loop" if platform_name() == "cpu" else "rotate"
+    return args
 
 
 # ------------------------------------------------------------------------------------------
@@ -96,6 +109,19 @@ def chained(f, n: int):
     return jax.jit(run)
 
 
+def rotating(f, n: int):
+    """jit of n independent calls f(x_i, w_i), one per copy of the operands (``xws``: n pairs),
+    written out with every output returned: no loop, and no two calls share an operand, so none
+    can be merged, hoisted or removed; the copies make each call read its weight from device
+    memory rather than from the L2 cache (see ``rotation_copies``)."""
+    g = jax.jit(f)  # traced and lowered once, called n times
+
+    def run(xws):
+        return tuple(g(x, w) for x, w in xws[:n])
+
+    return jax.jit(run)
+
+
 def dispatched(f, n: int):
     """n separately dispatched calls of jit(f); the caller blocks on the last one only."""
     g = jax.jit(f)
@@ -109,7 +135,20 @@ def dispatched(f, n: int):
     return run
 
 
-TIMERS = {"loop": chained, "calls": dispatched}
+TIMERS = {"loop": chained, "rotate": rotating, "calls": dispatched}
+ROTATE_BYTES = 1 << 29  # rotate over copies worth 512 MiB, ~8x an H100/H200 L2 (50 / 60 MB)
+MAX_COPIES = 128
+
+
+def rotation_copies(operand) -> int:
+    """Copies of the rotated operand so that together they exceed ``ROTATE_BYTES`` (1..MAX_COPIES)."""
+    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(operand))
+    return int(min(MAX_COPIES, max(1, -(-ROTATE_BYTES // max(nbytes, 1)))))
+
+
+def _copies(operand, k: int) -> tuple:
+    """k distinct device buffers holding ``operand`` (a pytree; None leaves stay None)."""
+    return tuple(jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), operand) for _ in range(k))
 
 
 def calibrate(make, f, x, w, min_time: float) -> int:
@@ -126,21 +165,53 @@ def calibrate(make, f, x, w, min_time: float) -> int:
         n = min(4096, max(n * 2, int(n * min_time / max(dt, 1e-6)) + 1))
 
 
+def _rotating_sampler(f, x, w, min_time: float):
+    """(sample() -> seconds per call) for the rotate timer: one executable of n calls over n copies
+    of (x, w), dispatched k times back to back per sample (asynchronous dispatch keeps the device
+    busy), k calibrated to min_time."""
+    n = rotation_copies((x, w))
+    xws = _copies((x, w), n)
+    g = rotating(f, n)
+    jax.block_until_ready(g(xws))
+    k = 1
+    while True:
+        t0 = time.perf_counter()
+        jax.block_until_ready([g(xws) for _ in range(k)])
+        dt = time.perf_counter() - t0
+        if dt >= min_time or k >= 1024:
+            break
+        k = min(1024, max(2 * k, int(k * min_time / max(dt, 1e-6)) + 1))
+
+    def sample():
+        t0 = time.perf_counter()
+        jax.block_until_ready([g(xws) for _ in range(k)])
+        return (time.perf_counter() - t0) / (k * n)
+
+    return sample
+
+
 def time_side_by_side(fns: dict, args: dict, repeats: int, min_time: float, timer: str = "loop") -> dict:
     """Median seconds per call of each function, sampled in interleaved order."""
-    make = TIMERS[timer]
-    compiled = {}
+    samplers = {}
     for name, f in fns.items():
+        if timer == "rotate":
+            samplers[name] = _rotating_sampler(f, *args[name], min_time)
+            continue
+        make = TIMERS[timer]
         n = calibrate(make, f, *args[name], min_time)
         g = make(f, n)
         jax.block_until_ready(g(*args[name]))
-        compiled[name] = (g, n)
+
+        def sample(g=g, n=n, a=args[name]):
+            t0 = time.perf_counter()
+            jax.block_until_ready(g(*a))
+            return (time.perf_counter() - t0) / n
+
+        samplers[name] = sample
     samples = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, (g, n) in compiled.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(g(*args[name]))
-            samples[name].append((time.perf_counter() - t0) / n)
+        for name, sample in samplers.items():
+            samples[name].append(sample())
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -263,6 +334,14 @@ def variants(args, paths: list[str], m: int, packed) -> list[tuple[str, dict]]:
     if args.triton_jnp_dequant and m < LARGE_M():
         b = dataclasses.replace(choose_blocks(m, packed), asm=False)
         out.append(("triton[jnp-dq]", dict(backend="triton", blocks=b)))
+    if m >= LARGE_M():  # the dispatch hands over to dequantize + XLA GEMM: time the kernels too
+        if "triton" in paths:
+            out.append(("triton[kernel]", dict(backend="triton", blocks=choose_blocks(m, packed))))
+        if "mosaic_gpu" in paths:
+            from pallas_kernels.gpu_mosaic import MosaicBlocks
+
+            out = [(p, kw) for p, kw in out if p != "mosaic_gpu"]  # the same XLA path as triton's
+            out.append(("mosaic_gpu[kernel]", dict(backend="mosaic_gpu", blocks=MosaicBlocks())))
     return out
 
 
@@ -272,7 +351,7 @@ def LARGE_M() -> int:  # noqa: N802
     return LARGE_M_CROSSOVER
 
 
-def run_accelerator(args, info: dict) -> list[dict]:
+def run_accelerator(args, info: dict, save=lambda rows: None) -> list[dict]:
     paths = list(dict.fromkeys(pk.resolve_backend(b) for b in args.backend))
     info["backends"] = {p: gpu_backend_note(p) for p in paths}
     bw = copy_bandwidth(args.repeats, args.min_time, args.timer)
@@ -297,6 +376,8 @@ def run_accelerator(args, info: dict) -> list[dict]:
                 x = jnp.asarray(rng.standard_normal((m, kn)), jnp.bfloat16)
                 fns, inputs = {"dense": dense_fn}, {"dense": (x, w_dense)}
                 kwargs = dict(variants(args, paths, m, packed))
+                y_ref = jax.jit(lambda x, p: pk.reference_packed_matmul(x, p, out_dtype=jnp.float32))(x, packed)
+                errs = {}
                 for path, kw in kwargs.items():
                     f = functools.partial(lambda x, p, kw: pk.packed_matmul(x, p, **kw), kw=kw)
                     try:
@@ -305,18 +386,24 @@ def run_accelerator(args, info: dict) -> list[dict]:
                         print(f"{kn:>5} {m:>5} {label:>4} {path:>10} | skipped: {str(e).splitlines()[0][:80]}")
                         rows.append(dict(ctx, kn=kn, m=m, bits=label, backend=path, skipped=str(e)))
                         continue
+                    try:  # compile and check first: a kernel that fails here is recorded, not timed
+                        y = jax.jit(f)(x, packed).astype(jnp.float32)  # bf16 out: ~2e-3 of rounding
+                        errs[path] = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
+                    except Exception as e:  # noqa: BLE001 - report any compiler/runtime failure and go on
+                        msg = f"{type(e).__name__}: {e}"
+                        print(f"{kn:>5} {m:>5} {label:>4} {path:>10} | FAILED: {msg.splitlines()[0][:160]}")
+                        rows.append(dict(ctx, kn=kn, m=m, bits=label, backend=path, failed=msg[:4000]))
+                        save(rows)
+                        continue
                     fns[path], inputs[path] = f, (x, packed)
                 if len(fns) == 1:
                     continue
                 t = time_side_by_side(fns, inputs, args.repeats, args.min_time, args.timer)
-                y_ref = jax.jit(lambda x, p: pk.reference_packed_matmul(x, p, out_dtype=jnp.float32))(x, packed)
                 moved = packed.nbytes + 2 * m * kn + 2 * m * kn
                 for path in fns:
                     if path == "dense":
                         continue
-                    y = jax.jit(lambda x, p, kw=kwargs[path]: pk.packed_matmul(
-                        x, p, out_dtype=jnp.float32, **kw))(x, packed)
-                    err = float(jnp.max(jnp.abs(y - y_ref)) / jnp.max(jnp.abs(y_ref)))
+                    err = errs[path]
                     goal = target(m, label)
                     taken = path_taken(kwargs[path], m, packed)
                     row = dict(ctx, kn=kn, m=m, bits=label, backend=path, path=taken,
@@ -329,7 +416,9 @@ def run_accelerator(args, info: dict) -> list[dict]:
                                packed_bytes=packed.nbytes, copy_bandwidth_GBps=bw,
                                loop_overhead_s=info["loop_overhead_s"])
                     rows.append(row)
+                    save(rows)  # after every row: a run stopped by a time limit keeps its figures
                     mark = "" if goal is None else ("ok" if row["ratio"] >= goal else "MISS")
+                    mark = "WRONG" if not err < 2e-2 else mark
                     print(f"{kn:>5} {m:>5} {label:>4} {path:>10} | {t['dense'] * 1e6:>9.1f} {t[path] * 1e6:>9.1f} "
                           f"{row['ratio']:>5.2f}x {row['ideal_ratio']:>5.2f}x {mark:>6} | {row['packed_GBps']:>6.0f} "
                           f"{100 * row['frac_copy_bw']:>6.0f}% | {row['packed_TFLOPs']:>7.1f} {err:>8.1e} | {taken}")
@@ -399,14 +488,20 @@ def main(argv=None) -> dict:
     info = header()
     if argv is not None:  # called from Python: record the arguments actually used
         info["command"] = " ".join(["python", "experiments/bench_kernels.py"] + [shlex.quote(a) for a in argv])
-    info["timer"] = args.timer
     plat = platform_name()
-    rows = run_cpu(args, info) if plat == "cpu" else run_accelerator(args, info)
-    result = {**info, "rows": rows}
+    info["timer"] = args.timer
     stamp = info["timestamp"].replace(":", "").replace("-", "").replace("+0000", "Z")
     out = output_path(args.out, plat, stamp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+
+    def save(rows):
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({**info, "rows": rows}, indent=1))
+        tmp.replace(out)
+
+    rows = run_cpu(args, info) if plat == "cpu" else run_accelerator(args, info, save)
+    result = {**info, "rows": rows}
+    save(rows)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     result["_path"] = str(out)
     return result

@@ -55,6 +55,30 @@ def test_chained_timer_adds_no_arithmetic(bench):
     assert jnp.array_equal(run(x, w), f(x, w))
 
 
+def test_rotating_timer_reads_a_fresh_copy_per_call(bench, monkeypatch):
+    """n calls in one program, each on its own copies of x and w (no operand shared, so nothing
+    is merged or served from the cache), every output returned, no added arithmetic."""
+    monkeypatch.setattr(bench, "ROTATE_BYTES", 5 * (16 * 8 * 2 + 3 * 16 * 2))
+    f = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    x = jnp.arange(48, dtype=jnp.bfloat16).reshape(3, 16)
+    w = jnp.arange(128, dtype=jnp.bfloat16).reshape(16, 8)
+    n = bench.rotation_copies((x, w))
+    assert n == 5
+    xws = bench._copies((x, w), n)
+    ptrs = {a.unsafe_buffer_pointer() for pair in xws for a in pair}
+    assert len(ptrs) == 2 * n  # distinct device buffers
+    run = bench.rotating(f, n)
+    prims = [p for p in _prims(jax.make_jaxpr(run)(xws).jaxpr) if p not in ("jit", "pjit")]
+    assert sorted(prims) == sorted(_prims(jax.make_jaxpr(f)(x, w).jaxpr) * n)
+    hlo = run.lower(xws).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    assert len(entry.split(" parameter(")) - 1 == 2 * n  # every copy reaches the program
+    assert all(jnp.array_equal(y, f(x, w)) for y in run(xws))
+    # the sampler returns seconds per call, positive and finite
+    sample = bench._rotating_sampler(f, x, w, 0.001)
+    assert 0 < sample() < 1
+
+
 def test_copy_probe_is_a_real_copy(bench):
     x = jnp.ones((64, 128), jnp.bfloat16)
     hlo = jax.jit(bench.copy_fn).lower(x, None).as_text()
@@ -88,7 +112,8 @@ def test_accelerator_code_path_runs_end_to_end(bench, monkeypatch):
     monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: orig(*a, nbytes=1 << 20, **k))
     args = bench.parse_args(["--kn", "256", "--m", "1", "--bits", "4", "--backend", "reference",
                              "--repeats", "1", "--min-time", "0.001", "--triton-blocks", "16,32,2,4,2,16",
-                             "--triton-jnp-dequant"])
+                             "--triton-jnp-dequant", "--timer", "rotate"])
+    monkeypatch.setattr(bench, "ROTATE_BYTES", 1 << 20)
     info = dict(bench.header(), timer=args.timer)
     rows = bench.run_accelerator(args, info)
     # the Triton variants need a GPU: recorded as skipped here, timed on a device
