@@ -21,8 +21,8 @@ One ``pallas_call`` per packed matmul.  Grid ``(N / bn, cdiv(M, bm), splits)``: 
 * The int8-activation path (``x_scale``) keeps the integer MMA: codes enter as int8
   ``q - 2**(b-1)``; its row terms are computed outside and added by split 0 only.
 
-Block sizes come from ``BLOCK_TABLE`` by M (starting points, **not yet measured on a GPU**), with the
-shared memory checked against ``SMEM_LIMIT`` before launch (fewer stages, then shorter steps,
+Block sizes come from ``BLOCK_TABLE`` by M (the M <= 16 row measured on an H200, the others not), with
+the shared memory checked against ``SMEM_LIMIT`` before launch (fewer stages, then shorter steps,
 else a clear error).  Blocks are powers of two, as Triton requires.
 """
 from __future__ import annotations
@@ -47,14 +47,18 @@ TARGET_PROGRAMS = 2 * NUM_SMS  # split-K until about two programs per SM
 SMEM_LIMIT = 227 * 1024    # bytes of shared memory per block on H100 / H200 (sm_90)
 MAX_STEP_ROWS = 64         # word rows per step by default
 
-# (largest M, bm, bn, num_warps, num_stages): unmeasured starting points for the GPU session to tune
-# (``experiments/bench_kernels.py --triton-blocks``).  bn = 32 at M <= 16 gives N/32 programs before split-K.
+# (largest M, bm, bn, num_warps, num_stages, rows, splits); rows None: the default step rows;
+# splits None: split-K to about TARGET_PROGRAMS programs.  The M <= 16 row was measured on an H200
+# (experiments/results/kernels_gpu_h200_smallm.json: the best, or within 9 % of the best, of five
+# configurations at K = N = 4096 and 8192, 2 and 4 bits, M = 1 and 16; 1.2-1.4x faster than the
+# earlier (16, 16, 32, 4, 3) at K = N = 4096, 2.3-3.9x at 8192).  The other rows are unmeasured: the
+# dispatch sends float x at M >= LARGE_M_CROSSOVER to dequantize + XLA, which was faster there.
 BLOCK_TABLE = (
-    (16, 16, 32, 4, 3),
-    (32, 32, 64, 4, 3),
-    (64, 64, 64, 4, 3),
-    (256, 64, 128, 4, 3),
-    (None, 128, 128, 8, 3),
+    (16, 16, 128, 4, 2, 32, 8),
+    (32, 32, 64, 4, 3, None, None),
+    (64, 64, 64, 4, 3, None, None),
+    (256, 64, 128, 4, 3, None, None),
+    (None, 128, 128, 8, 3, None, None),
 )
 
 
@@ -125,43 +129,50 @@ def smem_bytes(packed: PackedWeight, blocks: TritonBlocks, x_dtype: Any) -> int:
         loads = {(sh, row0) for pc in plan.pieces for sh, (row0, _) in enumerate(pc.loads)}
         words = len(loads) * plan.rows * blocks.bn * 4
         xs = len(plan.pieces) * blocks.bm * plan.rows * xb
-        dot = (blocks.bm * plan.rows + plan.rows * blocks.bn) * max(xb, 2)
-        worst = max(worst, blocks.num_stages * (words + xs) + 2 * dot)
+        dot = 2 * (blocks.bm * plan.rows + plan.rows * blocks.bn) * max(xb, 2)
+        if xb == 4:  # float32 x (tf32 dots): Triton kept every piece's B operand in shared memory
+            dot += len(plan.pieces) * plan.rows * blocks.bn * 4  # (measured on an H200: 1-bit, 32 pieces)
+        worst = max(worst, blocks.num_stages * (words + xs) + dot)
     return worst + blocks.bm * blocks.bn * 4
 
 
 def choose_blocks(m: int, packed: PackedWeight, x_dtype: Any = jnp.bfloat16) -> TritonBlocks:
-    """Blocks from ``BLOCK_TABLE`` by M; split-K until about ``TARGET_PROGRAMS`` programs; shared
-    memory fitted under ``SMEM_LIMIT`` by dropping pipeline stages, then halving the step rows."""
-    for max_m, bm, bn, warps, stages in BLOCK_TABLE:
+    """Blocks from ``BLOCK_TABLE`` by M (bn halved until it divides N_padded); the row's split-K
+    (capped by the K-steps) or else about ``TARGET_PROGRAMS`` programs; shared memory fitted under
+    ``SMEM_LIMIT`` by dropping pipeline stages, then halving the step rows."""
+    for max_m, bm, bn, warps, stages, rows, splits in BLOCK_TABLE:
         if max_m is None or m <= max_m:
             break
     n_pad = packed.n_padded
-    bn = min(bn, n_pad)
+    while bn > 16 and n_pad % bn:
+        bn //= 2
     programs = (n_pad // bn) * -(-m // bm)
-    max_steps = max(_steps(packed, i, step_plan(s.bits, packed.k_tile, packed.group_size, None))
+    max_steps = max(_steps(packed, i, step_plan(s.bits, packed.k_tile, packed.group_size, rows))
                     for i, s in enumerate(packed.segments))
-    splits = max(1, min(max_steps, -(-TARGET_PROGRAMS // programs)))
-    blocks = TritonBlocks(bm=bm, bn=bn, splits=splits, num_warps=warps, num_stages=stages)
+    splits = max(1, min(max_steps, splits or -(-TARGET_PROGRAMS // programs)))
+    blocks = TritonBlocks(bm=bm, bn=bn, splits=splits, num_warps=warps, num_stages=stages, rows=rows)
     return fit_smem(blocks, packed, x_dtype)
 
 
 def fit_smem(blocks: TritonBlocks, packed: PackedWeight, x_dtype: Any) -> TritonBlocks:
     """The first of: the blocks as given, 2 stages, 2 stages with steps of 32 then 16 word rows,
-    1 stage with 16-row steps, then the same with bm halved (down to 16), whose ``smem_bytes`` fits
-    ``SMEM_LIMIT``; else ValueError."""
+    1 stage with 16-row steps, then the same with bm halved (down to 16), then all of that with bn
+    halved, whose ``smem_bytes`` fits ``SMEM_LIMIT``; else ValueError."""
     rows0 = blocks.rows or MAX_STEP_ROWS
     stages0 = blocks.num_stages
     tries = [(stages0, blocks.rows), (min(stages0, 2), blocks.rows)]
     tries += [(min(stages0, 2), r) for r in (32, 16) if r < rows0]
     tries.append((1, 16 if rows0 > 16 else blocks.rows))
-    bm = blocks.bm
-    while bm >= 16:
-        for stages, rows in tries:
-            b = dataclasses.replace(blocks, bm=bm, num_stages=stages, rows=rows)
-            if smem_bytes(packed, b, x_dtype) <= SMEM_LIMIT:
-                return b
-        bm //= 2
+    bn = blocks.bn
+    while bn >= 16 and packed.n_padded % bn == 0:
+        bm = blocks.bm
+        while bm >= 16:
+            for stages, rows in tries:
+                b = dataclasses.replace(blocks, bm=bm, bn=bn, num_stages=stages, rows=rows)
+                if smem_bytes(packed, b, x_dtype) <= SMEM_LIMIT:
+                    return b
+            bm //= 2
+        bn //= 2
     raise ValueError(f"Triton blocks {blocks} need ~{smem_bytes(packed, b, x_dtype)} bytes of shared "
                      f"memory, over the {SMEM_LIMIT}-byte limit even with 1 stage and 16-row steps: "
                      f"use smaller bm/bn")

@@ -189,14 +189,22 @@ def test_large_m_hands_over_to_xla_on_gpu():
     assert "__gpu$xla.gpu.triton" not in text and "dot_general" in text
 
 
-def test_shared_memory_is_checked_before_launch():
+def test_shared_memory_is_checked_before_launch(monkeypatch):
     p = abstract_packed([4], [4096], 4096)
     fitted = gpu_triton.fit_smem(TritonBlocks(128, 128, 1, 8, 4), p, jnp.bfloat16)
     assert gpu_triton.smem_bytes(p, fitted, jnp.bfloat16) <= gpu_triton.SMEM_LIMIT
     assert fitted.num_stages < 4
-    one_bit = abstract_packed([1], [4096], 4096, k_tile=2048)
-    with pytest.raises(ValueError, match="over the 232448-byte limit"):
-        gpu_triton.fit_smem(TritonBlocks(16, 2048, 1, 8, 3), one_bit, jnp.float32)
+    # float32 x with 32 one-bit pieces per step: every piece's B operand counts (an H200 asked for
+    # 266240 bytes at bm=64, bn=128, 1 stage, 16-row steps), so bn is halved until it fits
+    one_bit = abstract_packed([1], [1000], 300)
+    seen = TritonBlocks(64, 128, 2, 8, 1, rows=16)
+    assert gpu_triton.smem_bytes(one_bit, seen, jnp.float32) >= 266240
+    wide = gpu_triton.fit_smem(TritonBlocks(16, 2048, 1, 8, 3), abstract_packed([1], [4096], 4096, k_tile=2048),
+                               jnp.float32)
+    assert wide.bn < 2048
+    monkeypatch.setattr(gpu_triton, "SMEM_LIMIT", 4096)
+    with pytest.raises(ValueError, match="over the 4096-byte limit"):
+        gpu_triton.fit_smem(TritonBlocks(16, 128, 1, 8, 3), one_bit, jnp.float32)
     with pytest.raises(ValueError, match="blocks.bn=48 must be a power of two"):
         triton_packed_matmul(jnp.ones((2, 4096), jnp.float32), p, blocks=TritonBlocks(16, 48, 1, 4, 2),
                              interpret=True)
