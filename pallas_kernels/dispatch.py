@@ -9,9 +9,10 @@
 Large M on a GPU: weight-only quantization cannot beat bf16 once the GEMM is compute-bound, so at
 M >= ``LARGE_M_CROSSOVER`` (float activations) the GPU kernels hand over to *dequantize once + XLA
 bf16 GEMM* (``reference_packed_matmul``: one fused unpack of the weight, then cuBLAS).  The
-threshold is a named constant, **not measured yet** (no GPU was available to this package's
-authors); ``experiments/bench_kernels.py`` prints which path ran for every row, and the GPU
-session sets the constant from its crossover.  ``plan`` says which path a call takes.
+threshold was measured on an H200 (jax 0.11.2; ``experiments/gpu_check.sh``, results in
+``experiments/results/kernels_gpu_h200_*.json``): the Triton kernel was faster than dequantize + XLA
+at M = 1 and 16 (K = N = 4096 and 8192, 2 and 4 bits), slower at every M from 64 to 4096; M from 17
+to 63 was not measured and goes to XLA.  ``plan`` says which path a call takes.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pallas_kernels.reference import reference_packed_matmul
 BACKENDS = ("auto", "reference", "tpu", "triton", "mosaic_gpu")
 _KERNELS = ("tpu", "triton", "mosaic_gpu")
 _NATIVE = {"tpu": "tpu", "triton": "gpu", "mosaic_gpu": "gpu"}
-LARGE_M_CROSSOVER = 1024  # GPU, float x: M at or above which dequantize + XLA GEMM runs (UNMEASURED)
+LARGE_M_CROSSOVER = 17  # GPU, float x: M at or above which dequantize + XLA GEMM runs (H200, above)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,7 +80,10 @@ def test_block_choices_respect_backend_rules():
             assert gpu_triton.smem_bytes(p, t, jnp.bfloat16) <= gpu_triton.SMEM_LIMIT
             # split-K fills the GPU: about TARGET_PROGRAMS programs unless K runs out of steps
             programs = (p.n_padded // t.bn) * -(-m // t.bm)
-            if t.splits > 1:
+            if t.splits > 1 and m > 16:
                 assert programs * (t.splits - 1) < gpu_triton.TARGET_PROGRAMS
-            if m <= 16:
-                assert t.bm == 16 and programs * t.splits >= min(gpu_triton.TARGET_PROGRAMS, 4 * programs)  # >= 4 K-steps here
+            if m <= 16:  # the row measured on an H200: fixed split-K, capped by the K-steps
+                assert (t.bm, t.bn, t.num_warps, t.num_stages, t.rows) == (16, 128, 4, 2, 32)
+                steps = max(p.k_padded(i) // p.k_tile * (p.k_tile * min(s.bits, 8) // 32 // 32 or 1)
+                            for i, s in enumerate(p.segments))
+                assert t.splits == min(8, steps) or len(p.segments) > 1
