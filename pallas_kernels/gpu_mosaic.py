@@ -13,9 +13,11 @@ scales are applied in the epilogue from SMEM.
 Scope (checked before launch, with a clear error): bf16/f16 activations (weight-only), pieces of
 >= 64 rows, i.e. 4- and 8-bit segments at k_tile=512 (2-bit needs k_tile>=1024, 1/3-bit 2048,
 and their (64, k_tile) activation tiles do not fit SMEM), group_size None or >= 64.  Everything
-else: use backend="triton".  Not validated on hardware in this repository (no GPU was
-available): correctness is checked with the Mosaic GPU interpreter on single-block grids and the
-lowering with jax.export.
+else: use backend="triton".  Validated on one H200 (jax 0.11.2: tests/pallas_kernels/test_on_device.py,
+M = 1, 64, 130 at 4 and 8 bits, against float64 NumPy); there it was 0.42-0.66x of bf16 jnp.dot at
+M <= 16 and 0.21-0.22x at M = 4096, slower than the Triton kernel (README).  Without a GPU,
+correctness is checked with the Mosaic GPU interpreter on single-block grids and the lowering with
+jax.export.
 """
 from __future__ import annotations
 
