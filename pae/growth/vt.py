@@ -291,7 +291,9 @@ def _grow_opt_state(opt_state, tx, params, grown, new_moments):
         found.append(1)
         return x
     optax.tree_map_params(tx, count, opt_state)
-    target = jax.tree.map(np.asarray, tx.init(grown))   # new entries start as a fresh state's
+    # new entries start as a fresh state's; jitted, init compiles once per growth step, where
+    # eager init compiles a small op for every new leaf shape
+    target = jax.tree.map(np.asarray, jax.jit(tx.init)(grown))
     if not found:      # nothing parameter-shaped (plain SGD): a fresh state, counts carried
         return jax.tree.map(lambda x, t: np.asarray(x) if np.shape(x) == np.shape(t) else t,
                             opt_state, target)
