@@ -7,7 +7,10 @@ faster still but runs steps ~10x slower. Numerics are unchanged within float32 r
 
 XLA reads the flags once, when the backend starts, so they must be set before anything imports jax.
 """
+import importlib.util
 import os
+import pathlib
+import sys
 
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=1"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
@@ -16,6 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 import pytest  # noqa: E402  (after the XLA flags)
+
+_EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _directory_bytes(directory) -> dict:
@@ -33,6 +38,28 @@ def _directory_bytes(directory) -> dict:
 def directory_bytes():
     """A function ``directory -> {relative path: bytes}``: compare a run directory before and after."""
     return _directory_bytes
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """A function ``load(name, module_name=None)``: a fresh module run from ``experiments/<name>.py``.
+    With ``module_name`` the module is registered in ``sys.modules`` under that name before it runs
+    (dataclasses and pickle look their module up there), and unregistered when the session ends."""
+    registered = []
+
+    def load(name: str, module_name: str | None = None):
+        spec = importlib.util.spec_from_file_location(module_name or name, _EXPERIMENTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        if module_name is not None:
+            sys.modules[module_name] = module
+            registered.append(module)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for module in registered:
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
 
 
 def pytest_collection_finish(session):

@@ -2,24 +2,14 @@
 Timings are not asserted (machines are shared and noisy); what the table means is."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "bench_widths.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_widths", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def bench(load_script):
+    return load_script("bench_widths", "bench_widths")
 
 
 def _macs(w, depth=8, hw=28, classes=10):

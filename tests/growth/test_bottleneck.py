@@ -2,8 +2,6 @@
 NumPy forward pass, FLOPs and parameters against hand counts, extraction and compaction against the
 gated net, and the experiment's ResNet-50 preset."""
 import dataclasses
-import importlib.util
-import os
 from types import SimpleNamespace
 
 import jax
@@ -17,7 +15,6 @@ from pae.models.slim import SlimBottleneckResNet
 from pae.train import TrainState, make_task, train_phases
 
 EPS = 1e-5
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: stem 3; stage 0 (stream 8): blocks 0 (projection) and 1 (identity); stage 1 (stream 12, stride 2):
 #: blocks 2 (projection) and 3 (identity); inner widths differ per block and per conv
 TINY = SlimBottleneckResNet(3, (8, 12), ((0, 0, 2, 3), (1, 0, 3, 2), (2, 1, 4, 5), (3, 1, 2, 2)), 5)
@@ -364,21 +361,13 @@ def test_compaction_then_training_equals_masked_full_size_training():
 
 # ----------------------------------------------------------------------------- experiment
 
-def _experiment():
-    spec = importlib.util.spec_from_file_location("grow_structured", os.path.join(
-        ROOT, "experiments", "grow_structured.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_experiment_resnet50_preset_and_tiny_bottleneck_search():
+def test_experiment_resnet50_preset_and_tiny_bottleneck_search(load_script):
     """--paper imagenet-resnet50 builds ResNet-50 with the ImageNet flags; the experiment's tiny
     bottleneck net searches one epoch on digits on its compacted form (restructured at epoch 0 to the
     seed plus a margin) and extracts exactly; its FLOPs-matched baselines (uniform thinning, network
     slimming's global BN-scale threshold) are built from the bottleneck layout."""
     from pae.data import load_dataset
-    gs = _experiment()
+    gs = load_script("grow_structured")
     args = gs.resolve(gs.build_parser().parse_args(["--paper", "imagenet-resnet50"]))
     assert args.models == ["imagenet-resnet50"] and args.dataset == "imagenet2012"
     assert (args.epochs, args.batch_size, args.budget) == (90, 256, 0.5)

@@ -102,18 +102,10 @@ def test_lra_multipliers_recorded_for_lra_runs_only(result):
         assert 0 < m[1]["min"] <= m[1]["median"] <= m[1]["max"] < np.inf
 
 
-def _script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("grow_vt_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_first_and_later_seed_wall_ratios():
+def test_first_and_later_seed_wall_ratios(load_script):
     """Synthetic rows (no training): the first listed seed's ratio and the later seeds' ratio of mean
     walls, each against fixed_full's walls of the same seeds; the table follows METHODS' order."""
-    script = _script()
+    script = load_script("grow_vt")
     walls = {("fixed_full", 3): 100.0, ("fixed_full", 1): 80.0, ("fixed_full", 2): 90.0,
              ("full", 3): 95.0, ("full", 1): 40.0, ("full", 2): 60.0}
     rows = [{"method": m, "seed": s, "test_acc": 0.9, "train_flops": 1.0 if m == "fixed_full" else 0.5,
@@ -134,8 +126,8 @@ def test_first_and_later_seed_wall_ratios():
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--seeds", "1", "1"], "must not repeat"),
 ])
-def test_bad_flags_fail_clearly(flags, message):
-    script = _script()
+def test_bad_flags_fail_clearly(flags, message, load_script):
+    script = load_script("grow_vt")
     with pytest.raises(ValueError, match=message):
         script.resolve(script.build_parser().parse_args(flags))
 
@@ -148,12 +140,12 @@ def test_a_bad_flag_is_one_line_on_the_command_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --model resnet50: ResNet-50 is not growable")
 
 
-def test_mnist_cpu_preset_widths_and_flops():
+def test_mnist_cpu_preset_widths_and_flops(load_script):
     """--preset mnist_cpu: ResNet-8 at (32, 64, 128) on mnist_subset, batch 64, stage widths rounded
     to multiples of 8 (each stage's widths a multiple of 8, growing, ending at the full widths); its
     training FLOPs, counted from the stages' shapes with the schedule's epochs, stay under the 60 %
     target; a flag given on the command line wins over the preset."""
-    script = _script()
+    script = load_script("grow_vt")
     args = script.resolve(script.build_parser().parse_args(["--preset", "mnist_cpu"]))
     assert (args.model, args.dataset, args.width_multiple, args.batch_size) == ("resnet8w", "mnist_subset", 8, 64)
     model = script.MODELS[args.model](10)

@@ -219,20 +219,10 @@ def test_bad_depthwise_spec_and_layout_fail_clearly(images, g):
         mobilenet_v1_widths(0)
 
 
-def _script():
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "grow_vt.py"
-    spec = importlib.util.spec_from_file_location("grow_vt_script_mobilenet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_experiment_counts_depthwise_macs_and_accepts_mobilenet():
+def test_experiment_counts_depthwise_macs_and_accepts_mobilenet(load_script):
     """forward_macs of the experiment's mobilenet_tiny on 8x8x1 digits against a count by hand: a
     depthwise conv costs H_out W_out * 9 * C (not * C * C)."""
-    script = _script()
+    script = load_script("grow_vt")
     model = script.MODELS["mobilenet_tiny"](10)              # (8, 16, 32, 32), strides (1, 1, 2, 1)
     want = (8 * 8 * 9 * 1 * 8                                 # stem 3x3, 1 -> 8, 8x8
             + 8 * 8 * 9 * 8 + 8 * 8 * 8 * 16                  # b0: dw 8 at 8x8, pw 8 -> 16

@@ -1,24 +1,13 @@
 """The pure helpers of experiments/optimizers.py (no training here; the script is run by hand)."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "optimizers.py"
-
 
 @pytest.fixture(scope="module")
-def ex():
-    spec = importlib.util.spec_from_file_location("optim_experiment", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def ex(load_script):
+    return load_script("optimizers", "optim_experiment")  # dataclasses look their module up there
 
 
 LRS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]

@@ -4,7 +4,6 @@
 * the bandwidth probe is a real copy (the output is returned in full, no reduction);
 * results go under runs/ unless --out says otherwise, with device, versions and command per row.
 """
-import importlib.util
 import json
 import pathlib
 
@@ -12,15 +11,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "experiments" / "bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_script):
+    return load_script("bench_kernels")
 
 
 def _prims(jaxpr, out=None):

@@ -2,10 +2,7 @@
 side. Timings are not asserted (machines are shared and noisy); what the table means is."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,17 +11,10 @@ import pytest
 
 from pae import models
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "bench_quant.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_quant", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def bench(load_script):
+    return load_script("bench_quant", "bench_quant")
 
 
 def test_inference_rows_time_the_right_programs_and_count_bytes(bench):

@@ -4,27 +4,18 @@ export is smaller than fp32 by the expected factor and computes what phase 2 com
 covers every method asked for (qwix's rows only where qwix is installed)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "quantize.py"
 BUDGET = 3.0
 
 
 @pytest.fixture(scope="module")
-def ex():
-    spec = importlib.util.spec_from_file_location("quantize_experiment", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def ex(load_script):
+    return load_script("quantize", "quantize_experiment")  # dataclasses look their module up there
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,14 @@
 """The sharing experiments in a reduced setting: experiments/sharing.py (WRN vs SWRN, folding) and
 experiments/extrapolate.py (a looped net on tiny prefix sums)."""
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow   # three WRN-22-1 programs compiled: about 2 CPU minutes under load
-def test_reduced_sharing_experiment_saves_parameters_learns_and_folds(tmp_path, monkeypatch):
-    sharing = _load("sharing")
+def test_reduced_sharing_experiment_saves_parameters_learns_and_folds(tmp_path, monkeypatch, load_script):
+    sharing = load_script("sharing")
     monkeypatch.chdir(tmp_path)
     result = sharing.main(["--depth", "22", "--ks", "1", "--epochs", "1", "--seeds", "0",
                            "--pull", "1.0", "--pull-k", "2", "--name", "ci"])
@@ -49,8 +38,8 @@ def test_reduced_sharing_experiment_saves_parameters_learns_and_folds(tmp_path, 
     assert s.shape == (4, 4) and np.allclose(np.diag(s), 1, atol=1e-5)
 
 
-def test_reduced_extrapolation_looped_net_learns_prefix_sums_above_chance(tmp_path, monkeypatch):
-    extrapolate = _load("extrapolate")
+def test_reduced_extrapolation_looped_net_learns_prefix_sums_above_chance(tmp_path, monkeypatch, load_script):
+    extrapolate = load_script("extrapolate")
     monkeypatch.chdir(tmp_path)
     result = extrapolate.main(["--methods", "dt", "--width", "16", "--iters", "8", "--train-sizes", "8",
                                "--test-sizes", "12", "--train-size", "1000", "--test-size", "200",
@@ -64,7 +53,7 @@ def test_reduced_extrapolation_looped_net_learns_prefix_sums_above_chance(tmp_pa
     assert (tmp_path / "runs" / "extrapolate" / "extrapolate_ci.png").stat().st_size > 5_000
 
 
-def test_scripts_reject_bad_flags_in_one_line(capsys):
+def test_scripts_reject_bad_flags_in_one_line(capsys, load_script):
     from pae.train.cli import run_script
 
     for name, argv, message in (
@@ -74,7 +63,7 @@ def test_scripts_reject_bad_flags_in_one_line(capsys):
             ("sharing", ["--depth", "20"], "depth must be 6n+4"),
             ("bench_sharing", ["--steps", "0"], "--steps must be >= 1")):
         with pytest.raises(SystemExit) as exit_:
-            run_script(_load(name).main, argv)
+            run_script(load_script(name).main, argv)
         assert exit_.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err

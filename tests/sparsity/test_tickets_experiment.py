@@ -1,5 +1,4 @@
 """The ticket experiment (experiments/tickets.py) in a reduced setting: it learns and sparsifies."""
-import importlib.util
 import json
 import os
 
@@ -9,16 +8,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("tickets", os.path.join(ROOT, "experiments",
-                                                                          "tickets.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_reduced_ticket_experiment_learns_and_reaches_sparsity(tmp_path, monkeypatch):
-    tickets = _load()
+def test_reduced_ticket_experiment_learns_and_reaches_sparsity(tmp_path, monkeypatch, load_script):
+    tickets = load_script("tickets")
     monkeypatch.chdir(tmp_path)   # results go under ./runs/tickets by default
     result = tickets.main(["--dataset", "digits", "--epochs", "3", "--rounds", "2",
                            "--rewind-epoch", "1", "--milestones",
@@ -43,8 +34,8 @@ def test_reduced_ticket_experiment_learns_and_reaches_sparsity(tmp_path, monkeyp
                                      "cs_at_or_above_imp_at_matched_density", "cs_fewer_epochs_than_imp"}
 
 
-def test_flags_given_win_over_model_presets_and_paper_flags():
-    tickets = _load()
+def test_flags_given_win_over_model_presets_and_paper_flags(load_script):
+    tickets = load_script("tickets")
     parse = lambda *argv: tickets.resolve(tickets.build_parser().parse_args(list(argv)))  # noqa: E731
     lenet = parse()
     assert (lenet.model, lenet.dataset, lenet.mask_lr, lenet.scaled) == ("lenet300_100", "mnist_subset",
@@ -63,8 +54,8 @@ def test_flags_given_win_over_model_presets_and_paper_flags():
         parse("--s-inits", "0.0", "0.0")
 
 
-def test_bad_flags_are_rejected():
-    tickets = _load()
+def test_bad_flags_are_rejected(load_script):
+    tickets = load_script("tickets")
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         tickets.main(["--dataset", "digits", "--rounds", "0", "--epochs", "1", "--rewind-epoch", "0"])
 
@@ -78,8 +69,8 @@ def _seed_rows(seed, cs_acc, imp_acc, dense_acc):
     return rows
 
 
-def test_targets_over_seeds_pair_each_seed_with_its_own_imp_run():
-    tickets = _load()
+def test_targets_over_seeds_pair_each_seed_with_its_own_imp_run(load_script):
+    tickets = load_script("tickets")
     rng = np.random.default_rng(0)
     per_seed = []
     for seed in range(4):
@@ -110,8 +101,8 @@ def test_targets_over_seeds_pair_each_seed_with_its_own_imp_run():
     assert out["cs_90pct_sparse_within_1pt_of_dense"] is False
 
 
-def test_finished_seeds_are_reused_when_the_configuration_matches(tmp_path, monkeypatch):
-    tickets = _load()
+def test_finished_seeds_are_reused_when_the_configuration_matches(tmp_path, monkeypatch, load_script):
+    tickets = load_script("tickets")
     calls = []
 
     def fake_run_seed(args, seed):  # the sweep logic only; run_seed itself is tested above
@@ -132,12 +123,12 @@ def test_finished_seeds_are_reused_when_the_configuration_matches(tmp_path, monk
     assert calls[5:] == [(0, 0.1), (1, 0.1)]
 
 
-def test_engine_port_reproduces_the_pre_engine_drivers_exactly(tmp_path):
+def test_engine_port_reproduces_the_pre_engine_drivers_exactly(tmp_path, load_script):
     """The reduced experiment of tests/sparsity/data/tickets_reference.json, computed by the
     search loops before they moved onto pae.train's engine, comes out the same value for value
     (float32 values compared as float32: the engine summarizes metric sums in float64)."""
     ref = json.load(open(os.path.join(ROOT, "tests", "sparsity", "data", "tickets_reference.json")))
-    result = _load().main(ref["argv"] + ["--out-dir", str(tmp_path), "--name", "ref"])
+    result = load_script("tickets").main(ref["argv"] + ["--out-dir", str(tmp_path), "--name", "ref"])
     assert len(result["rows"]) == len(ref["rows"])
     for new, old in zip(result["rows"], ref["rows"]):
         assert set(new) == set(old)
