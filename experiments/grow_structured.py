@@ -77,7 +77,8 @@ from pae.train.cli import fill_unset
 from pae.train.compilation import compile_clock, enable_compilation_cache
 from pae.train.metrics import atomic_write
 
-METHODS = ("full", "grown", "uniform", "slimming")
+METHODS = ("full", "grown", "uniform", "slimming", "scratch")
+DEFAULT_METHODS = ("full", "grown", "uniform", "slimming")  # "scratch" is an opt-in control
 
 #: the reduced default nets: name -> (num_classes -> model)
 MODELS = {
@@ -111,7 +112,7 @@ UNSUPPORTED: dict[str, str] = {}
 DEFAULTS = dict(models=["resnet20", "vgg8s"], dataset="digits", epochs=16, batch_size=128, lr=0.05,
                 mask_lr=1.0, weight_decay=1e-4, beta_final=10.0, lmbda=30.0, budget=0.5,
                 margin=[0.25, 0.25, 0.0], restructure_at=[0, 3, 6], penalize="count", slim_l1=1e-4,
-                slim_finetune=5, methods=list(METHODS))
+                slim_finetune=5, methods=list(DEFAULT_METHODS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs at which the search is restructured (default 0 3 6); none: masked "
                         "full-size training")
     p.add_argument("--methods", nargs="+", choices=METHODS,
-                   help=f"the methods to run (default all: {' '.join(METHODS)}); 'grown' is timed "
-                        f"against 'full' when both run")
+                   help=f"the methods to run (default: {' '.join(DEFAULT_METHODS)}); 'grown' is timed "
+                        f"against 'full' when both run; 'scratch' (with 'grown') trains the grown net's "
+                        f"architecture from a fresh initialization for the same epochs, the control of "
+                        f"Liu et al. 2019 (does the search's training or its architecture set the accuracy?)")
     p.add_argument("--slim-l1", type=float, help="network slimming's L1 on BN scales (default 1e-4)")
     p.add_argument("--slim-finetune", type=int, help="network slimming's fine-tuning epochs (default 5)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -193,6 +196,8 @@ def resolve(args):
         raise ValueError(f"--margin: a growth margin after the settling restructuring (margin 0) would "
                          f"regrow the settled net; settle last, got {pairs} as (epoch, margin)")
     out.methods = [m for m in METHODS if m in out.methods]
+    if "scratch" in out.methods and "grown" not in out.methods:
+        raise ValueError("--methods scratch trains the grown net's architecture: add 'grown'")
     return out
 
 
@@ -447,6 +452,12 @@ def run_seed(args, name: str, dataset, seed: int, log=print) -> dict:
         rows.append(row("uniform", thin, u.history[-1]["test_acc"], widths=thin_widths))
         log(f"[{name} seed {seed}] uniform {rows[-1]['test_acc']:.4f} at {rows[-1]['flops']:.3f}")
 
+    if "scratch" in args.methods:     # the grown architecture from a fresh initialization
+        sc = train_phases(task, [Phase("scratch", E, dense_optimizer(cfg, E), model=ex.model)],
+                          init_state(ex.model, example, seed), batch_size=bs, seed=seed, log=quiet)
+        rows.append(row("scratch", ex.model, sc.history[-1]["test_acc"]))
+        log(f"[{name} seed {seed}] scratch {rows[-1]['test_acc']:.4f} at {rows[-1]['flops']:.3f}")
+
     if "slimming" in args.methods:    # L1 on BN scales, prune to the grown net's FLOPs, fine-tune
         F = args.slim_finetune
         sparse = train_phases(task, [Phase("slim_train", E - F, dense_optimizer(cfg, E - F), bn_l1(args.slim_l1))],
@@ -494,7 +505,7 @@ def targets(per_seed, summary, budget):
     out["grown_flops"] = by["grown"]["flops"]
     if "full" in by:
         out["grown_within_1pt_of_full"] = by["grown"]["test_acc"] >= by["full"]["test_acc"] - 0.01
-    for peer in ("uniform", "slimming"):
+    for peer in ("uniform", "slimming", "scratch"):
         if peer in by:
             out[f"grown_above_{peer}"] = by["grown"]["test_acc"] > by[peer]["test_acc"]
             out[f"{peer}_flops"] = by[peer]["flops"]
@@ -555,7 +566,7 @@ def plot(result, path, title):
                          .replace("/Conv_1", "mid").replace("stream", "s")
                          .replace("Conv_", "c") for g in names], rotation=60, fontsize=7)
     ax[2].set(title="widths per channel group", ylabel="channels")
-    styles = {"full": "ks", "grown": "C0o", "uniform": "C1^", "slimming": "C2D"}
+    styles = {"full": "ks", "grown": "C0o", "uniform": "C1^", "slimming": "C2D", "scratch": "C4v"}
     for m, st in styles.items():
         rs = [r for s in per_seed for r in s["rows"] if r["method"] == m]
         if not rs:

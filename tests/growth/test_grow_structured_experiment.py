@@ -1,28 +1,16 @@
 """The structured-growth experiment (experiments/grow_structured.py) in a reduced setting: the search
 grows from the seed and settles at the budget on a compacted net, the extracted net computes the
 gated logits at no more than the budget's FLOPs, and every method is there at matched FLOPs."""
-import importlib.util
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("grow_structured", os.path.join(
-        ROOT, "experiments", "grow_structured.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
-    gs = _load()
+def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch, load_script):
+    gs = load_script("grow_structured")
     monkeypatch.chdir(tmp_path)   # results go under ./runs/grow_structured by default
     budget = 0.5
     # the default penalty (count); grows at margin 0.5, settles (margin 0) at epoch 4
@@ -33,7 +21,7 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     out = tmp_path / "runs" / "grow_structured"
     result = results["vgg3t"]
-    assert sorted(r["method"] for r in result["rows"]) == sorted(gs.METHODS)
+    assert sorted(r["method"] for r in result["rows"]) == sorted(gs.DEFAULT_METHODS)
     search = result["per_seed"][0]["search"]
     flops = np.array([r["flops"] for r in search["history"]])
     lam = np.array([r["lambda"] for r in search["history"]])
@@ -74,8 +62,8 @@ def test_reduced_experiment_grows_settles_and_extracts(tmp_path, monkeypatch):
     assert len(saved["per_seed"][0]["timing"]["loadavg"]) == 3
 
 
-def test_at_capacity_names_groups_with_no_room_left():
-    gs = _load()
+def test_at_capacity_names_groups_with_no_room_left(load_script):
+    gs = load_script("grow_structured")
     sizes = {"a": 16, "b": 32, "c": 64}
     restructurings = [(0, {"a": 8, "b": 16, "c": 32}), (5, {"a": 12, "b": 32, "c": 48})]
     # a: at its last width 12 < 16 (capped); b: at 32, its full size (not capped); c: 40 < 48 (room)
@@ -88,8 +76,8 @@ def test_at_capacity_names_groups_with_no_room_left():
     assert gs.at_capacity({"a": 12, "b": 30, "c": 40}, settled, sizes) == ["a", "b", "c"]
 
 
-def test_methods_subset_and_margin_flags(tmp_path, monkeypatch):
-    gs = _load()
+def test_methods_subset_and_margin_flags(tmp_path, monkeypatch, load_script):
+    gs = load_script("grow_structured")
     monkeypatch.chdir(tmp_path)
     tiny = ["--models", "vgg3t", "--seeds", "0", "--epochs", "2", "--limit-train", "64", "--batch-size", "32",
             "--slim-finetune", "1", "--name", "tiny"]
@@ -104,10 +92,16 @@ def test_methods_subset_and_margin_flags(tmp_path, monkeypatch):
     assert result["targets"] == {"seeds": 1}
     assert sorted(p.name for p in (tmp_path / "runs" / "grow_structured").iterdir()) == [
         "grow_structured_vgg3t_tiny.json"]
+    # the opt-in control: the grown net's architecture trained from a fresh initialization
+    result = gs.main(tiny + ["--restructure-at", "0", "--methods", "scratch", "grown", "--no-plot"])["vgg3t"]
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["grown", "scratch"]
+    assert rows["scratch"]["flops"] == rows["grown"]["flops"] and rows["scratch"]["params"] == rows["grown"]["params"]
+    assert "grown_above_scratch" in result["targets"]
 
 
-def test_restructurings_are_taken_in_epoch_order_with_their_margins():
-    gs = _load()
+def test_restructurings_are_taken_in_epoch_order_with_their_margins(load_script):
+    gs = load_script("grow_structured")
     args = gs.resolve(gs.build_parser().parse_args(["--restructure-at", "6", "0", "3", "--margin", "0", "0.25", "0.5"]))
     assert args.restructure_at == [0, 3, 6] and args.margin == [0.25, 0.5, 0.0]
     learned, sizes = {"a": 6, "b": 9}, {"a": 8, "b": 16}
@@ -123,9 +117,10 @@ def test_restructurings_are_taken_in_epoch_order_with_their_margins():
     (["--epochs", "6"], "(the default; set --restructure-at for fewer epochs)"),
     (["--restructure-at", "0", "3", "--margin", "0", "0.25"], "settle last"),
     (["--models", "mlp"], "invalid choice"),
+    (["--methods", "scratch", "full"], "add 'grown'"),
 ])
-def test_bad_input_is_one_line(argv, message, capsys):
-    gs = _load()
+def test_bad_input_is_one_line(argv, message, capsys, load_script):
+    gs = load_script("grow_structured")
     from pae.train.cli import run_script
     with pytest.raises(SystemExit) as err:
         run_script(gs.main, argv)
@@ -134,10 +129,10 @@ def test_bad_input_is_one_line(argv, message, capsys):
     assert len(lines) == 1 and message in lines[0], lines
 
 
-def test_uniform_and_slimming_helpers_hit_the_target():
+def test_uniform_and_slimming_helpers_hit_the_target(load_script):
     """uniform_nearest returns the uniform thinning nearest a FLOPs fraction (against a brute force
     over all width pairs with one common fraction), slimming_masks the widest thinning under it."""
-    gs = _load()
+    gs = load_script("grow_structured")
     from pae.growth import flops as pf, structured as ps
     from pae.models import CifarResNet
     x = np.zeros((1, 8, 8, 3), np.float32)
