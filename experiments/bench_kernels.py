@@ -135,7 +135,6 @@ def dispatched(f, n: int):
     return run
 
 
-TIMERS = {"loop": chained, "rotate": rotating, "calls": dispatched}
 ROTATE_BYTES = 1 << 29  # rotate over copies worth 512 MiB, ~8x an H100/H200 L2 (50 / 60 MB)
 MAX_COPIES = 128
 
@@ -190,24 +189,30 @@ def _rotating_sampler(f, x, w, min_time: float):
     return sample
 
 
-def time_side_by_side(fns: dict, args: dict, repeats: int, min_time: float, timer: str = "loop") -> dict:
-    """Median seconds per call of each function, sampled in interleaved order."""
-    samplers = {}
-    for name, f in fns.items():
-        if timer == "rotate":
-            samplers[name] = _rotating_sampler(f, *args[name], min_time)
-            continue
-        make = TIMERS[timer]
-        n = calibrate(make, f, *args[name], min_time)
+def _repeating_sampler(make):
+    """The sampler of a timer that calls one executable ``make(f, n)`` per sample (loop, calls)."""
+    def sampler(f, x, w, min_time: float):
+        n = calibrate(make, f, x, w, min_time)
         g = make(f, n)
-        jax.block_until_ready(g(*args[name]))
+        jax.block_until_ready(g(x, w))
 
-        def sample(g=g, n=n, a=args[name]):
+        def sample():
             t0 = time.perf_counter()
-            jax.block_until_ready(g(*a))
+            jax.block_until_ready(g(x, w))
             return (time.perf_counter() - t0) / n
 
-        samplers[name] = sample
+        return sample
+
+    return sampler
+
+
+#: timer name -> sampler(f, x, w, min_time) -> sample() -> seconds per call
+TIMERS = {"loop": _repeating_sampler(chained), "rotate": _rotating_sampler, "calls": _repeating_sampler(dispatched)}
+
+
+def time_side_by_side(fns: dict, args: dict, repeats: int, min_time: float, timer: str = "loop") -> dict:
+    """Median seconds per call of each function, sampled in interleaved order."""
+    samplers = {name: TIMERS[timer](f, *args[name], min_time) for name, f in fns.items()}
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, sample in samplers.items():
