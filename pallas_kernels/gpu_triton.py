@@ -163,7 +163,7 @@ def fit_smem(blocks: TritonBlocks, packed: PackedWeight, x_dtype: Any) -> Triton
     tries = [(stages0, blocks.rows), (min(stages0, 2), blocks.rows)]
     tries += [(min(stages0, 2), r) for r in (32, 16) if r < rows0]
     tries.append((1, 16 if rows0 > 16 else blocks.rows))
-    bn = blocks.bn
+    b, bn = blocks, blocks.bn
     while bn >= 16 and packed.n_padded % bn == 0:
         bm = blocks.bm
         while bm >= 16:

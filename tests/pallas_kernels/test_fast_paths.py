@@ -205,6 +205,8 @@ def test_shared_memory_is_checked_before_launch(monkeypatch):
     monkeypatch.setattr(gpu_triton, "SMEM_LIMIT", 4096)
     with pytest.raises(ValueError, match="over the 4096-byte limit"):
         gpu_triton.fit_smem(TritonBlocks(16, 128, 1, 8, 3), one_bit, jnp.float32)
+    with pytest.raises(ValueError, match="over the 4096-byte limit"):  # no bn to try: still a ValueError
+        gpu_triton.fit_smem(TritonBlocks(16, 48, 1, 8, 3), one_bit, jnp.float32)
     with pytest.raises(ValueError, match="blocks.bn=48 must be a power of two"):
         triton_packed_matmul(jnp.ones((2, 4096), jnp.float32), p, blocks=TritonBlocks(16, 48, 1, 4, 2),
                              interpret=True)
