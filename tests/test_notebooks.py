@@ -1,23 +1,26 @@
 """Every notebook in notebooks/ executes top to bottom (their cells carry their own assertions).
 
-Each notebook runs in its own kernel process with one CPU device, as a reader's machine has (the
-eight virtual devices this test session forces are removed from the kernels' ``XLA_FLAGS``). The
-kernels are started in the background when the session's collection is done (``conftest.py``), one
-notebook at a time, so they run alongside the other tests, which compile on one core much of the
-time; the tests here wait for them.
+Each notebook runs through ``jupyter execute`` in its own process (with its own kernel process and one
+CPU device, as a reader's machine has: the eight virtual devices this test session forces are removed
+from its ``XLA_FLAGS``), in a scratch directory, so nothing it does, the ZeroMQ traffic to its kernel
+included, shares this test process. They are started in the background when the session's
+collection is done (``conftest.py``), one notebook at a time, so they run alongside the other tests,
+which compile on one core much of the time; the tests here wait for them.
 """
-import asyncio
 import concurrent.futures
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+TIMEOUT_S = 900   # per cell
 _RESULTS: concurrent.futures.Future = concurrent.futures.Future()
 
 
@@ -28,24 +31,21 @@ def _kernel_env() -> dict:
     return env
 
 
-async def _execute(path: pathlib.Path, env: dict):
-    """The executed notebook, or the exception its execution raised."""
-    notebook = nbformat.read(path, as_version=4)
+def _execute(path: pathlib.Path, env: dict):
+    """The executed notebook, or a RuntimeError carrying the end of what ``jupyter execute`` printed."""
     with tempfile.TemporaryDirectory() as workdir:
-        client = NotebookClient(notebook, timeout=900, kernel_name="python3",
-                                resources={"metadata": {"path": workdir}})
-        try:
-            await client.async_execute(env=env)
-        except Exception as error:  # reported by the notebook's own test below
-            return error
-    return notebook
+        shutil.copy(path, workdir)
+        done = subprocess.run(
+            [sys.executable, "-m", "jupyter", "execute", f"--timeout={TIMEOUT_S}", "--kernel_name=python3",
+             "--output=executed", path.name], cwd=workdir, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            return RuntimeError(f"jupyter execute {path.name} exited {done.returncode}:\n{done.stderr[-6000:]}")
+        return nbformat.read(os.path.join(workdir, "executed.ipynb"), as_version=4)
 
 
 def _run_all(env: dict):
-    async def run_all():
-        return {p: await _execute(p, env) for p in NOTEBOOKS}
     try:
-        _RESULTS.set_result(asyncio.run(run_all()))
+        _RESULTS.set_result({p: _execute(p, env) for p in NOTEBOOKS})
     except BaseException as error:  # noqa: BLE001  (handed to the tests)
         _RESULTS.set_exception(error)
 
