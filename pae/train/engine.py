@@ -37,6 +37,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from concurrent import futures
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -515,14 +516,39 @@ def _check_finite(sums, state: TrainState, phase: Phase, epoch: int, ckpt) -> No
             f"data and the transform.")
 
 
+# Steps the host may dispatch ahead of the devices. Unbounded, the host queues the epoch whenever a
+# step takes longer than preparing the next batch, and XLA:CPU with several devices (the forced host
+# devices of multi-device tests) can then deadlock: once 32 computations wait per device, a
+# cross-device all-reduce waits for a participant that is never launched and XLA aborts the process
+# after its 40 s rendezvous timeout (jax 0.10.2, 8 forced devices on 2 cores; a plain jitted loop
+# with an all-reduce ran with 31 steps unfinished and hung with 33). Two keep the devices fed: the host waits for step k - 2 while k - 1 and k
+# are queued.
+STEPS_IN_FLIGHT = 2
+
+
+@jax.jit
+def _add_sums(total, sums):
+    """One program per step for the running metric sums (not one per metric)."""
+    return jax.tree.map(jnp.add, total, sums)
+
+
+def _sum_in_flight(total, sums, pending: deque):
+    """``total + sums`` (``sums`` when ``total`` is None); then waits until at most
+    :data:`STEPS_IN_FLIGHT` of the totals in ``pending`` are unfinished."""
+    total = sums if total is None else _add_sums(total, sums)
+    pending.append(total)
+    if len(pending) > STEPS_IN_FLIGHT:
+        jax.block_until_ready(pending.popleft())
+    return total
+
+
 def _evaluate(eval_step, state, source, batch_size, task, ctx) -> dict:
-    total = None
+    total, pending = None, deque()
     for batch in pdata.iterate_batches(source, batch_size, shuffle=False, augment=task.eval_transform,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count(), clamp=True,
                                        clamp_multiple=_device_count(task.mesh)):
-        sums = eval_step(state, distributed.shard_batch(batch, task.mesh), ctx)
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        total = _sum_in_flight(total, eval_step(state, distributed.shard_batch(batch, task.mesh), ctx), pending)
     return total
 
 
@@ -829,14 +855,14 @@ def train_phases(task: Task, phases: Sequence[Phase], state: TrainState, *, batc
                 began = time.perf_counter()
                 ctx = _context(phase, e, seed)
                 data_epoch = done_epochs if phase.data_epochs_from is None else phase.data_epochs_from + e
-                sums = None
+                sums, pending = None, deque()
                 for batch in pdata.iterate_batches(
                         task.train, batch_size, seed=seed, epoch=data_epoch,
                         drop_remainder=drop_remainder, augment=task.train_transform,
                         process_index=jax.process_index(), process_count=jax.process_count()):
                     batch = distributed.shard_batch(batch, mesh)
                     state, m = train_step(state, batch, ctx, *teacher)
-                    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+                    sums = _sum_in_flight(sums, m, pending)
                     bar.update(1)
                     if look_ahead:   # this phase's step is compiled now; start on the next phase's
                         look_ahead = False

@@ -1,6 +1,7 @@
 """The phase engine: transitions (shape-changing and latent-replacing), snapshots, bit-exact resume at
 every kind of boundary, parallel runs equal to sequential ones, one compile per distinct phase."""
 import json
+from collections import deque
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ import pytest
 
 from pae import sparsity as sp
 from pae.core import Transform, identity
+from pae.train import engine
 from pae.train import (CheckpointError, Phase, TrainingDiverged, TrainState, evaluate, init_state, make_task,
                        train_phases)
 from pae.train.compilation import AHEAD_THREAD, compile_clock
@@ -428,3 +430,36 @@ def test_a_checkpoint_written_before_fingerprints_still_resumes_saying_so(task, 
     assert "predates training-data fingerprints" in lines[0] and "resumed from" in lines[1]
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     _equal(resumed.state, run().state)
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_metric_sums_keep_at_most_steps_in_flight_unfinished(bounded, monkeypatch):
+    """The epoch and evaluation loops sum each step's metrics through ``_sum_in_flight``, which waits
+    until at most ``STEPS_IN_FLIGHT`` of the running totals are unfinished. Unbounded, a host that
+    dispatches faster than the devices run would queue the whole epoch (with several XLA:CPU devices,
+    32 unfinished computations per device deadlock a cross-device all-reduce)."""
+    bound = engine.STEPS_IN_FLIGHT
+    if not bounded:
+        monkeypatch.setattr(engine, "STEPS_IN_FLIGHT", 10**6)
+
+    @jax.jit
+    def slow_step(w):          # ~10 ms of matrix products per step on 2 cores; dispatch takes ~0.1 ms
+        for _ in range(4):
+            w = jnp.tanh(w @ w) / 8
+        return w, {"loss_sum": jnp.sum(w), "count": jnp.float32(1)}
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (512, 512))
+    slow_step(w)[0].block_until_ready()       # compiled
+    total, pending, totals, unfinished, losses = None, deque(), [], [], []
+    for _ in range(24):
+        w, sums = slow_step(w)
+        losses.append(sums["loss_sum"])
+        total = engine._sum_in_flight(total, sums, pending)
+        totals.append(total)
+        unfinished.append(sum(not t["count"].is_ready() for t in totals))
+    assert float(total["count"]) == 24
+    np.testing.assert_allclose(float(total["loss_sum"]), np.sum(np.asarray(losses, np.float64)), rtol=1e-5)
+    if bounded:
+        assert max(unfinished) <= bound
+    else:
+        assert max(unfinished) > bound + 2     # the condition the bound exists for
