@@ -520,9 +520,10 @@ def _check_finite(sums, state: TrainState, phase: Phase, epoch: int, ckpt) -> No
 # step takes longer than preparing the next batch, and XLA:CPU with several devices (the forced host
 # devices of multi-device tests) can then deadlock: once 32 computations wait per device, a
 # cross-device all-reduce waits for a participant that is never launched and XLA aborts the process
-# after its 40 s rendezvous timeout (jax 0.10.2, 8 forced devices on 2 cores; a plain jitted loop
-# with an all-reduce ran with 31 steps unfinished and hung with 33). Two keep the devices fed: the
-# host waits for step k - 2 while k - 1 and k are queued.
+# after its 40 s rendezvous timeout (jax 0.10.2, 8 forced devices on 2 cores: a jitted loop with an
+# all-reduce completes with 31 steps unfinished and hangs with 33, `python
+# experiments/cpu_inflight_deadlock.py`). Two keep the devices fed: the host waits for step k - 2
+# while k - 1 and k are queued.
 STEPS_IN_FLIGHT = 2
 
 

@@ -463,3 +463,17 @@ def test_metric_sums_keep_at_most_steps_in_flight_unfinished(bounded, monkeypatc
         assert max(unfinished) <= bound
     else:
         assert max(unfinished) > bound + 2     # the condition the bound exists for
+
+
+def test_the_deadlock_script_completes_at_the_engines_bound_and_refuses_bad_input(load_script, capsys):
+    """experiments/cpu_inflight_deadlock.py (whose 33-step case shows the deadlock, 60 s) completes
+    with the engine's bound on 8 devices."""
+    script = load_script("cpu_inflight_deadlock")
+    bound = engine.STEPS_IN_FLIGHT
+    assert script.main(["--in-flight", str(bound), "--steps", "200"]) == {bound: "completed"}
+    assert f"8 devices, at most {bound} steps unfinished: completed" in capsys.readouterr().out
+    for bad in (["--devices", "1"], ["--in-flight", "-1"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            script.main(bad)
+        assert exit_.value.code == 2
+    assert "--devices must be >= 2" in capsys.readouterr().err
