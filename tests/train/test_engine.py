@@ -13,9 +13,8 @@ import pytest
 
 from pae import sparsity as sp
 from pae.core import Transform, identity
-from pae.train import engine
-from pae.train import (CheckpointError, Phase, TrainingDiverged, TrainState, evaluate, init_state, make_task,
-                       train_phases)
+from pae.train import (CheckpointError, Phase, TrainingDiverged, TrainState, engine, evaluate, init_state,
+                       make_task, train_phases)
 from pae.train.compilation import AHEAD_THREAD, compile_clock
 
 
